@@ -1,0 +1,33 @@
+# Two commands from a fresh machine:
+#   make quickstart   the whole pipeline (train -> sample array -> assemble) on the embedded default
+#   make test         the test suite, SLURM integration tests included (needs root for the local cluster)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned to the builds this project is tested with; override for your CUDA.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv quickstart test lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+quickstart: venv
+	$(PY) -m ddpm.digits --out data/digits
+	$(PY) launch.py --config configs/quickstart_digits.yaml --cluster local
+
+test: venv
+	$(PY) -m ruff check ddpm tests launch.py benchmarks
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) -m ddpm.bench
+
+clean:
+	rm -rf $(VENV) runs data/digits
