@@ -1,0 +1,162 @@
+"""Atomic checkpoints, the LATEST pointer, retention, and newest-valid loading.
+
+Layout inside a run directory::
+
+    checkpoints/step_00010000.pt   a dict of plain types and tensors (torch.load(weights_only=True))
+    checkpoints/LATEST             the file name of the newest durable checkpoint
+
+A checkpoint is written to a temporary file in the same directory, fsynced,
+renamed into place, and only then named by LATEST; a process killed at any
+moment leaves the previous checkpoint loadable. Contents (see DESIGN.md)::
+
+    format, step, model, model_config, ddpm, ema, optimizer, scaler, rng, data, config, counters
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm.errors import CheckpointError
+
+FORMAT = "ddpm-slurm/1"
+REQUIRED_KEYS = ("format", "step", "model", "model_config", "ddpm", "config")
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync it, rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """All ``step_<N>.pt`` files of a run, sorted by step (oldest first)."""
+    ckpt_dir = checkpoint_dir(run_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int = 2,
+                    milestone_every: int = 0) -> Path:
+    """Write ``state`` as ``step_<N>.pt`` atomically, point LATEST at it, prune old ones.
+
+    The newest ``keep_last`` checkpoints are kept, plus every step that is a
+    multiple of ``milestone_every`` (when > 0). Returns the checkpoint path.
+    """
+    step = int(state["step"])
+    ckpt_dir = checkpoint_dir(run_dir)
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    atomic_write_text(ckpt_dir / "LATEST", path.name + "\n")
+    existing = list_checkpoints(run_dir)
+    for old_step, old_path in existing[:-max(keep_last, 1)]:
+        if milestone_every > 0 and old_step % milestone_every == 0:
+            continue
+        old_path.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one checkpoint with ``weights_only=True``; a bad file raises one CheckpointError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle, wrong magic: all the same to a user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a ddpm-slurm checkpoint (expected format {FORMAT})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is missing {', '.join(missing)}")
+    return state
+
+
+def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu",
+                warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+    """Newest checkpoint of a run that loads, or None when the run has none.
+
+    LATEST is tried first, then every ``step_<N>.pt`` from the newest down; a
+    corrupt or truncated one is reported through ``warn`` and skipped.
+    """
+    candidates = [p for _, p in reversed(list_checkpoints(run_dir))]
+    latest = checkpoint_dir(run_dir) / "LATEST"
+    if latest.is_file():
+        named = checkpoint_dir(run_dir) / latest.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as err:
+            warn(f"warning: skipping {err}")
+    return None
+
+
+def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
+    """A checkpoint file as given, or the newest valid checkpoint of a run directory."""
+    p = Path(path_or_run_dir)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        found = load_latest(p, warn=lambda msg: print(msg, flush=True))
+        if found is None:
+            raise CheckpointError(f"{p}: no loadable checkpoint in {checkpoint_dir(p)}")
+        return found[0]
+    raise CheckpointError(f"{p}: no such checkpoint file or run directory")
+
+
+def build_from_checkpoint(state: dict[str, Any], use_ema: bool = True,
+                          device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
+    """Rebuild (UNet, DDPM) from a checkpoint alone; EMA weights unless ``use_ema`` is False."""
+    from ddpm.diffusion import DDPM
+
+    from ddpm.unet import UNet
+
+    model = UNet(**state["model_config"])
+    weights = state["ema"]["shadow"] if use_ema and state.get("ema") else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not match its model_config ({err})") from None
+    model.to(device).eval()
+    return model, DDPM(model, **state["ddpm"])

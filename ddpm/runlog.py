@@ -1,0 +1,153 @@
+"""What a run writes besides checkpoints: TensorBoard, console progress, provenance, status.
+
+    <run_dir>/tb/               TensorBoard events (rank 0; purge_step on resume: no duplicate points)
+    <run_dir>/provenance.json   git commit + dirty flag, package versions, hosts, SLURM job ids, per start
+    <run_dir>/status.json       {"state": "done" | "stopped", "step": N, ...}, read by the launcher
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddpm import dist
+from ddpm.checkpoint import atomic_write_text
+from ddpm.config import Config
+
+PACKAGES = ("torch", "torchvision", "numpy", "submitit", "datasets", "pyyaml", "pillow", "tensorboard")
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+              "SLURM_JOB_PARTITION", "SLURM_JOB_NODELIST", "SLURM_NNODES")
+
+
+class RunLogger:
+    """Per-step metrics -> TensorBoard scalars and a console line every ``log_every`` steps.
+
+    Every rank calls :meth:`step` (metrics are averaged over ranks on log steps);
+    only rank 0 writes.
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, env: dist.DistEnv, start_step: int = 0):
+        self.env, self.log_every = env, cfg.training.log_every
+        self.total, self.global_batch = cfg.training.num_iterations, cfg.training.batch_size
+        self.writer = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events at steps > start_step (written after that checkpoint) are dropped.
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self._last_time, self._last_step, self._start_time = time.perf_counter(), start_step, time.time()
+
+    def step(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        if step % self.log_every:
+            return
+        names = sorted(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()).to(metrics["loss"].device)
+                              for k in names])
+        values = dist.mean_across_ranks(values).tolist()  # collective on every rank, same steps
+        scalars = dict(zip(names, values, strict=True))
+        now = time.perf_counter()
+        images_per_s = (step - self._last_step) * self.global_batch / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_step = now, step
+        if not self.env.is_main:
+            return
+        scalars["images_per_s"] = images_per_s
+        if self.env.device.type == "cuda":
+            scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        for name, value in scalars.items():
+            group = "loss" if name.startswith("loss") else "train"
+            self.writer.add_scalar(f"{group}/{name}", value, step)
+        eta_s = (self.total - step) * self.global_batch / max(images_per_s, 1e-9)
+        print(f"step {step}/{self.total} ({100 * step / self.total:.1f}%) loss {scalars['loss']:.4f} "
+              f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['lr']:.2e} {images_per_s:.1f} img/s "
+              f"eta {_hms(eta_s)}", flush=True)
+
+    def image(self, step: int, images: torch.Tensor) -> None:
+        """A grid of [N,C,H,W] images in [-1,1] into TensorBoard."""
+        if self.writer is None:
+            return
+        from ddpm.data import make_grid
+
+        self.writer.add_image("samples/ema", (make_grid(images) + 1) / 2, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _git_state() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(dirty) if dirty is not None else None}
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_provenance(run_dir: Path, cfg: Config, env: dist.DistEnv) -> None:
+    """Append this start (hosts of every rank, SLURM ids, versions, git) to provenance.json.
+
+    Collective: every rank calls it; rank 0 writes.
+    """
+    hosts = dist.gather_objects(socket.gethostname())
+    if not env.is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "provenance.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"starts": []}
+    record["starts"].append({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git": _git_state(),
+        "packages": package_versions(),
+        "world_size": env.world_size,
+        "hosts": sorted(set(hosts)),
+        "device": str(env.device) if env.device.type != "cuda" else torch.cuda.get_device_name(env.device),
+        "slurm": {k: os.environ[k] for k in SLURM_VARS if k in os.environ},
+        "run_name": cfg.run.name,
+    })
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
+def write_status(run_dir: Path, state: str, step: int, skipped_steps: int) -> None:
+    """The outcome the launcher reads: ``done`` or ``stopped`` (requeue me)."""
+    atomic_write_text(run_dir / "status.json", json.dumps(
+        {"state": state, "step": step, "skipped_steps": skipped_steps,
+         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "status.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

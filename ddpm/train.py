@@ -1,0 +1,300 @@
+"""The training loop: ``python -m ddpm.train --config X [overrides] [--run-dir D] [--overfit-single-batch]``.
+
+One process (CPU or one GPU) or torchrun (DDP: NCCL on GPU, gloo on CPU). Read
+top to bottom: build (model, EMA, optimizer, data) -> resume from the newest
+checkpoint that loads -> loop (step, log, sample, save) -> stop at the end or on
+a signal. Resume is exact: the noise and timesteps of step s are a pure function
+of (seed, s) drawn for the global batch, the data position is saved, and every
+rank's RNG state is restored, so a stopped-and-resumed run ends with the same
+weights as one never stopped.
+
+Outcome: ``status.json`` in the run directory says ``done`` or ``stopped``
+(a stop signal arrived; the checkpoint is durable; requeue me). A single process
+exits 0 when done and 3 (``EXIT_REQUEUE``) when stopped; under torchrun, which
+reports any non-zero worker exit as a failure, workers exit 0 and the launcher
+reads ``status.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from ddpm.data import create_dataloader_from_config, save_image
+from ddpm.diffusion import DDPM
+from ddpm.ema import EMA
+from torch.nn.parallel import DistributedDataParallel
+
+from ddpm import dist
+from ddpm.checkpoint import FORMAT, load_latest, save_checkpoint
+from ddpm.config import Config, dump_config, load_config
+from ddpm.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, cli_entry
+from ddpm.runlog import RunLogger, write_provenance, write_status
+from ddpm.unet import UNet
+
+
+class Trainer:
+    """Owns model, EMA, optimizer, scaler and data; ``train_step``, ``state_dict``, ``close``."""
+
+    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, overfit_single_batch: bool = False):
+        self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
+        tc, infra = cfg.training, cfg.infrastructure
+        if tc.batch_size % env.world_size:
+            raise ConfigError(f"training.batch_size: {tc.batch_size} is not divisible by the world size "
+                              f"{env.world_size}")
+        self.local_batch = tc.batch_size // env.world_size
+        self.device, cuda = env.device, env.device.type == "cuda"
+        torch.manual_seed(tc.seed + env.rank)  # dropout; overwritten by the checkpoint on resume
+        if cuda and infra.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+        self.model = UNet.from_config(cfg.model, cfg.data.image_size).to(self.device)
+        self.memory_format = torch.channels_last if infra.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        self.ema = EMA(self.model, tc.ema_decay, tc.ema_start)
+        net: torch.nn.Module = self.model
+        if env.distributed:
+            net = DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
+        if infra.compile:
+            net = torch.compile(net)
+        self.ddpm = DDPM.from_config(cfg.ddpm, net)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=tc.learning_rate, betas=tuple(tc.betas),
+            weight_decay=tc.weight_decay, fused=bool(cuda and infra.fused_adam) or None)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.loader = create_dataloader_from_config(cfg.data, self.local_batch, env.rank, env.world_size,
+                                                    seed=tc.seed, device=self.device)
+        self.overfit = overfit_single_batch
+        self.step, self.skipped_steps = 0, 0
+        self.stop_requested = False  # set by a signal on this rank
+        self.stop_now = False  # the flag reduced over ranks: every rank agrees on it
+        self._install_signal_handlers()
+        self._resume()
+        self.logger = RunLogger(self.run_dir, cfg, env, start_step=self.step)
+        self._iter = iter(self.loader)
+        self._fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _amp_dtype(self) -> torch.dtype | None:
+        infra = self.cfg.infrastructure
+        if not infra.mixed_precision:
+            return None
+        if self.device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if infra.mixed_precision_on_cpu else None
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum: int, _frame: Any) -> None:  # only sets a flag; idempotent
+            if not self.stop_requested:
+                print(f"[rank {self.env.rank}] received {signal.Signals(signum).name}: stopping at the "
+                      "next step boundary", flush=True)
+            self.stop_requested = True
+
+        for name in {self.cfg.training.stop_signal, "TERM"}:
+            signal.signal(getattr(signal, f"SIG{name}"), request_stop)
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint that loads (rank 0 chooses; every rank reads the same file)."""
+        found = load_latest(self.run_dir, warn=self._print) if self.env.is_main else None
+        path = dist.broadcast_object(str(found[0]) if found else None)
+        if path is None:
+            return
+        state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(state)
+        self._print(f"resumed from {path} at step {self.step}")
+
+    # ---- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (collective: every rank must call it)."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": FORMAT,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "model_config": self.model.config_dict(),
+            "ddpm": self.ddpm.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"world_size": self.env.world_size, "ranks": dist.gather_objects(rng)},
+            "data": self.loader.state_dict(),
+            "config": self.cfg.to_dict(),
+            "counters": {"skipped_steps": self.skipped_steps},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["counters"]["skipped_steps"])
+        rng = state["rng"]
+        if rng["world_size"] == self.env.world_size:
+            mine = rng["ranks"][self.env.rank]
+            torch.set_rng_state(mine["cpu"])
+            if "cuda" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        else:
+            self._print(f"warning: checkpoint was written by {rng['world_size']} ranks, this run has "
+                        f"{self.env.world_size}: dropout RNG reseeded (data order and noise stay exact)")
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def _noise_for_step(self, step: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] and eps [B,C,H,W] for this rank's slice of the global batch of ``step``.
+
+        Drawn for the whole global batch from a generator seeded by (seed, step), so
+        they do not depend on the world size (Algorithm 1: t ~ U{1..T}, eps ~ N(0, I)).
+        """
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.training.seed * 1_000_003 + step)
+        n, lo = self.cfg.training.batch_size, self.env.rank * self.local_batch
+        t = torch.randint(0, self.ddpm.num_timesteps, (n,), generator=g, device=self.device)
+        noise = torch.randn((n, *x0.shape[1:]), generator=g, device=self.device)
+        return t[lo:lo + self.local_batch], noise[lo:lo + self.local_batch]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, t, noise) for the next step; one fixed triple in --overfit-single-batch mode."""
+        if self.overfit and self._fixed is not None:
+            return self._fixed
+        x0 = next(self._iter).to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        t, noise = self._noise_for_step(0 if self.overfit else self.step, x0)
+        if self.overfit:
+            self._fixed = (x0, t, noise.contiguous(memory_format=self.memory_format))
+            return self._fixed
+        return x0, t, noise.contiguous(memory_format=self.memory_format)
+
+    def train_step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward, backward, clip, AdamW, EMA; skips (and counts) a step whose gradients are not finite.
+
+        Also reduces the stop flag across ranks so every rank stops at the same step.
+        """
+        tc = self.cfg.training
+        lr = tc.learning_rate * (min(1.0, (self.step + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss, metrics = self.ddpm.compute_loss(x0, t, noise)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = tc.gradient_clip_norm if tc.gradient_clip_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # One host sync per step: (gradients not finite, stop requested), reduced over ranks.
+        flags = torch.stack([(~torch.isfinite(grad_norm)).float(),
+                             torch.tensor(float(self.stop_requested), device=grad_norm.device)])
+        if self.env.distributed:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        not_finite, stop = (bool(v) for v in flags.tolist())
+        if not_finite:
+            self.skipped_steps += 1
+            self.scaler.update()  # fp16: lowers the scale; bf16/fp32: no-op
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.ema.update(self.model, self.step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.stop_now = stop
+        return {**metrics, "loss": loss.detach(), "grad_norm": grad_norm.detach(),
+                "lr": torch.tensor(lr), "skipped_steps": torch.tensor(float(self.skipped_steps))}
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> str:
+        """Train to ``num_iterations`` or until a stop signal; returns "done" or "stopped"."""
+        tc = self.cfg.training
+        if self.env.is_main:
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+            write_status(self.run_dir, "running", self.step, self.skipped_steps)  # a crash leaves this
+        self._print(f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on "
+                    f"{self.env.world_size} x {self.device.type}, global batch {tc.batch_size}, "
+                    f"step {self.step}/{tc.num_iterations}, run dir {self.run_dir}")
+        while self.step < tc.num_iterations and not self.stop_now:
+            metrics = self.train_step(*self.next_batch())
+            self.logger.step(self.step, metrics)
+            if self.step % tc.sample_every == 0 and not self.stop_now:
+                self.sample_grid()
+            if self.stop_now or self.step % tc.save_every == 0 or self.step == tc.num_iterations:
+                self.save()
+        state = "done" if self.step >= tc.num_iterations else "stopped"
+        if self.env.is_main:
+            write_status(self.run_dir, state, self.step, self.skipped_steps)
+        self._print(f"{state} at step {self.step} ({self.skipped_steps} non-finite steps skipped)")
+        dist.barrier()
+        return state
+
+    def save(self) -> Path | None:
+        state = self.state_dict()  # collective (RNG states of every rank)
+        path = None
+        if self.env.is_main:
+            path = save_checkpoint(self.run_dir, state, self.cfg.training.keep_last,
+                                   self.cfg.training.milestone_every)
+            self._print(f"saved {path}")
+        dist.barrier()  # no rank exits before the checkpoint is durable
+        return path
+
+    @torch.no_grad()
+    def sample_grid(self) -> None:
+        """EMA samples from fixed seeds -> grids/step_<N>.png and TensorBoard (rank 0)."""
+        if not self.env.is_main:
+            return
+        sc, tc = self.cfg.sampling, self.cfg.training
+        ema_model = UNet(**self.model.config_dict()).to(self.device)
+        self.ema.copy_to(ema_model)
+        images = DDPM(ema_model, **self.ddpm.state_dict()).sample(
+            tc.num_samples, (self.cfg.model.in_channels, self.cfg.data.image_size, self.cfg.data.image_size),
+            num_steps=sc.num_steps, sampler=sc.sampler, eta=sc.eta, timestep_spacing=sc.timestep_spacing,
+            seeds=list(range(tc.num_samples)), progress=False)
+        path = self.run_dir / "grids" / f"step_{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images, path)
+        self.logger.image(self.step, images)
+
+    def _print(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, parsed as YAML")
+    p.add_argument("--run-dir", help="run directory (default: <run.root>/<run.name>)")
+    p.add_argument("--overfit-single-batch", action="store_true",
+                   help="debug: train on one fixed batch (and fixed t, noise); the loss should go to ~0")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)  # exits with one line on a config error
+    run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
+    env = dist.init_distributed(use_cuda=cfg.infrastructure.num_gpus > 0)
+    write_provenance(run_dir, cfg, env)  # collective: gathers every rank's host
+    trainer = Trainer(cfg, run_dir, env, overfit_single_batch=args.overfit_single_batch)
+    try:
+        state = trainer.fit()
+    finally:
+        trainer.close()
+        dist.cleanup()
+    if state == "stopped" and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return EXIT_REQUEUE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

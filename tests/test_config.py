@@ -1,0 +1,152 @@
+"""Config tree: reference values, overrides, every validation path, the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddpm.config import Config, config_from_dict, dump_config, load_config
+from ddpm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+BABEL = ROOT / "configs" / "ddpm_babel.yaml"
+MODAL = ROOT / "configs" / "ddpm_modal.yaml"
+
+
+def test_reference_values():
+    cfg = load_config(BABEL)
+    assert cfg.training.learning_rate == 0.0002 and isinstance(cfg.training.learning_rate, float)
+    assert cfg.model.channel_mult == [1, 2, 2, 4]
+    assert (cfg.model.base_channels, cfg.model.num_res_blocks, cfg.model.num_heads) == (128, 2, 4)
+    assert cfg.model.attention_resolutions == [16, 8] and cfg.model.dropout == 0.1
+    assert cfg.model.use_scale_shift_norm is True
+    t = cfg.training
+    assert (t.batch_size, t.weight_decay, t.betas, t.ema_decay, t.ema_start) == (64, 0.0, [0.9, 0.999],
+                                                                              0.9999, 5000)
+    assert (t.gradient_clip_norm, t.num_iterations, t.log_every, t.sample_every, t.save_every,
+            t.num_samples) == (1.0, 100000, 100, 5000, 10000, 64)
+    assert (cfg.ddpm.num_timesteps, cfg.ddpm.beta_start, cfg.ddpm.beta_end) == (1000, 0.0001, 0.02)
+    assert cfg.sampling.num_steps == 1000
+    assert (cfg.infrastructure.num_gpus, cfg.infrastructure.mixed_precision) == (1, True)
+    assert (cfg.data.source, cfg.data.image_size) == ("celeba", 64)
+    assert cfg.slurm.signal_delay_s >= 120 and cfg.slurm.partition
+
+
+def test_babel_and_modal_share_hyperparameters():
+    babel, modal = load_config(BABEL).to_dict(), load_config(MODAL).to_dict()
+    for section in ("model", "training", "ddpm", "sampling", "infrastructure"):
+        assert babel[section] == modal[section], section
+    for key in ("source", "image_size", "center_crop", "random_flip", "split"):
+        assert babel["data"][key] == modal["data"][key]
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_overrides_are_yaml():
+    cfg = load_config(BABEL, ["training.batch_size=8", "model.channel_mult=[1,2]", "data.center_crop=null",
+                              "training.learning_rate=2e-4", "slurm.additional={constraint: A6000}"])
+    assert cfg.training.batch_size == 8 and cfg.model.channel_mult == [1, 2]
+    assert cfg.data.center_crop is None and cfg.training.learning_rate == 2e-4
+    assert cfg.slurm.additional == {"constraint": "A6000"}
+
+
+def test_scientific_notation_string_is_float(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training:\n  learning_rate: 1e-4\n  weight_decay: 0\n")
+    cfg = load_config(p)
+    assert cfg.training.learning_rate == 1e-4 and isinstance(cfg.training.weight_decay, float)
+
+
+def test_env_vars_in_paths_expand(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_TEST_ROOT", str(tmp_path))
+    cfg = load_config(None, ["run.root=${DDPM_TEST_ROOT}/runs"])
+    assert cfg.run.root == f"{tmp_path}/runs" and cfg.run_dir == tmp_path / "runs" / "ddpm"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.lerning_rate=1"], "training.lerning_rate: unknown key (did you mean training.learning_rate?)"),
+    (["trainng.batch_size=1"], "trainng: unknown section (did you mean training?)"),
+    (["training.batch_size=abc"], "training.batch_size: invalid value 'abc' (expected int)"),
+    (["training.batch_size=1.5"], "training.batch_size: invalid value 1.5 (expected int)"),
+    (["training.batch_size=true"], "training.batch_size: invalid value True (expected int)"),
+    (["training.batch_size=0"], "training.batch_size: invalid value 0 (expected an integer >= 1)"),
+    (["training.learning_rate=-1"], "training.learning_rate: invalid value -1.0 (expected a float > 0)"),
+    (["model.channel_mult=4"], "model.channel_mult: invalid value 4 (expected a list of int)"),
+    (["model.channel_mult=[1,x]"], "model.channel_mult[1]: invalid value 'x' (expected int)"),
+    (["model.dropout=1.0"], "model.dropout: invalid value 1.0 (expected a float in [0, 1))"),
+    (["model.use_scale_shift_norm=maybe"], "model.use_scale_shift_norm: invalid value 'maybe' (expected bool)"),
+    (["sampling.sampler=euler"], "sampling.sampler: invalid value 'euler' (expected ddpm or ddim)"),
+    (["sampling.timestep_spacing=linspace"], "sampling.timestep_spacing: invalid value 'linspace'"),
+    (["data.source=s3"], "data.source: invalid value 's3'"),
+    (["data.image_size=60"], "data.image_size: invalid value 60 (expected divisible by"),
+    (["slurm.signal_delay_s=30"], "slurm.signal_delay_s: invalid value 30"),
+    (["ddpm.beta_end=0.00001"], "ddpm.beta_end: invalid value 1e-05"),
+    (["training.keep_last=1"], "training.keep_last: invalid value 1 (expected an integer >= 2)"),
+    (["run.name=a/b"], "run.name: invalid value 'a/b'"),
+    (["batch_size=8"], "override 'batch_size=8': expected section.key=value"),
+    (["training.batch_size"], "override 'training.batch_size': expected section.key=value"),
+])
+def test_validation_messages(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(BABEL, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_names_path(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path}/nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("training:\n  batch_size: 8\n  lr: [1, 2\nmodel: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert str(info.value).startswith(f"{p}:") and "malformed YAML" in str(info.value)
+    line = int(str(info.value).split(":")[1])
+    assert 3 <= line <= 5
+
+
+def test_section_must_be_mapping(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training: 5\n")
+    with pytest.raises(ConfigError, match="training: expected a mapping"):
+        load_config(p)
+
+
+def test_dump_load_roundtrip(tmp_path):
+    cfg = load_config(BABEL, ["data.center_crop=null", "slurm.additional={exclude: n1}"])
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+    plain = cfg.to_dict()
+    assert config_from_dict(plain) == cfg
+    assert yaml.safe_load(yaml.safe_dump(plain)) == plain  # plain types only
+
+
+def test_defaults_validate():
+    Config().validate()
+
+
+@pytest.mark.parametrize("module", ["ddpm.train", "ddpm.sample", "ddpm.data"])
+def test_cli_prints_one_line_and_exits_nonzero(module):
+    args = {"ddpm.train": ["--config", str(BABEL), "training.lerning_rate=1"],
+            "ddpm.sample": ["--checkpoint", "/nonexistent/ckpt.pt", "--out", "/tmp/x"],
+            "ddpm.data": ["bench", "--config", str(BABEL), "training.lerning_rate=1"]}[module]
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if module != "ddpm.sample":
+        assert "training.lerning_rate: unknown key (did you mean training.learning_rate?)" in lines[0]
+    else:
+        assert "/nonexistent/ckpt.pt" in lines[0]
