@@ -1,0 +1,354 @@
+"""Frechet Inception Distance (Heusel et al. 2017) as mergeable sufficient statistics.
+
+FID compares two Gaussians fitted to Inception-v3 pool features (2048-d)::
+
+    FID = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})          (Heusel et al., eq. 6)
+
+A Gaussian needs only (n, sum f, sum f f^T), so every sampling shard stores
+those in float64 and the assembler merges them: no images move. The network is
+the TensorFlow FID Inception graph as ported by pytorch-fid
+(``pt_inception-2015-12-05-6726825d.pth``); other weights are never substituted.
+
+    python -m ddpm.fid ref --config configs/ddpm_babel.yaml --out runs/celeba_ref.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+
+from ddpm.checkpoint import atomic_write_bytes
+from ddpm.config import DataConfig
+from ddpm.errors import DDPMError, cli_entry
+
+WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
+FEATURE_DIM = 2048
+# Identifies the feature pipeline (network + input transform); stats from another pipeline never compare.
+PIPELINE = "pt_inception-2015-12-05/pool3/uint8-bilinear299-[-1,1]"
+
+
+class FIDError(DDPMError):
+    """Missing or mismatched Inception weights, or statistics that cannot be compared."""
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class FIDStats:
+    """Sufficient statistics of a feature set: n, sum f [D], sum f f^T [D, D] (float64).
+
+    ``signature`` names how the images were prepared (data preprocessing + Inception
+    pipeline); two stats compare or merge only when their signatures are equal.
+    """
+
+    n: int = 0
+    sum: np.ndarray = field(default_factory=lambda: np.zeros(FEATURE_DIM))
+    sum_outer: np.ndarray = field(default_factory=lambda: np.zeros((FEATURE_DIM, FEATURE_DIM)))
+    signature: str = ""
+
+    def update(self, features: np.ndarray | torch.Tensor) -> FIDStats:
+        """Add features [N, D] (any float dtype; accumulated in float64). Returns self."""
+        f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else features
+        f = np.asarray(f, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.sum.shape[0]:
+            raise ValueError(f"features must be [N, {self.sum.shape[0]}], got {list(f.shape)}")
+        self.n += f.shape[0]
+        self.sum += f.sum(axis=0)
+        self.sum_outer += f.T @ f
+        return self
+
+    def merge(self, other: FIDStats) -> FIDStats:
+        """Statistics of the union of both feature sets (a new object)."""
+        if other.signature != self.signature:
+            raise FIDError(f"cannot merge FID statistics with different preprocessing "
+                           f"({self.signature!r} vs {other.signature!r})")
+        return FIDStats(self.n + other.n, self.sum + other.sum, self.sum_outer + other.sum_outer,
+                        self.signature)
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """mu [D] and the unbiased covariance [D, D] (as ``np.cov(features, rowvar=False)``).
+
+        S = (sum f f^T - n mu mu^T) / (n - 1).
+        """
+        if self.n < 2:
+            raise FIDError(f"FID statistics need at least 2 images, got {self.n}")
+        mu = self.sum / self.n
+        cov = (self.sum_outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return mu, cov
+
+    def to_arrays(self, prefix: str = "fid_") -> dict[str, np.ndarray]:
+        """Plain arrays for ``np.savez`` (also embedded in sample shards)."""
+        return {f"{prefix}n": np.array(self.n, dtype=np.int64), f"{prefix}sum": self.sum,
+                f"{prefix}sum_outer": self.sum_outer, f"{prefix}signature": np.array(self.signature)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Any, prefix: str = "fid_") -> FIDStats | None:
+        """Inverse of :meth:`to_arrays`; None when ``arrays`` holds no statistics."""
+        if f"{prefix}n" not in arrays:
+            return None
+        return cls(int(arrays[f"{prefix}n"]), np.asarray(arrays[f"{prefix}sum"], dtype=np.float64),
+                   np.asarray(arrays[f"{prefix}sum_outer"], dtype=np.float64),
+                   str(arrays[f"{prefix}signature"]))
+
+    def save(self, path: str | Path) -> None:
+        """Atomically write an npz with keys fid_n, fid_sum, fid_sum_outer, fid_signature."""
+        buf = io.BytesIO()
+        np.savez(buf, **self.to_arrays())
+        atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FIDStats:
+        path = Path(path)
+        if not path.is_file():
+            raise FIDError(f"{path}: FID statistics file not found")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                stats = cls.from_arrays(data)
+        except (OSError, ValueError, KeyError) as err:
+            raise FIDError(f"{path}: unreadable FID statistics ({err})") from None
+        if stats is None:
+            raise FIDError(f"{path}: not an FID statistics file (no fid_n; make one with `python -m ddpm.fid ref`)")
+        return stats
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2), means [D], covariances [D, D].
+
+    d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2})   (Heusel et al. 2017, eq. 6).
+    A singular product gets the usual eps * I offset on both covariances; the tiny
+    imaginary part sqrtm can return is dropped only if its diagonal is within 1e-3 of 0.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        worst = np.max(np.abs(np.diagonal(covmean).imag))
+        if worst > 1e-3:
+            raise FIDError(f"matrix square root has an imaginary component {worst:.3g} (degenerate covariances?)")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
+    """FID between two statistics; refuses (one line) when their preprocessing differs."""
+    if a.signature != b.signature:
+        raise FIDError(f"refusing to compare FID statistics computed with different preprocessing: "
+                       f"{a.signature!r} vs {b.signature!r}")
+    return frechet_distance(*a.mean_cov(), *b.mean_cov())
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def _tf_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """3x3/1 average pool that, like TensorFlow's, ignores the zero padding."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(InceptionA):
+    """InceptionA with TensorFlow's padding-excluding average pool."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class FIDInceptionC(InceptionC):
+    """InceptionC with TensorFlow's padding-excluding average pool."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            d = conv(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class FIDInceptionE(InceptionE):
+    """InceptionE of the FID graph: Mixed_7b pools by average (no padding), Mixed_7c by max."""
+
+    def __init__(self, in_channels: int, max_pool: bool) -> None:
+        super().__init__(in_channels)
+        self.max_pool = max_pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(s), self.branch3x3_2b(s)], 1)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _tf_avg_pool(x)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """Inception-v3 of the TF FID graph; ``forward`` returns pool3 features [N, 2048].
+
+    Parameter names match ``pt_inception-2015-12-05-6726825d.pth`` (torchvision's
+    Inception3 names, 1008-way ``fc``, no auxiliary head).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)  # logits; unused for FID but part of the weights file
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, 3, 299, 299] in [-1, 1] -> pool3 features [N, 2048]."""
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+def resolve_weights(path: str | Path | None = None) -> Path:
+    """The weights file: ``path`` if given, else the torch hub cache; one-line error when absent."""
+    if path is not None:
+        p = Path(os.path.expanduser(str(path)))
+        if not p.is_file():
+            raise FIDError(f"FID Inception weights not found: {p} (download: curl -L -o {p} {WEIGHTS_URL})")
+        return p
+    p = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
+    if not p.is_file():
+        raise FIDError(f"FID Inception weights not found at {p}; download them once on the login node: "
+                       f"mkdir -p {p.parent} && curl -L -o {p} {WEIGHTS_URL} "
+                       f"(or set sampling.fid_weights / --weights to a copy)")
+    return p
+
+
+def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
+    """FID Inception with the weights of :func:`resolve_weights` (eval mode, no grad)."""
+    p = resolve_weights(path)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise FIDError(f"{p}: unreadable Inception weights ({type(err).__name__})") from None
+    model = FIDInceptionV3()
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if not isinstance(state, dict):
+        raise FIDError(f"{p}: not a state dict of the FID Inception ({WEIGHTS_NAME})")
+    got = {k: getattr(v, "shape", None) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    bad = sorted(set(expected) ^ set(got)) + sorted(k for k in expected if k in got and got[k] != expected[k])
+    if bad:
+        raise FIDError(f"{p}: weights do not match the FID Inception ({len(bad)} keys differ, e.g. "
+                       f"{', '.join(bad[:3])}); expected {WEIGHTS_NAME}")
+    model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent (old torch)
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def inception_features(model: FIDInceptionV3, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
+    """uint8 images [N, H, W, 3] -> pool3 features [N, 2048] float64.
+
+    Input pipeline of pytorch-fid's InceptionV3(resize_input, normalize_input):
+    x / 255 -> bilinear resize to 299x299 (align_corners=False) -> 2x - 1.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        out.append(model(2.0 * x - 1.0).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
+
+
+# ----------------------------------------------------------------------------- reference statistics
+
+
+def stats_signature(data_cfg: DataConfig | dict[str, Any]) -> str:
+    """Feature pipeline + the data preprocessing (``preprocess_signature``) the images went through."""
+    from ddpm.sources import preprocess_signature
+
+    cfg = data_cfg if isinstance(data_cfg, DataConfig) else DataConfig(**data_cfg)
+    return f"{PIPELINE}|{preprocess_signature(cfg)}"
+
+
+def reference_stats(data_cfg: DataConfig, model: FIDInceptionV3, max_images: int | None = None,
+                    batch_size: int = 100, progress: bool = True) -> FIDStats:
+    """Stream the training images once (no flips) through ``preprocess`` and Inception; return their stats."""
+    from tqdm import tqdm
+
+    from ddpm.sources import build_source
+
+    source = build_source(data_cfg)
+    n = len(source) if max_images is None else min(max_images, len(source))
+    stats = FIDStats(signature=stats_signature(data_cfg))
+    for i in tqdm(range(0, n, batch_size), desc="fid ref", unit="batch", disable=not progress):
+        images = source.get_batch(list(range(i, min(i + batch_size, n))))  # uint8 [B, S, S, 3]
+        stats.update(inception_features(model, images, batch_size))
+    return stats
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ddpm.fid", description="FID reference statistics")
+    sub = p.add_subparsers(dest="command", required=True)
+    ref = sub.add_parser("ref", help="Inception statistics of the training data (run once, reuse)")
+    ref.add_argument("--config", required=True, help="YAML config; its data section names the images")
+    ref.add_argument("overrides", nargs="*", help="section.key=value, parsed as YAML")
+    ref.add_argument("--out", required=True, help="npz to write")
+    ref.add_argument("--max-images", type=int, default=None, help="default: the whole split")
+    ref.add_argument("--weights", default=None, help="default: sampling.fid_weights or the torch hub cache")
+    ref.add_argument("--batch-size", type=int, default=100)
+    ref.add_argument("--device", default=None, help="default: cuda when available")
+    args = p.parse_args(argv)
+
+    from ddpm.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.max_images is not None and args.max_images < 2:
+        raise FIDError(f"--max-images must be >= 2, got {args.max_images}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_inception(args.weights or cfg.sampling.fid_weights, device)
+    stats = reference_stats(cfg.data, model, args.max_images, max(args.batch_size, 1))
+    if stats.n < 2:
+        raise FIDError(f"data: only {stats.n} image(s); FID statistics need at least 2")
+    stats.save(args.out)
+    print(f"{args.out}: FID statistics of {stats.n} images ({stats.signature})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
