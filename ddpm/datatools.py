@@ -66,7 +66,8 @@ def _decode_chunk(start: int, stop: int, source: ImageSource | None = None) -> t
 
 
 def _decoded_chunks(source: ImageSource, n: int, processes: int) -> Iterator[tuple[int, np.ndarray, list[str]]]:
-    spans = [(s, min(s + _CHUNK, n)) for s in range(0, n, _CHUNK)]
+    chunk = max(1, min(_CHUNK, -(-n // (4 * max(processes, 1)))))  # small data: still every process
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     if processes <= 1 or len(spans) == 1:
         for start, stop in spans:
             yield _decode_chunk(start, stop, source)

@@ -66,7 +66,8 @@ def _group_files(root: Path, suffix: str) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for f in files:
         groups.setdefault(_split_of(f, root if root.is_dir() else root.parent) or "train", []).append(str(f))
-    return groups
+    order = ["train", "validation", "test"]  # the usual order, whatever the file names sort as
+    return {k: groups[k] for k in sorted(groups, key=lambda k: order.index(k))}
 
 
 def load_local(path: Path) -> Any:
