@@ -162,7 +162,7 @@ class DDPM:
         for f in dataclasses.fields(Schedule):
             if f.name != "fixed_large_log_variance":
                 setattr(self, f.name, getattr(self.schedule, f.name))
-        self._on_device: dict[tuple[int, torch.device], Schedule] = {}
+        self._on_device: dict[tuple[tuple[int, ...] | None, torch.device], Schedule] = {}
 
     @classmethod
     def from_config(cls, ddpm_cfg: DDPMConfig, model: nn.Module) -> DDPM:
@@ -173,10 +173,11 @@ class DDPM:
         return {"num_timesteps": self.num_timesteps, "beta_start": self.beta_start,
                 "beta_end": self.beta_end, "variance": self.variance}
 
-    def _sched(self, sched: Schedule, device: torch.device) -> Schedule:
-        """``sched`` on ``device``, cached (one host-to-device copy per schedule and device)."""
-        key = (id(sched), device)
+    def _sched(self, device: torch.device, timesteps: np.ndarray | None = None) -> Schedule:
+        """The schedule (respaced to ``timesteps`` when given) on ``device``, cached per (timesteps, device)."""
+        key = (None if timesteps is None else tuple(int(t) for t in timesteps), device)
         if key not in self._on_device:
+            sched = self.schedule if timesteps is None else self.schedule.respace(timesteps.tolist())
             self._on_device[key] = sched.to(device)
         return self._on_device[key]
 
@@ -190,7 +191,7 @@ class DDPM:
         """
         if noise is None:
             noise = torch.randn_like(x0)
-        s = self._sched(self.schedule, x0.device)
+        s = self._sched(x0.device)
         x_t = _at(s.sqrt_alphas_cumprod, t, x0) * x0 + _at(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
         return x_t, noise
 
@@ -201,22 +202,33 @@ class DDPM:
         x0: [B, C, H, W] in [-1, 1]; t: LongTensor [B] in [0, T) (default: uniform, global CPU RNG);
         noise: [B, C, H, W] (default: ``randn_like(x0)``). Returns the scalar loss (with grad) and
         metrics of 0-dim detached tensors: "loss" and "loss_q0".."loss_q3", the mean loss of the samples
-        whose t lies in each quarter of [0, T) (a quarter without samples is left out). Pass ``t`` on the
-        CPU (or let it be drawn) to keep this free of device syncs; a device ``t`` costs one small copy.
+        whose t lies in each quarter of [0, T) (a quarter without samples is left out).
+
+        No ``.item()``: which quarters are present is read from a copy of ``t`` on the CPU. For a CUDA
+        ``t`` that copy is issued before the forward pass and awaited after it is queued, so the wait
+        only covers work already ahead of it on the stream (e.g. the previous step's optimizer update).
         """
         b = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (b,), dtype=torch.long)
-        t_cpu = t.cpu()
+        copied = None
+        if t.is_cuda:
+            t_cpu = t.to("cpu", non_blocking=True)  # pinned, asynchronous
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            t_cpu = t
         t = t.to(x0.device, non_blocking=True)
         x_t, noise = self.forward_process(x0, t, noise)
         eps = self.model(x_t, t)
         losses = (eps.float() - noise.float()).square().mean(dim=tuple(range(1, x0.ndim)))  # [B]
         loss = losses.mean()
         metrics: dict[str, torch.Tensor] = {"loss": loss.detach()}
-        quart_cpu = t_cpu * 4 // self.num_timesteps  # [B] in 0..3
-        counts = torch.bincount(quart_cpu, minlength=4).tolist()  # CPU: no device sync
-        sums = losses.detach().new_zeros(4).index_add_(0, quart_cpu.to(x0.device), losses.detach())
+        quarter = t * 4 // self.num_timesteps  # [B] in 0..3, on x0's device
+        sums = losses.detach().new_zeros(4).index_add_(0, quarter, losses.detach())
+        if copied is not None:
+            copied.synchronize()
+        counts = torch.bincount(t_cpu * 4 // self.num_timesteps, minlength=4).tolist()
         for q, n in enumerate(counts):
             if n:
                 metrics[f"loss_q{q}"] = sums[q] / n
@@ -226,7 +238,7 @@ class DDPM:
 
     def _ddpm_step(self, s: Schedule, x: torch.Tensor, i: torch.Tensor, t_model: torch.Tensor,
                    noise: torch.Tensor | None, clip_denoised: bool) -> torch.Tensor:
-        """x_{t-1} ~ p(x_{t-1} | x_t) at schedule index i [B] (model timestep t_model [B])."""
+        """x_{t-1} ~ p(x_{t-1} | x_t) at schedule index i and model timestep t_model (both [B] or [1])."""
         eps = self.model(x, t_model).to(x.dtype)
         # Ho eq. 15 solved for x0: x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps.
         x0 = _at(s.sqrt_recip_alphas_cumprod, i, x) * x - _at(s.sqrt_recipm1_alphas_cumprod, i, x) * eps
@@ -252,7 +264,7 @@ class DDPM:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.long).reshape(-1).expand(x_t.shape[0])
         if noise is None:
             noise = torch.randn_like(x_t)
-        return self._ddpm_step(self._sched(self.schedule, x_t.device), x_t, t, t, noise, clip_denoised)
+        return self._ddpm_step(self._sched(x_t.device), x_t, t, t, noise, clip_denoised)
 
     def _ddim_step(self, ac: torch.Tensor, ac_prev: torch.Tensor, x: torch.Tensor, t_model: torch.Tensor,
                    eta: float, noise: torch.Tensor | None, clip_denoised: bool) -> torch.Tensor:
@@ -285,8 +297,12 @@ class DDPM:
         "trailing", as in diffusers). With ``seeds`` (one int per image) image i uses its own
         ``torch.Generator`` for its initial noise and every step's noise, so it depends on seeds[i] only.
         ``x_T`` [B, *image_shape] replaces the initial noise (the generators still draw and drop it).
-        The model runs in eval mode under no_grad, on its parameters' device; its mode is restored.
+        The model runs in eval mode under no_grad, on its parameters' device; its mode is restored. It is
+        called as ``model(x [B, ...], t [1])``: one timestep broadcast over the batch, so the time embedding
+        is computed once and each image's result does not depend on the batch size.
         """
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
         if not 0.0 <= eta <= 1.0:
@@ -315,11 +331,10 @@ class DDPM:
     def _sample_ddpm(self, x: torch.Tensor, timesteps: np.ndarray, gens: list[torch.Generator] | None,
                      clip_denoised: bool, progress: bool) -> torch.Tensor:
         full = len(timesteps) == self.num_timesteps
-        s = self._sched(self.schedule if full else self.schedule.respace(timesteps.tolist()), x.device)
-        b = x.shape[0]
+        s = self._sched(x.device, None if full else timesteps)
         for i in tqdm(range(len(timesteps) - 1, -1, -1), disable=not progress, desc="ddpm", leave=False):
-            idx = torch.full((b,), i, device=x.device, dtype=torch.long)
-            t_model = torch.full((b,), int(timesteps[i]), device=x.device, dtype=torch.long)
+            idx = torch.full((1,), i, device=x.device, dtype=torch.long)
+            t_model = torch.full((1,), int(timesteps[i]), device=x.device, dtype=torch.long)
             noise = draw_noise(gens, tuple(x.shape), x.device) if i > 0 else None
             x = self._ddpm_step(s, x, idx, t_model, noise, clip_denoised)
         return x
@@ -327,11 +342,10 @@ class DDPM:
     def _sample_ddim(self, x: torch.Tensor, timesteps: np.ndarray, eta: float,
                      gens: list[torch.Generator] | None, clip_denoised: bool, progress: bool) -> torch.Tensor:
         ac_all = self.alphas_cumprod
-        b = x.shape[0]
         for i in tqdm(range(len(timesteps) - 1, -1, -1), disable=not progress, desc="ddim", leave=False):
             ac = ac_all[int(timesteps[i])]
             ac_prev = ac_all[int(timesteps[i - 1])] if i > 0 else torch.ones((), dtype=torch.float64)
-            t_model = torch.full((b,), int(timesteps[i]), device=x.device, dtype=torch.long)
+            t_model = torch.full((1,), int(timesteps[i]), device=x.device, dtype=torch.long)
             noise = draw_noise(gens, tuple(x.shape), x.device) if (eta > 0 and i > 0) else None
             x = self._ddim_step(ac, ac_prev, x, t_model, eta, noise, clip_denoised)
         return x

@@ -81,7 +81,7 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
-        """x: [B, in_ch, H, W]; emb_act: SiLU(time embedding) [B, emb_ch] -> [B, out_ch, H, W]."""
+        """x: [B, in_ch, H, W]; emb_act: SiLU(time embedding) [B or 1, emb_ch] -> [B, out_ch, H, W]."""
         h = self.conv1(F.silu(self.norm1(x)))
         e = self.emb_proj(emb_act)[:, :, None, None].to(h.dtype)
         if self.use_scale_shift_norm:
@@ -230,9 +230,13 @@ class UNet(nn.Module):
         return {k: list(v) if isinstance(v, list) else v for k, v in self._config.items()}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] noisy images x_t; t: [B] (or a scalar) integer timesteps -> eps [B, C, H, W]."""
-        t = t.reshape(-1).expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        """x: [B, C, H, W] noisy images x_t; t: [B] integer timesteps -> eps [B, C, H, W].
+
+        t may also be [1] or 0-dim (one timestep for the whole batch, as the samplers pass it): the
+        embedding is then computed once ([1, 4 * base]) and broadcast, which is cheaper and keeps every
+        image's output independent of the batch size (small-M matmuls are not batch-invariant).
+        """
+        emb = self.time_mlp(timestep_embedding(t.reshape(-1), self.base_channels))  # [B or 1, 4 * base]
         emb_act = F.silu(emb)  # every ResBlock's embedding projection starts with SiLU: apply it once
         h = self.conv_in(x)
         skips = [h]

@@ -193,28 +193,31 @@ def test_oracle_sampling(sampler: str, steps: int, eta: float, variance: str, st
 
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
-    model = UNet(1, 16, [1, 2], 1, [4], 2, 0.0, True, image_size=8)
+    model = UNet(3, 16, [1, 2], 1, [8], 2, 0.0, True, image_size=16)
     with torch.no_grad():  # the zero-initialised output layers would make eps identically 0
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
 
 
-@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 10, 0.0), ("ddim", 10, 1.0)])
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 4, 0.0), ("ddim", 4, 1.0)])
 def test_seeds_batch_independent_bitwise(sampler: str, steps: int, eta: float) -> None:
     ddpm = DDPM(tiny_unet(), T, 1e-4, 0.02)
     kw = dict(num_steps=steps, sampler=sampler, eta=eta, progress=False)
-    seeds = list(range(100, 108))
-    one = ddpm.sample(8, (1, 8, 8), seeds=seeds, **kw)
-    two = torch.cat([ddpm.sample(4, (1, 8, 8), seeds=seeds[:4], **kw),
-                     ddpm.sample(4, (1, 8, 8), seeds=seeds[4:], **kw)])
+    shape = (3, 16, 16)
+    seeds = list(range(100, 112))
+    one = ddpm.sample(8, shape, seeds=seeds[:8], **kw)
+    two = torch.cat([ddpm.sample(4, shape, seeds=seeds[:4], **kw), ddpm.sample(4, shape, seeds=seeds[4:8], **kw)])
     assert torch.equal(one, two)
-    rev = ddpm.sample(8, (1, 8, 8), seeds=seeds[::-1], **kw)
-    assert torch.equal(rev, one.flip(0))
+    # batch sizes 12 vs 5 + 5 + 2, and the seeds in reverse order
+    twelve = ddpm.sample(12, shape, seeds=seeds, **kw)
+    fives = [ddpm.sample(len(c), shape, seeds=c, **kw) for c in (seeds[:5], seeds[5:10], seeds[10:])]
+    assert torch.equal(twelve, torch.cat(fives)) and torch.equal(twelve[:8], one)
+    assert torch.equal(ddpm.sample(8, shape, seeds=seeds[:8][::-1], **kw), one.flip(0))
     assert one.abs().max() <= 1.0 and not torch.equal(one[0], one[1])
     # x_T equal to the seeds' own initial noise changes nothing (per-step noise is unaffected).
-    x_T = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    assert torch.equal(ddpm.sample(8, (1, 8, 8), seeds=seeds, x_T=x_T, **kw), one)
+    x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds[:8]])
+    assert torch.equal(ddpm.sample(8, shape, seeds=seeds[:8], x_T=x_T, **kw), one)
 
 
 def test_sample_eval_mode_and_restore() -> None:
@@ -234,6 +237,8 @@ def test_bad_input_names_the_value() -> None:
         ddpm.sample(1, (1, 2, 2), sampler="dpm", progress=False)
     with pytest.raises(ValueError, match="'linspace'"):
         ddpm.sample(1, (1, 2, 2), timestep_spacing="linspace", progress=False)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ddpm.sample(0, (1, 2, 2), progress=False)
     with pytest.raises(ValueError, match="3 seeds"):
         ddpm.sample(2, (1, 2, 2), seeds=[1, 2, 3], progress=False)
     with pytest.raises(ValueError, match="'learned'"):
