@@ -11,7 +11,12 @@ Order: epoch ``e`` is the permutation ``perm`` of the dataset drawn from a ``tor
 ``perm[k*W*B + r*B : k*W*B + (r+1)*B]``; the tail that does not fill a global batch is dropped. The
 horizontal flip of image ``i`` in epoch ``e`` is drawn from the same generator, so the batches are a pure
 function of (seed, epoch, offset): independent of worker count, and 2 ranks x B images see exactly what
-1 rank x 2B sees. Sources, preprocessing and the CelebA crop choice: :mod:`ddpm.sources`.
+1 rank x 2B sees.
+
+Pixels: :func:`preprocess` (RGB -> centre crop ``data.center_crop`` -> BICUBIC resize to
+``data.image_size``) -> random horizontal flip -> float [3, S, S] in [-1, 1]. For aligned CelebA the
+default is the 140x140 centre crop; DDIM/StyleGAN use the 128x128 box centred at (89, 121) instead, and
+FID depends on that choice (:mod:`ddpm.sources` explains; :func:`preprocess_signature` records it).
 
 Command line (``python -m ddpm.data``, see :mod:`ddpm.datatools`): ``pack`` decodes, crops and resizes
 a source once into a memory-mapped uint8 file; ``bench`` measures images/second per source.
@@ -150,13 +155,18 @@ class _FlipView:
 
     def __getitems__(self, keys: Sequence[tuple[int, bool]]) -> torch.Tensor | _Failure:
         try:
-            pixels = self.source.get_batch([i for i, _ in keys])  # uint8 [B, S, S, 3]
+            ids = [i for i, _ in keys]
+            get_batch = getattr(self.source, "get_batch", None)  # any dataset of uint8 [S, S, 3] works
+            pixels = get_batch(ids) if get_batch else np.stack([np.array(self.source[i]) for i in ids])
         except DataError as err:
             return _Failure(str(err))
-        flips = np.fromiter((f for _, f in keys), dtype=bool, count=len(keys))
-        pixels[flips] = pixels[flips, :, ::-1]
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-        return x.float().div_(127.5).sub_(1.0)
+        x = torch.from_numpy(pixels)
+        flips = torch.tensor([f for _, f in keys], dtype=torch.bool)
+        if flips.any():
+            x[flips] = x[flips].flip(2)  # horizontal: the W axis of [B, H, W, C]
+        out = torch.empty((x.shape[0], x.shape[3], x.shape[1], x.shape[2]), dtype=torch.float32)
+        out.copy_(x.permute(0, 3, 1, 2))  # one pass: HWC -> CHW and uint8 -> float
+        return out.div_(127.5).sub_(1.0)
 
     def __getitem__(self, key: tuple[int, bool]) -> torch.Tensor | _Failure:
         out = self.__getitems__([key])

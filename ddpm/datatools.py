@@ -187,7 +187,9 @@ def bench(cfg: DataConfig, seconds: float = 5.0, batch_size: int = 64, device: s
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ddpm.data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ddpm.data",
+        description="Pack a data source into one memory-mapped uint8 file, or benchmark the sources.")
     sub = parser.add_subparsers(dest="command", required=True)
     pack = sub.add_parser("pack", help="decode, crop and resize once into a memory-mapped uint8 file")
     bench_p = sub.add_parser("bench", help="images/second per source on this machine")

@@ -73,7 +73,9 @@ def export_digits(out: str | Path, size: int = 32) -> tuple[int, bool]:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddpm.digits", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ddpm.digits",
+        description="Export scikit-learn's 1797 handwritten digits as PNG files (the quickstart data).")
     parser.add_argument("--out", required=True, help="folder to write <label>/<index>.png into")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     args = parser.parse_args(argv)

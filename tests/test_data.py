@@ -28,6 +28,7 @@ from ddpm.data import (
 )
 from ddpm.datatools import pack_dataset
 from ddpm.digits import export_digits
+from ddpm.digits import main as digits_main
 from ddpm.errors import DataError
 from ddpm.sources import build_source, preprocess, preprocess_signature, sidecar_path
 
@@ -180,12 +181,13 @@ def hf_copies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     test.to_parquet(str(root / "pq" / "data" / "test-00000-of-00001.parquet"))
     (root / "arrow").mkdir()
     shutil.copy(next((root / "disk_dict" / "test").glob("*.arrow")), root / "arrow" / "test-0.arrow")
-    return {"ds": root / "disk_ds", "dict": root / "disk_dict", "pq": root / "pq", "arrow": root / "arrow"}
+    return {"ds": root / "disk_ds", "dict": root / "disk_dict", "pq": root / "pq", "arrow": root / "arrow",
+            "pqfile": root / "pq" / "data" / "test-00000-of-00001.parquet"}
 
 
 @pytest.mark.parametrize(("kind", "split", "count"), [
     ("ds", "train", 6), ("dict", "train", 6), ("dict", "test", 3), ("dict", "all", 9),
-    ("pq", "train", 6), ("pq", "test", 3), ("arrow", "test", 3)])
+    ("pq", "train", 6), ("pq", "test", 3), ("pqfile", "test", 3), ("arrow", "test", 3)])
 def test_hf_local_copies(hf_copies: dict[str, Path], kind: str, split: str, count: int) -> None:
     source = build_source(_cfg(source="hf", path=str(hf_copies[kind]), split=split, image_column="img"))
     assert len(source) == count
@@ -319,7 +321,8 @@ def test_digits_export(tmp_path: Path) -> None:
     count, wrote = export_digits(tmp_path / "digits", size=16)
     assert (count, wrote) == (1797, True)
     assert sorted(p.name for p in (tmp_path / "digits").iterdir() if p.is_dir()) == [str(i) for i in range(10)]
-    assert export_digits(tmp_path / "digits", size=16) == (1797, False)  # idempotent
+    assert digits_main(["--out", str(tmp_path / "digits"), "--size", "16"]) == 0  # idempotent: skipped
+    assert export_digits(tmp_path / "digits", size=16) == (1797, False)
     source = build_source(_cfg(path=str(tmp_path / "digits")))
     assert len(source) == 1797
     zero = np.asarray(Image.open(tmp_path / "digits" / "0" / "0000.png"))
