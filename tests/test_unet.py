@@ -27,10 +27,12 @@ def randomize(model: UNet) -> UNet:
     return model
 
 
-@pytest.mark.parametrize("image_size,mult,attn", [(32, [1, 2, 2], [8]), (64, [1, 2, 2, 2], [16, 8])])
-def test_output_shape_equals_input(image_size: int, mult: list[int], attn: list[int]) -> None:
+@pytest.mark.parametrize("image_size,mult,attn,scale_shift",
+                         [(32, [1, 2, 2], [8], True), (64, [1, 2, 2, 2], [16, 8], False)])
+def test_output_shape_equals_input(image_size: int, mult: list[int], attn: list[int], scale_shift: bool) -> None:
     torch.manual_seed(0)
-    model = randomize(tiny(image_size, channel_mult=mult, attention_resolutions=attn)).eval()
+    model = tiny(image_size, channel_mult=mult, attention_resolutions=attn, use_scale_shift_norm=scale_shift)
+    model = randomize(model).eval()
     x = torch.randn(2, 3, image_size, image_size)
     out = model(x, torch.tensor([3, 999]))
     assert out.shape == x.shape and torch.isfinite(out).all()
