@@ -299,7 +299,7 @@ def inception_features(model: FIDInceptionV3, images: np.ndarray, batch_size: in
 
 def stats_signature(data_cfg: DataConfig | dict[str, Any]) -> str:
     """Feature pipeline + the data preprocessing (``preprocess_signature``) the images went through."""
-    from ddpm.sources import preprocess_signature
+    from ddpm.data import preprocess_signature
 
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else DataConfig(**data_cfg)
     return f"{PIPELINE}|{preprocess_signature(cfg)}"
@@ -310,7 +310,7 @@ def reference_stats(data_cfg: DataConfig, model: FIDInceptionV3, max_images: int
     """Stream the training images once (no flips) through ``preprocess`` and Inception; return their stats."""
     from tqdm import tqdm
 
-    from ddpm.sources import build_source
+    from ddpm.data import build_source
 
     source = build_source(data_cfg)
     n = len(source) if max_images is None else min(max_images, len(source))

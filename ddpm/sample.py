@@ -1,0 +1,333 @@
+"""One shard of the final samples: ``python -m ddpm.sample`` (one task of the sampling array job).
+
+    python -m ddpm.sample --checkpoint runs/celeba --num-samples 10000 --num-shards 8 --shard 3
+
+Shard k of K covers the global indices ``[start, stop)`` of ``np.array_split(range(N), K)``
+and image i is drawn with seed ``seed_base + i``, so the images do not depend on K or on
+the batch size (DESIGN.md). Under a SLURM array ``--shard`` defaults to
+``$SLURM_ARRAY_TASK_ID``; every other default comes from the checkpoint's ``sampling``
+config section, and the architecture from the checkpoint alone. Outputs in ``--out``
+(default ``<run>/samples/shards``)::
+
+    shard_<k>.npz           arr_0: uint8 [stop-start, H, W, C]; fid_* statistics with --fid
+    shard_<k>.json          settings, seeds, checkpoint sha256, versions; written last, complete: true
+    shard_<k>.partial.npz   images done so far + settings (while running; resumed after a kill)
+
+A complete shard with the same settings is skipped; one made with other settings is
+moved to ``stale/`` (never deleted) and the shard is sampled again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ddpm.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_text,
+    build_from_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from ddpm.errors import ShardError, cli_entry
+
+# The settings that determine a shard's pixels; a partial or complete shard is reused only if all match.
+SETTINGS_KEYS = ("checkpoint_sha256", "sampler", "num_steps", "eta", "timestep_spacing", "seed_base",
+                 "use_ema", "image_shape", "num_samples", "num_shards", "shard", "start", "stop")
+# The subset every shard of one sample set shares (checked by ddpm.assemble).
+SHARED_KEYS = tuple(k for k in SETTINGS_KEYS if k not in ("shard", "start", "stop"))
+
+
+def shard_range(num_samples: int, num_shards: int, shard: int) -> tuple[int, int]:
+    """[start, stop) of shard ``shard``: balanced like ``np.array_split`` (first N % K shards get one more)."""
+    q, r = divmod(num_samples, num_shards)
+    start = shard * q + min(shard, r)
+    return start, start + q + (1 if shard < r else 0)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_paths(out_dir: str | Path, shard: int) -> dict[str, Path]:
+    out = Path(out_dir)
+    return {"npz": out / f"shard_{shard}.npz", "json": out / f"shard_{shard}.json",
+            "partial": out / f"shard_{shard}.partial.npz"}
+
+
+def package_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in SETTINGS_KEYS if a.get(k) != b.get(k)]
+
+
+def _load_images(path: Path, count: int | None, image_shape: list[int]) -> np.ndarray | None:
+    """arr_0 of an npz if it is uint8 [count, H, W, C] (any count when None), else None."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images = data["arr_0"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    ok = images.dtype == np.uint8 and list(images.shape[1:]) == image_shape
+    return images if ok and (count is None or len(images) == count) else None
+
+
+def new_dir(parent: Path) -> Path:
+    """A new, empty ``parent/<YYYYmmdd-HHMMSS>[-i]`` directory (never one that exists)."""
+    stamp, i = time.strftime("%Y%m%d-%H%M%S"), 0
+    parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        dest = parent / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            dest.mkdir()
+            return dest
+        except FileExistsError:
+            i += 1
+
+
+def _move_stale(paths: list[Path], reason: str) -> None:
+    """Keep a superseded shard under ``stale/<time>/`` instead of overwriting it."""
+    dest = new_dir(paths[0].parent / "stale")
+    for p in paths:
+        if p.exists():
+            os.replace(p, dest / p.name)
+    print(f"{paths[0].parent / paths[0].stem}: {reason}; previous files moved to {dest}", flush=True)
+
+
+def _existing_complete(paths: dict[str, Path], settings: dict[str, Any],
+                       fid: bool) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    """(meta, images) of a complete shard with these settings; stale or broken ones are moved aside."""
+    if not paths["json"].is_file():
+        return None, None
+    try:
+        meta = json.loads(paths["json"].read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if not meta.get("complete"):
+        _move_stale([paths["json"], paths["npz"]], "incomplete shard json")
+        return None, None
+    diffs = _differences(meta, settings)
+    if diffs:
+        _move_stale([paths["json"], paths["npz"]], f"existing shard made with other settings ({diffs[0]})")
+        return None, None
+    images = _load_images(paths["npz"], settings["stop"] - settings["start"], settings["image_shape"])
+    if images is None or (meta.get("npz_sha256") and file_sha256(paths["npz"]) != meta["npz_sha256"]):
+        _move_stale([paths["json"], paths["npz"]], "shard npz missing, unreadable or of the wrong shape")
+        return None, None
+    if fid and not meta.get("fid"):
+        print(f"{paths['npz']}: complete but without FID statistics; computing them", flush=True)
+    return meta, images
+
+
+def _resume_partial(paths: dict[str, Path], settings: dict[str, Any]) -> np.ndarray | None:
+    """Images of a partial shard made with the same settings, or None (with a message)."""
+    p = paths["partial"]
+    if not p.is_file():
+        return None
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            saved = json.loads(str(data["settings_json"]))
+    except (OSError, ValueError, KeyError, EOFError):
+        saved = None
+    images = _load_images(p, None, settings["image_shape"]) if saved is not None else None
+    diffs = _differences(saved, settings) if saved is not None else ["unreadable file"]
+    if images is None or diffs or len(images) > settings["stop"] - settings["start"]:
+        print(f"{p}: partial shard does not match ({(diffs or ['bad shape'])[0]}); restarting from scratch",
+              flush=True)
+        return None
+    print(f"{p}: resuming after {len(images)} of {settings['stop'] - settings['start']} images", flush=True)
+    return images
+
+
+def _generate(diffusion: Any, images: np.ndarray, settings: dict[str, Any], batch_size: int,
+              partial: Path, progress: bool) -> np.ndarray:
+    """Sample the images still missing, batch by batch, saving partial progress after each batch.
+
+    ``images`` holds the first n images of the shard (uint8 [n, H, W, C]); returns all of them.
+    """
+    from ddpm.data import to_uint8
+
+    start, stop = settings["start"], settings["stop"]
+    h, w, c = settings["image_shape"]
+    done = [images]
+    n = len(images)
+    settings_json = np.array(json.dumps(settings, sort_keys=True))
+    batches = range(start + n, stop, batch_size)
+    for b0 in tqdm(batches, desc=f"shard {settings['shard']}", unit="batch", disable=not progress):
+        b1 = min(b0 + batch_size, stop)
+        seeds = [settings["seed_base"] + i for i in range(b0, b1)]  # image i <- seed_base + i
+        x = diffusion.sample(b1 - b0, (c, h, w), num_steps=settings["num_steps"], sampler=settings["sampler"],
+                             eta=settings["eta"], timestep_spacing=settings["timestep_spacing"], seeds=seeds,
+                             progress=False)
+        done.append(to_uint8(x))
+        payload = _npz_bytes(arr_0=np.concatenate(done), settings_json=settings_json)
+        atomic_write_bytes(partial, lambda f, data=payload: f.write(data))
+    return np.concatenate(done)
+
+
+def _pick(value: Any, config: dict[str, Any], key: str) -> Any:
+    return config[key] if value is None else value
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ShardError(message)
+
+
+def default_out_dir(checkpoint: Path) -> Path:
+    """``<run>/samples/shards`` for ``<run>/checkpoints/step_N.pt``."""
+    if checkpoint.parent.name != "checkpoints":
+        raise ShardError(f"--out is required: {checkpoint} is not inside a run's checkpoints/ directory")
+    return checkpoint.parent.parent / "samples" / "shards"
+
+
+def sample_shard(checkpoint: str | Path, out_dir: str | Path | None = None, shard: int | None = None,
+                 num_shards: int | None = None, num_samples: int | None = None, sampler: str | None = None,
+                 num_steps: int | None = None, eta: float | None = None, timestep_spacing: str | None = None,
+                 seed_base: int | None = None, batch_size: int | None = None, use_ema: bool | None = None,
+                 fid: bool | None = None, device: str | None = None, progress: bool = True,
+                 fid_weights: str | None = None) -> Path:
+    """Generate (or finish, or skip) shard ``shard`` of ``num_shards``; returns ``shard_<k>.npz``.
+
+    ``checkpoint`` is a file or a run directory (its newest valid checkpoint). Every None
+    argument takes the checkpoint config's ``sampling`` value; ``shard`` falls back to
+    ``$SLURM_ARRAY_TASK_ID`` (or 0 when there is one shard). Bad input raises ShardError
+    (or CheckpointError / FIDError) before any sampling.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(ckpt, map_location="cpu")
+    cfg = state["config"]["sampling"]
+    num_samples, num_shards = _pick(num_samples, cfg, "num_samples"), _pick(num_shards, cfg, "num_shards")
+    if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
+        shard = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    if shard is None:
+        _check(num_shards == 1, "--shard not given and SLURM_ARRAY_TASK_ID is not set")
+        shard = 0
+    _check(num_samples >= 1, f"--num-samples must be >= 1, got {num_samples}")
+    _check(1 <= num_shards <= num_samples,
+           f"--num-shards must be in [1, num_samples={num_samples}], got {num_shards}")
+    _check(0 <= shard < num_shards,
+           f"shard {shard} out of range: --num-shards is {num_shards} (shards 0..{num_shards - 1})")
+    sampler, num_steps = _pick(sampler, cfg, "sampler"), _pick(num_steps, cfg, "num_steps")
+    eta, spacing = float(_pick(eta, cfg, "eta")), _pick(timestep_spacing, cfg, "timestep_spacing")
+    seed_base, batch_size = _pick(seed_base, cfg, "seed_base"), _pick(batch_size, cfg, "batch_size")
+    use_ema, fid = bool(_pick(use_ema, cfg, "use_ema")), bool(_pick(fid, cfg, "fid"))
+    _check(sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {sampler!r}")
+    _check(1 <= num_steps <= state["ddpm"]["num_timesteps"],
+           f"--steps must be in [1, {state['ddpm']['num_timesteps']}] (the checkpoint's T), got {num_steps}")
+    _check(0.0 <= eta <= 1.0, f"--eta must be in [0, 1], got {eta}")
+    _check(spacing in ("leading", "trailing"), f"--spacing must be leading or trailing, got {spacing!r}")
+    _check(seed_base >= 0, f"--seed-base must be >= 0, got {seed_base}")
+    _check(batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}")
+    if use_ema and not state.get("ema"):
+        print(f"{ckpt}: no EMA weights in the checkpoint; using the raw model weights", flush=True)
+        use_ema = False
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check(not device.startswith("cuda") or torch.cuda.is_available(),
+           f"--device {device}: CUDA is not available")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt)
+    mc = state["model_config"]
+    size = mc.get("image_size", state["config"]["data"]["image_size"])
+    start, stop = shard_range(num_samples, num_shards, shard)
+    settings = {"checkpoint_sha256": file_sha256(ckpt), "sampler": sampler, "num_steps": num_steps, "eta": eta,
+                "timestep_spacing": spacing, "seed_base": seed_base, "use_ema": use_ema,
+                "image_shape": [size, size, mc["in_channels"]], "num_samples": num_samples,
+                "num_shards": num_shards, "shard": shard, "start": start, "stop": stop}
+    inception, fid_signature = None, None
+    if fid:  # fail on missing/mismatched Inception weights before any sampling
+        from ddpm import fid as fidlib
+        inception = fidlib.load_inception(fid_weights or cfg.get("fid_weights"), device)
+        fid_signature = fidlib.stats_signature(state["config"]["data"])
+
+    paths = shard_paths(out, shard)
+    meta, images = _existing_complete(paths, settings, fid)
+    if meta is not None and (not fid or meta.get("fid")):
+        print(f"shard {shard} of {num_shards} already complete: {paths['npz']} (skipping)", flush=True)
+        return paths["npz"]
+    if images is None:
+        images = _resume_partial(paths, settings)
+    if images is None:
+        images = np.zeros((0, size, size, mc["in_channels"]), dtype=np.uint8)
+    n_before, t0 = len(images), time.perf_counter()
+    if n_before < stop - start:
+        model, diffusion = build_from_checkpoint(state, use_ema=use_ema, device=device)
+        with torch.no_grad():
+            images = _generate(diffusion, images, settings, batch_size, paths["partial"], progress)
+        del model, diffusion
+    elapsed = time.perf_counter() - t0
+    rate = (len(images) - n_before) / max(elapsed, 1e-9)
+    arrays: dict[str, np.ndarray] = {"arr_0": images}
+    if inception is not None:
+        from ddpm import fid as fidlib
+        stats = fidlib.FIDStats(signature=fid_signature).update(fidlib.inception_features(inception, images))
+        arrays.update(stats.to_arrays())
+    payload = _npz_bytes(**arrays)
+    atomic_write_bytes(paths["npz"], lambda f: f.write(payload))
+    meta = {**settings, "complete": True, "count": stop - start,
+            "seeds": {"seed_base": seed_base, "first": seed_base + start, "last": seed_base + stop - 1},
+            "checkpoint": str(ckpt.resolve()), "step": int(state["step"]), "batch_size": batch_size,
+            "device": str(device), "fid": fid, "fid_signature": fid_signature,
+            "fid_reference": cfg.get("fid_reference"), "npz_sha256": hashlib.sha256(payload).hexdigest(),
+            "images_per_second": rate if len(images) > n_before else None, "versions": package_versions()}
+    atomic_write_text(paths["json"], json.dumps(meta, indent=2) + "\n")  # the json marks completion: last
+    paths["partial"].unlink(missing_ok=True)
+    if len(images) > n_before:
+        print(f"shard {shard}: {len(images) - n_before} images in {elapsed:.1f}s ({rate:.2f} images/s) "
+              f"-> {paths['npz']}", flush=True)
+    return paths["npz"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm.sample", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (newest valid)")
+    p.add_argument("--out", default=None, help="shard directory (default <run>/samples/shards)")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--shard", type=int, help="default: $SLURM_ARRAY_TASK_ID")
+    p.add_argument("--num-shards", type=int)
+    p.add_argument("--sampler", choices=("ddpm", "ddim"))
+    p.add_argument("--steps", type=int, dest="num_steps")
+    p.add_argument("--eta", type=float)
+    p.add_argument("--spacing", choices=("leading", "trailing"), dest="timestep_spacing")
+    p.add_argument("--seed-base", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-ema", action="store_const", const=False, dest="use_ema", help="raw (non-EMA) weights")
+    p.add_argument("--fid", action="store_const", const=True, default=None, help="store Inception statistics")
+    p.add_argument("--fid-weights", default=None, help="default: sampling.fid_weights or the torch hub cache")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_false", dest="progress")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    sample_shard(args.pop("checkpoint"), out_dir=args.pop("out"), **args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
