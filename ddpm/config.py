@@ -385,6 +385,8 @@ def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -
 def dump_config(cfg: Config, path: str | Path | None = None) -> str:
     """Resolved config as YAML text (sections in declaration order); written to ``path`` if given."""
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
-    if path is not None:
-        Path(path).write_text(text)
+    if path is not None:  # atomically: several nodes may write the same file
+        tmp = Path(f"{path}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return text

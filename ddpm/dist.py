@@ -98,13 +98,13 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Average a tensor over ranks (in place on a copy); identity for one process."""
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (on a copy); identity for one process."""
     if not dist.is_initialized():
         return values
     out = values.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / dist.get_world_size()
+    return out
 
 
 def gather_objects(obj: Any) -> list[Any]:

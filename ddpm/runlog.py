@@ -24,6 +24,7 @@ from ddpm.checkpoint import atomic_write_text
 from ddpm.config import Config
 
 PACKAGES = ("torch", "torchvision", "numpy", "submitit", "datasets", "pyyaml", "pillow", "tensorboard")
+METRICS = ("loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr", "skipped_steps")
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
               "SLURM_JOB_PARTITION", "SLURM_JOB_NODELIST", "SLURM_NNODES")
 
@@ -49,11 +50,15 @@ class RunLogger:
     def step(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
         if step % self.log_every:
             return
-        names = sorted(metrics)
-        values = torch.stack([metrics[k].detach().float().reshape(()).to(metrics["loss"].device)
-                              for k in names])
-        values = dist.mean_across_ranks(values).tolist()  # collective on every rank, same steps
-        scalars = dict(zip(names, values, strict=True))
+        # Ranks may lack some keys (a t-quartile absent from their batch): average what is present.
+        present = [k for k in METRICS if k in metrics]
+        device = metrics["loss"].device
+        values = torch.zeros(2, len(METRICS), device=device)
+        for i, name in enumerate(METRICS):
+            if name in present:
+                values[0, i], values[1, i] = metrics[name].detach().float().to(device), 1.0
+        sums, counts = dist.sum_across_ranks(values).tolist()  # collective: every rank, same steps
+        scalars = {k: s / c for k, s, c in zip(METRICS, sums, counts, strict=True) if c > 0}
         now = time.perf_counter()
         images_per_s = (step - self._last_step) * self.global_batch / max(now - self._last_time, 1e-9)
         self._last_time, self._last_step = now, step

@@ -167,7 +167,9 @@ class Trainer:
         """(x0, t, noise) for the next step; one fixed triple in --overfit-single-batch mode."""
         if self.overfit and self._fixed is not None:
             return self._fixed
-        x0 = next(self._iter).to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        with torch.random.fork_rng(devices=[]):  # a new loader iterator draws a worker seed from the CPU RNG:
+            x0 = next(self._iter)  # keep it from shifting dropout's RNG, so resume stays exact
+        x0 = x0.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         t, noise = self._noise_for_step(0 if self.overfit else self.step, x0)
         if self.overfit:
             self._fixed = (x0, t, noise.contiguous(memory_format=self.memory_format))

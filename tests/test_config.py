@@ -71,7 +71,8 @@ def test_env_vars_in_paths_expand(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["training.lerning_rate=1"], "training.lerning_rate: unknown key (did you mean training.learning_rate?)"),
+    (["training.lerning_rate=1"],
+     "training.lerning_rate: unknown key (did you mean training.learning_rate?)"),
     (["trainng.batch_size=1"], "trainng: unknown section (did you mean training?)"),
     (["training.batch_size=abc"], "training.batch_size: invalid value 'abc' (expected int)"),
     (["training.batch_size=1.5"], "training.batch_size: invalid value 1.5 (expected int)"),

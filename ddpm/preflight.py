@@ -1,0 +1,178 @@
+"""Login-node checks before anything is queued, and job states without ``sacct``.
+
+Each failed check raises a :class:`DDPMError` whose one line names the problem:
+the data source, the run root, the partition, or a request that does not fit it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddpm.config import Config
+from ddpm.errors import ConfigError, DataError, DDPMError
+
+
+def _run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def slurm_available() -> bool:
+    if not (shutil.which("sbatch") and shutil.which("sinfo")):
+        return False
+    try:
+        _run(["sinfo", "-h", "-o", "%P"])
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return True
+
+
+def detect_cluster(choice: str) -> str:
+    """``auto`` -> ``slurm`` when sbatch/sinfo work on this machine, else ``local``."""
+    if choice == "slurm" and not slurm_available():
+        raise DDPMError("--cluster slurm: sbatch/sinfo not found or not answering on this machine")
+    if choice == "auto":
+        return "slurm" if slurm_available() else "local"
+    return choice
+
+
+@dataclass
+class Partition:
+    name: str
+    nodes: int
+    cpus: int  # per node
+    mem_mb: int  # per node
+    time_limit_min: float  # inf when unlimited
+    gpus: int  # per node, from gres
+
+
+def parse_time_limit(text: str) -> float:
+    """SLURM time limits (``infinite``, ``1-00:00:00``, ``2:00:00``, ``30:00``, ``30``) in minutes."""
+    text = text.strip()
+    if text in ("infinite", "UNLIMITED", "n/a"):
+        return float("inf")
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    else:
+        h, m, s = parts[-3:]
+    return (int(days) if days else 0) * 1440 + h * 60 + m + s / 60
+
+
+def _gpus_from_gres(gres: str) -> int:
+    total = 0
+    for item in gres.split(","):
+        fields = item.split("(")[0].split(":")
+        if fields[0] == "gpu" and fields[-1].isdigit():
+            total = max(total, int(fields[-1]))
+    return total
+
+
+def partitions() -> dict[str, Partition]:
+    """Partitions as sinfo reports them (largest node per partition)."""
+    out: dict[str, Partition] = {}
+    for line in _run(["sinfo", "-h", "-o", "%P|%D|%c|%m|%l|%G"]).splitlines():
+        name, nodes, cpus, mem, limit, gres = line.split("|")
+        name = name.rstrip("*")
+        part = Partition(name, int(nodes), int(cpus.rstrip("+")), int(mem.rstrip("+")), parse_time_limit(limit),
+                         _gpus_from_gres(gres))
+        if name in out:  # several node groups: keep the most capable
+            old = out[name]
+            part = Partition(name, old.nodes + part.nodes, max(old.cpus, part.cpus), max(old.mem_mb, part.mem_mb),
+                             max(old.time_limit_min, part.time_limit_min), max(old.gpus, part.gpus))
+        out[name] = part
+    return out
+
+
+def default_partition() -> str | None:
+    for line in _run(["sinfo", "-h", "-o", "%P"]).splitlines():
+        if line.endswith("*"):
+            return line.rstrip("*")
+    return None
+
+
+def check_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.source == "hf" and d.path is None:
+        return  # a hub name: checked when the job runs (compute nodes may differ)
+    if d.path is None:
+        raise ConfigError(f"data.path: not set (required for data.source {d.source})")
+    if not Path(d.path).exists():
+        raise DataError(f"data.path: {d.path} does not exist (data.source {d.source})")
+
+
+def check_run_root(cfg: Config) -> None:
+    root = Path(cfg.run.root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise DDPMError(f"run.root: {root} is not writable ({err.strerror})") from None
+
+
+def check_slurm(cfg: Config, stages: list[str]) -> None:
+    sc, infra = cfg.slurm, cfg.infrastructure
+    parts = partitions()
+    name = sc.partition or default_partition()
+    if name not in parts:
+        raise ConfigError(f"slurm.partition: partition {name!r} does not exist "
+                          f"(available: {', '.join(sorted(parts))})")
+    p = parts[name]
+    nodes = infra.num_nodes if "train" in stages else 1
+    if nodes > p.nodes:
+        raise ConfigError(f"infrastructure.num_nodes: {nodes} nodes requested, partition {name} has {p.nodes}")
+    if sc.cpus_per_task > p.cpus:
+        raise ConfigError(f"slurm.cpus_per_task: {sc.cpus_per_task} CPUs requested, nodes of partition {name} "
+                          f"have {p.cpus}")
+    if sc.mem_gb * 1024 > p.mem_mb:
+        raise ConfigError(f"slurm.mem_gb: {sc.mem_gb} GB requested, nodes of partition {name} have "
+                          f"{p.mem_mb / 1024:.1f} GB")
+    if sc.time_min > p.time_limit_min:
+        raise ConfigError(f"slurm.time_min: {sc.time_min} min requested, partition {name} allows "
+                          f"{p.time_limit_min:.0f} min")
+    if infra.num_gpus > p.gpus:
+        raise ConfigError(f"infrastructure.num_gpus: {infra.num_gpus} GPUs per node requested, nodes of partition "
+                          f"{name} have {p.gpus}")
+
+
+def check_resume_inputs(cfg: Config, stages: list[str]) -> None:
+    """Starting at sample/assemble needs what the earlier stage left in the run directory."""
+    from ddpm.checkpoint import list_checkpoints
+
+    if stages[0] == "sample" and not list_checkpoints(cfg.run_dir):
+        raise DDPMError(f"--stage sample: no checkpoint in {cfg.run_dir}/checkpoints (train first)")
+    if stages[0] == "assemble" and not (cfg.run_dir / "samples" / "shards").is_dir():
+        raise DDPMError(f"--stage assemble: no shards in {cfg.run_dir}/samples/shards (sample first)")
+
+
+def preflight(cfg: Config, cluster: str, stages: list[str]) -> None:
+    """Every check that can be made on the login node; raises one DDPMError line."""
+    if "train" in stages:
+        check_data(cfg)
+    check_run_root(cfg)
+    check_resume_inputs(cfg, stages)
+    if cluster == "slurm":
+        check_slurm(cfg, stages)
+
+
+def job_state(job_id: str) -> str:
+    """A job's state from squeue, then scontrol (``sacct`` is often restricted); ``GONE`` if neither knows it."""
+    try:
+        out = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"]).strip()
+        if out:
+            state, reason = out.splitlines()[0].split("|")
+            return f"{state}({reason})" if reason not in ("None", "") else state
+        out = _run(["scontrol", "show", "job", "-o", job_id])
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+    except (subprocess.SubprocessError, OSError):
+        pass
+    return "GONE"

@@ -1,0 +1,251 @@
+"""SLURM side: the torchrun wrapper with requeue-after-save, submitit executors, the stage tasks.
+
+The training job runs one task per node; each runs :func:`run_training`, which
+starts torchrun around ``python -m ddpm.train`` and owns the requeue policy:
+
+* torchrun's agent ignores the stop signal (inherited ``SIG_IGN``), so a signal
+  sent to every process of the step reaches the trainer ranks only; the wrapper
+  forwards it to the process group too (local executor, or a signal to the wrapper alone);
+* submitit's own USR2 handler (``scontrol requeue`` at once, which kills the step
+  before the checkpoint is written) is replaced while training runs;
+* when torchrun exits, ``status.json`` says ``done`` (success), ``stopped`` (the
+  checkpoint is durable: requeue, up to ``slurm.max_restarts``) or anything else (failure).
+
+The same wrapper is the sbatch route: ``srun python -m ddpm.slurm train --run-dir D``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ddpm.config import Config, dump_config, load_config
+from ddpm.dist import first_slurm_host, rendezvous_port
+from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, cli_entry
+from ddpm.runlog import read_status
+
+
+def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None = None) -> list[str]:
+    """torchrun around the trainer: c10d rendezvous at the first node for multi-node jobs."""
+    env = os.environ if environ is None else environ
+    infra = cfg.infrastructure
+    nproc = infra.num_gpus if infra.num_gpus > 0 else infra.nproc_per_node
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    nnodes = int(env.get("SLURM_NNODES", "1"))
+    if nnodes > 1:
+        job_id = env.get("SLURM_JOB_ID")
+        host = first_slurm_host(env["SLURM_JOB_NODELIST"])
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{rendezvous_port(job_id)}",
+                f"--rdzv-id={job_id}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "ddpm.train", "--config", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+
+
+def _ignore_stop_signals() -> None:  # runs in torchrun's process before exec; inherited by its agent
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(children.get(child, []))
+    return out
+
+
+def requeue_self(max_restarts: int) -> bool:
+    """``scontrol requeue`` this job unless it has restarted ``max_restarts`` times already."""
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") and (
+        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}") or os.environ.get("SLURM_JOB_ID")
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if job_id is None:
+        print("stopped outside SLURM: run the same command again to resume", flush=True)
+        return False
+    if restarts >= max_restarts:
+        print(f"not requeuing job {job_id}: it has restarted {restarts} times (slurm.max_restarts)", flush=True)
+        return False
+    print(f"requeuing job {job_id} (restart {restarts + 1}/{max_restarts})", flush=True)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    return True
+
+
+def run_training(run_dir: Path, cfg: Config) -> str:
+    """Run torchrun for this node; return "done", or requeue / raise. Blocks until torchrun exits."""
+    cmd = torchrun_command(cfg, run_dir)
+    print("running:", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
+
+    def forward(signum: int, _frame: Any) -> None:  # to the trainer ranks, not torchrun's agent
+        print(f"wrapper: got {signal.Signals(signum).name}, forwarding to the trainer", flush=True)
+        for pid in descendants(proc.pid):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    stop_sig = getattr(signal, f"SIG{cfg.training.stop_signal}")
+    for sig in {stop_sig, signal.SIGTERM}:
+        signal.signal(sig, forward)
+    rc = proc.wait()
+    status = read_status(run_dir) or {}
+    state = status.get("state")
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    if rc == 0 and state == "done":
+        print(f"training done at step {status.get('step')}", flush=True)
+        return "done"
+    if state == "stopped":
+        print(f"training stopped at step {status.get('step')}; checkpoint is durable", flush=True)
+        if node == 0 and requeue_self(cfg.slurm.max_restarts):
+            time.sleep(600)  # scontrol requeue ends this job; never report success or failure
+        return "stopped"
+    raise RuntimeError(f"training failed: torchrun exited with {rc}, status {state!r}; see {run_dir}/logs")
+
+
+class TrainTask:
+    """submitit callable for the training job (one task per node)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def __call__(self) -> str:
+        return run_training(self.run_dir, load_config(self.run_dir / "config.yaml"))
+
+
+class SampleTask:
+    """submitit callable for one shard of the sampling array; requeued by submitit on preemption.
+
+    Partial progress is kept batch by batch, so a requeued task loses at most one batch.
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: Config):
+        self.run_dir, self.sampling = Path(run_dir), cfg.sampling
+
+    def __call__(self, shard: int) -> str:
+        from ddpm.sample import sample_shard
+
+        s = self.sampling
+        import torch
+
+        path = sample_shard(
+            checkpoint=self.run_dir, out_dir=self.run_dir / "samples" / "shards", shard=shard,
+            num_shards=s.num_shards, num_samples=s.num_samples, sampler=s.sampler, num_steps=s.num_steps,
+            eta=s.eta, timestep_spacing=s.timestep_spacing, seed_base=s.seed_base, batch_size=s.batch_size,
+            use_ema=s.use_ema, fid=s.fid, device="cuda" if torch.cuda.is_available() else "cpu", progress=True)
+        return str(path)
+
+    def checkpoint(self, shard: int) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, shard)
+
+
+class AssembleTask:
+    """submitit callable for the assembly job."""
+
+    def __init__(self, run_dir: str | Path, num_shards: int):
+        self.run_dir, self.num_shards = Path(run_dir), num_shards
+
+    def __call__(self) -> str:
+        from ddpm.assemble import main as assemble_main
+
+        code = assemble_main([str(self.run_dir / "samples"), "--expect-shards", str(self.num_shards)])
+        if code:
+            raise RuntimeError(f"assembly failed with exit code {code}")
+        return str(self.run_dir / "samples")
+
+
+def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependency: str | None = None) -> Any:
+    """A submitit executor for ``stage`` (train | sample | assemble), logging to ``run_dir/logs``."""
+    import submitit
+
+    sc, infra = cfg.slurm, cfg.infrastructure
+    folder = run_dir / "logs" / "%j"
+    if cluster == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=sc.time_min, signal_delay_s=sc.signal_delay_s)
+        return ex
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=sc.max_restarts)
+    additional: dict[str, Any] = dict(sc.additional)
+    if dependency:
+        additional["dependency"] = dependency
+    params: dict[str, Any] = dict(
+        job_name=f"{cfg.run.name}-{stage}", partition=sc.partition, time=sc.time_min, nodes=1, ntasks_per_node=1,
+        cpus_per_task=sc.cpus_per_task, mem=f"{sc.mem_gb}GB", signal_delay_s=sc.signal_delay_s,
+        setup=list(sc.setup), array_parallelism=sc.array_parallelism, stderr_to_stdout=True,
+    )
+    if sc.account:
+        params["account"] = sc.account
+    if sc.qos:
+        params["qos"] = sc.qos
+    if stage == "train":
+        params["nodes"] = infra.num_nodes
+        additional["requeue"] = True
+        if infra.num_gpus > 0:
+            params["gres"] = sc.gres or f"gpu:{infra.num_gpus}"
+    elif stage == "sample":
+        additional["requeue"] = True
+        if infra.num_gpus > 0:
+            params["gres"] = sc.gres.rsplit(":", 1)[0] + ":1" if sc.gres else "gpu:1"
+    if stage == "assemble":
+        params["cpus_per_task"] = min(sc.cpus_per_task, 4)
+    params["additional_parameters"] = additional
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(executor: Any, stage: str) -> str:
+    """The sbatch text submitit would write for ``executor`` (for --dry-run)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = dict(executor.parameters)
+    if stage == "sample":
+        params["map_count"] = None
+    command = f"{sys.executable} -u -m submitit.core._submit {executor.folder}"
+    return _make_sbatch_string(command=command, folder=executor.folder, **params)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm.slurm",
+                                description="torchrun wrapper for one node of a training job (the sbatch route)")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run torchrun for this node; requeue after the checkpoint on a stop signal")
+    t.add_argument("--config", help="YAML config; written to RUN_DIR/config.yaml (default: the run's own)")
+    t.add_argument("overrides", nargs="*", help="section.key=value")
+    t.add_argument("--run-dir", help="run directory (default: <run.root>/<run.name> of the config)")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.config is None and args.run_dir is None:
+        p = build_parser()
+        p.error("train needs --config or --run-dir")
+    cfg = load_config(args.config if args.config else Path(args.run_dir) / "config.yaml", args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.config:  # every node writes the same resolved config (atomically)
+        dump_config(cfg, run_dir / "config.yaml")
+    state = run_training(run_dir, cfg)
+    return EXIT_OK if state == "done" else EXIT_REQUEUE if state == "stopped" else EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

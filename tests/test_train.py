@@ -1,0 +1,238 @@
+"""Trainer: exact resume after a real signal (1 process and torchrun x2), DDP equivalence,
+kill -9 during a checkpoint write, non-finite steps skipped, overfit-single-batch."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.checkpoint import list_checkpoints, load_checkpoint, load_latest
+from ddpm.config import load_config
+from ddpm.dist import DistEnv
+from ddpm.errors import EXIT_REQUEUE
+from ddpm.train import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """40 random 10x10 RGB PNGs (the loader resizes them to 8x8)."""
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray((rng.random((10, 10, 3)) * 255).astype("uint8")).save(d / f"{i:03d}.png")
+    return d
+
+
+def overrides(images: Path, run_root: Path, *extra: str) -> list[str]:
+    return [f"data.path={images}", f"run.root={run_root}", *extra]
+
+
+def train_cmd(args: list[str], torchrun: int = 0) -> list[str]:
+    if torchrun:  # the production wrapper: torchrun's agent ignores the stop signal, workers get it
+        return [sys.executable, "-m", "ddpm.slurm", "train", "--config", str(TINY), *args]
+    return [sys.executable, "-m", "ddpm.train", "--config", str(TINY), *args]
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return proc
+
+
+def run_and_signal(cmd: list[str], at_step: int, timeout: float = 240) -> tuple[int, str]:
+    """Start ``cmd`` in its own session; when it prints step ``at_step``, send SIGUSR2 to the whole group
+    (as SLURM signals every process of a step); return (exit code, output)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            start_new_session=True)
+    out, sent, deadline = [], False, time.time() + timeout
+    for line in proc.stdout:
+        out.append(line)
+        if not sent and line.startswith(f"step {at_step}/"):
+            os.killpg(proc.pid, signal.SIGUSR2)
+            os.killpg(proc.pid, signal.SIGUSR2)  # twice: the handler is idempotent
+            sent = True
+        assert time.time() < deadline, "".join(out)
+    return proc.wait(timeout=60), "".join(out)
+
+
+def final_state(run_dir: Path) -> dict:
+    found = load_latest(run_dir)
+    assert found is not None
+    return found[1]
+
+
+def assert_tensors_equal(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_tensors_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_tensors_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def tb_steps(run_dir: Path, tag: str = "loss/loss") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_exact_resume_after_signal(images, tmp_path, nproc):
+    n = 12
+    extra = [f"infrastructure.nproc_per_node={nproc}", f"training.num_iterations={n}", "model.dropout=0.1"]
+    a = run(train_cmd(overrides(images, tmp_path / "a", *extra), torchrun=nproc > 1))
+    assert a.returncode == 0, a.stdout + a.stderr
+
+    stop_at = random.Random(os.getpid()).randint(2, n - 2)
+    cmd = train_cmd(overrides(images, tmp_path / "b", *extra), torchrun=nproc > 1)
+    code, out = run_and_signal(cmd, stop_at)
+    assert code == EXIT_REQUEUE, out
+    run_b = tmp_path / "b" / "tiny"
+    stopped = final_state(run_b)["step"]
+    assert stop_at <= stopped < n, out
+    assert '"stopped"' in (run_b / "status.json").read_text()
+    b = run(cmd)
+    assert b.returncode == 0, b.stdout + b.stderr
+    assert f"resumed from {run_b}/checkpoints/step_{stopped:08d}.pt" in b.stdout
+
+    sa, sb = final_state(tmp_path / "a" / "tiny"), final_state(run_b)
+    assert sa["step"] == sb["step"] == n
+    for key in ("model", "ema", "optimizer", "data"):
+        assert_tensors_equal(sa[key], sb[key], key)
+    assert tb_steps(run_b) == list(range(1, n + 1))  # one point per step, none duplicated
+
+
+def test_ddp_matches_single_process(images, tmp_path):
+    """2 ranks x batch 4 == 1 rank x batch 8 (same data, same noise) after k steps."""
+    extra = ["training.batch_size=8", "training.num_iterations=4", "training.ema_start=0"]
+    one = run(train_cmd(overrides(images, tmp_path / "one", *extra)))
+    assert one.returncode == 0, one.stderr
+    two = run(train_cmd(overrides(images, tmp_path / "two", *extra, "infrastructure.nproc_per_node=2"),
+                        torchrun=2))
+    assert two.returncode == 0, two.stdout + two.stderr
+    s1, s2 = final_state(tmp_path / "one" / "tiny"), final_state(tmp_path / "two" / "tiny")
+    # Gradients (Adam's first moment, linear in them) agree to float tolerance everywhere.
+    m1, m2 = s1["optimizer"]["state"], s2["optimizer"]["state"]
+    scale = max(float(st["exp_avg"].abs().max()) for st in m1.values())
+    for i in m1:
+        torch.testing.assert_close(m1[i]["exp_avg"], m2[i]["exp_avg"], rtol=1e-3, atol=1e-5 * scale)
+    # Weights agree too, except where Adam divides float noise by ~0 (|grad| ~ 1e-10 << eps = 1e-8,
+    # e.g. biases that cancel in GroupNorm): there m/sqrt(v) amplifies rounding to O(lr).
+    assert len(m1) == len(s1["model"])  # parameters only, in state_dict order
+    checked = 0
+    for i, (name, w) in enumerate(s1["model"].items()):
+        if float(m1[i]["exp_avg_sq"].sqrt().max()) > 1e-8:
+            torch.testing.assert_close(w, s2["model"][name], rtol=1e-4, atol=2e-5, msg=name)
+            checked += 1
+    assert checked >= 0.8 * len(m1)
+    assert s1["step"] == s2["step"] == 4
+
+
+def test_kill9_during_checkpoint_write(images, tmp_path):
+    """SIGKILL while a checkpoint is being written: the previous one stays loadable and the run resumes."""
+    extra = ["model.base_channels=64", "training.save_every=1", "training.num_iterations=40"]
+    cmd = train_cmd(overrides(images, tmp_path, *extra))
+    ckpt_dir = tmp_path / "tiny" / "checkpoints"
+    for _attempt in range(5):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        caught = False
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            tmps = list(ckpt_dir.glob(".step_*.tmp")) if ckpt_dir.is_dir() else []
+            if tmps and list_checkpoints(tmp_path / "tiny"):
+                proc.kill()
+                caught = True
+                break
+            time.sleep(0.0005)
+        proc.wait()
+        if caught:
+            break
+    assert caught, "never caught a checkpoint mid-write"
+    found = load_latest(tmp_path / "tiny")
+    assert found is not None
+    resumed_from = found[1]["step"]
+    done = run(cmd)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {found[0]}" in done.stdout
+    assert final_state(tmp_path / "tiny")["step"] == 40 > resumed_from
+
+
+def test_corrupt_newest_checkpoint_is_skipped(images, tmp_path):
+    cmd = train_cmd(overrides(images, tmp_path, "training.num_iterations=10"))
+    assert run(cmd).returncode == 0
+    newest = list_checkpoints(tmp_path / "tiny")[-1][1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    with pytest.raises(Exception, match="corrupt or truncated"):
+        load_checkpoint(newest)
+    again = run(train_cmd(overrides(images, tmp_path, "training.num_iterations=12")))
+    assert again.returncode == 0, again.stderr
+    assert f"skipping {newest}: corrupt or truncated checkpoint" in again.stdout
+    assert "resumed from" in again.stdout and "step_00000005.pt" in again.stdout
+
+
+def make_trainer(images: Path, run_root: Path, *extra: str, overfit: bool = False) -> Trainer:
+    cfg = load_config(TINY, overrides(images, run_root, *extra))
+    return Trainer(cfg, cfg.run_dir, DistEnv(), overfit_single_batch=overfit)
+
+
+def test_nan_loss_is_skipped_and_counted(images, tmp_path):
+    trainer = make_trainer(images, tmp_path)
+    trainer.train_step(*trainer.next_batch())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.state_dict()["shadow"].items()}
+    real = trainer.ddpm.compute_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    trainer.ddpm.compute_loss = nan_loss
+    metrics = trainer.train_step(*trainer.next_batch())
+    assert trainer.skipped_steps == 1 and float(metrics["skipped_steps"]) == 1.0
+    assert trainer.step == 2
+    assert_tensors_equal(before, trainer.model.state_dict())
+    assert_tensors_equal(ema_before, trainer.ema.state_dict()["shadow"])
+    assert all(torch.isfinite(s["exp_avg"]).all() for s in trainer.optimizer.state.values())
+    trainer.ddpm.compute_loss = real
+    trainer.train_step(*trainer.next_batch())
+    assert trainer.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    trainer.close()
+
+
+def test_overfit_single_batch_loss_goes_to_zero(images, tmp_path):
+    trainer = make_trainer(images, tmp_path, "training.learning_rate=3e-3", "training.gradient_clip_norm=0",
+                           overfit=True)
+    losses = [float(trainer.train_step(*trainer.next_batch())["loss"]) for _ in range(150)]
+    assert losses[-1] < 0.05 * losses[0] and losses[-1] < 0.05, losses[::10]
+    trainer.close()
+
+
+def test_provenance_and_config_written(images, tmp_path):
+    assert run(train_cmd(overrides(images, tmp_path, "training.num_iterations=2"))).returncode == 0
+    import json
+
+    prov = json.loads((tmp_path / "tiny" / "provenance.json").read_text())
+    start = prov["starts"][-1]
+    assert start["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert "commit" in start["git"] and "dirty" in start["git"] and start["hosts"]
+    assert load_config(tmp_path / "tiny" / "config.yaml").training.num_iterations == 2
