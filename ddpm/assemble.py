@@ -31,7 +31,7 @@ import torch
 from ddpm.checkpoint import atomic_write_bytes, atomic_write_text
 from ddpm.data import save_image
 from ddpm.errors import ShardError, cli_entry
-from ddpm.sample import SHARED_KEYS, file_sha256, new_dir, package_versions, shard_paths
+from ddpm.sample import SETTINGS_KEYS, SHARED_KEYS, file_sha256, new_dir, package_versions, shard_paths
 
 _SHARD = re.compile(r"^shard_(\d+)\.(json|npz|partial\.npz)$")
 
@@ -58,6 +58,8 @@ def load_shard_metas(shards_dir: Path, expect_shards: int | None = None) -> list
             metas[k] = json.loads(jp.read_text()) if jp.is_file() else {}
         except (OSError, ValueError):
             raise ShardError(f"shard {k}: unreadable {jp}") from None
+        if not isinstance(metas[k], dict):
+            raise ShardError(f"shard {k}: {jp} is not a shard description")
     declared = {m["num_shards"] for m in metas.values() if "num_shards" in m}
     if expect_shards is None:
         if not declared:
@@ -77,6 +79,9 @@ def load_shard_metas(shards_dir: Path, expect_shards: int | None = None) -> list
     out: list[dict[str, Any]] = []
     for k in range(expect_shards):
         paths, meta = shard_paths(shards_dir, k), metas[k]
+        absent = [key for key in (*SETTINGS_KEYS, "count") if key not in meta]
+        if absent:
+            raise ShardError(f"shard {k}: {paths['json']} lacks {', '.join(absent)}")
         if meta.get("shard") != k or meta.get("num_shards") != expect_shards:
             raise ShardError(f"shard {k}: {paths['json']} says shard {meta.get('shard')} of {meta.get('num_shards')}")
         for key in SHARED_KEYS:

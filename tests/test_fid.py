@@ -164,3 +164,12 @@ def test_reference_cli(tmp_path: Path, weights_file: Path) -> None:
     cropped = fid.stats_signature({"source": "folder", "path": str(data), "image_size": 16, "center_crop": 14})
     assert cropped != stats.signature
     assert fid.main(["ref", "--config", str(cfg), "--out", str(out), "--weights", str(tmp_path / "x")]) == 2
+
+
+def test_parameter_names_match_torchvision_inception3_layout() -> None:
+    """The weights file is a state dict of torchvision's Inception3 (1008 classes, no aux head)."""
+    from torchvision.models.inception import Inception3
+
+    ours = {k: v.shape for k, v in fid.FIDInceptionV3().state_dict().items()}
+    tv = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    assert ours == {k: v.shape for k, v in tv.state_dict().items()}
