@@ -97,12 +97,12 @@ def tb_steps(run_dir: Path, tag: str = "loss/loss") -> list[int]:
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_exact_resume_after_signal(images, tmp_path, nproc):
-    n = 12
+    n = 20  # the signal is sent at a random step in [2, 10]: ten steps of margin to arrive
     extra = [f"infrastructure.nproc_per_node={nproc}", f"training.num_iterations={n}", "model.dropout=0.1"]
     a = run(train_cmd(overrides(images, tmp_path / "a", *extra), torchrun=nproc > 1))
     assert a.returncode == 0, a.stdout + a.stderr
 
-    stop_at = random.Random(os.getpid()).randint(2, n - 2)
+    stop_at = random.Random(os.getpid()).randint(2, n // 2)
     cmd = train_cmd(overrides(images, tmp_path / "b", *extra), torchrun=nproc > 1)
     code, out = run_and_signal(cmd, stop_at)
     assert code == EXIT_REQUEUE, out
