@@ -68,13 +68,12 @@ def submit(cfg: Config, run_dir: Path, cluster: str, stages: list[str], dry_run:
     dependency = None
     k = cfg.sampling.num_shards
     for stage in stages:
-        ex = make_executor(cfg, run_dir, stage, cluster, dependency if cluster == "slurm" else None)
-        if dry_run:
-            print(f"# ---- {stage} job ----\n{sbatch_script(ex, stage)}")
-            if stage == "sample":
-                print(f"# (submitted as --array=0-{k - 1}%{min(k, cfg.slurm.array_parallelism)})")
+        if dry_run:  # the scripts SLURM would get, also when this machine has no SLURM
+            ex = make_executor(cfg, run_dir, stage, "slurm", dependency)
+            print(f"# ---- {stage} job ----\n{sbatch_script(ex, k if stage == 'sample' else None)}")
             dependency = f"afterok:<{stage} job id>"
             continue
+        ex = make_executor(cfg, run_dir, stage, cluster, dependency if cluster == "slurm" else None)
         if stage == "train":
             job = ex.submit(TrainTask(run_dir))
             jobs["train"] = job.job_id

@@ -210,15 +210,13 @@ def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependen
     return ex
 
 
-def sbatch_script(executor: Any, stage: str) -> str:
-    """The sbatch text submitit would write for ``executor`` (for --dry-run)."""
+def sbatch_script(executor: Any, array_size: int | None = None) -> str:
+    """The sbatch text submitit writes for a SlurmExecutor (for --dry-run); ``array_size`` for an array."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = dict(executor.parameters)
-    if stage == "sample":
-        params["map_count"] = None
     command = f"{sys.executable} -u -m submitit.core._submit {executor.folder}"
-    return _make_sbatch_string(command=command, folder=executor.folder, **params)
+    return _make_sbatch_string(command=command, folder=executor.folder, map_count=array_size,
+                               **executor.parameters)
 
 
 def build_parser() -> argparse.ArgumentParser:

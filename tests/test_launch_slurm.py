@@ -1,0 +1,204 @@
+"""launch.py and slurm/*.sbatch against a real SLURM cluster (tests/slurm/cluster.sh), tiny CPU config.
+
+- the full pipeline: train -> array of 3 sampling shards -> assembly, every artifact checked;
+- preemption: ``scancel --signal=USR2`` mid-training -> checkpoint -> requeue -> resume -> the final
+  weights are bitwise equal to an uninterrupted run of the same config;
+- a failed array task re-run alone (the sbatch template) completes the set; assembly with the shard
+  missing fails naming it;
+- preflight: a wrong partition, an unreachable data path and a config typo stop launch.py before
+  anything is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from slurm_helpers import next_job_id, release_requeued, sbatch, show_job, wait_for_job, wait_for_state
+
+from ddpm.checkpoint import load_latest
+
+pytestmark = pytest.mark.slurm
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
+ONE_THREAD = "slurm.setup=[export OMP_NUM_THREADS=1]"  # same float reductions in the job and the reference
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("slurm_images")
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        Image.fromarray((rng.random((10, 10, 3)) * 255).astype("uint8")).save(d / f"{i:03d}.png")
+    return d
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY), "--cluster", "slurm", *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def jobs_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "jobs.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipeline(slurm_cluster, images, tmp_path_factory) -> Path:
+    """One full run through launch.py; returns its run directory once assembly completed."""
+    root = tmp_path_factory.mktemp("slurm_runs")
+    proc = launch(f"data.path={images}", f"run.root={root}", ONE_THREAD)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = root / "tiny"
+    jobs = jobs_of(run_dir)
+    for line in (f"train: job {jobs['train']}", f"sample: job {jobs['sample']}", f"tensorboard --logdir {run_dir}/tb",
+                 f"run dir:      {run_dir}"):
+        assert line in proc.stdout
+    # chained with afterok (training takes longer than this check)
+    assert show_job(jobs["sample_tasks"][0])["Dependency"].startswith(f"afterok:{jobs['train']}")
+    assert show_job(jobs["assemble"])["Dependency"].startswith(f"afterok:{jobs['sample']}")
+    state = wait_for_job(jobs["assemble"], timeout=400, release=True)
+    assert state == "COMPLETED", "".join(p.read_text() for p in (run_dir / "logs").rglob("*.out"))
+    return run_dir
+
+
+def test_full_pipeline_artifacts(pipeline):
+    run_dir, jobs = pipeline, jobs_of(pipeline)
+    assert wait_for_job(jobs["train"]) == "COMPLETED"
+    assert len(jobs["sample_tasks"]) == 3 and wait_for_job(jobs["sample"]) == "COMPLETED"
+    # training
+    path, state = load_latest(run_dir)
+    assert state["step"] == 12 and path.name == "step_00000012.pt"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["starts"][0]["slurm"]["SLURM_JOB_ID"] == jobs["train"]
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert (run_dir / "config.yaml").is_file()
+    # sampling shards and assembly
+    for k in range(3):
+        meta = json.loads((run_dir / "samples" / "shards" / f"shard_{k}.json").read_text())
+        assert meta["complete"] and meta["shard"] == k
+    samples = np.load(run_dir / "samples" / "samples_12x8x8x3.npz")["arr_0"]
+    assert samples.shape == (12, 8, 8, 3) and samples.dtype == np.uint8 and samples.std() > 0
+    assert Image.open(run_dir / "samples" / "grid.png").size[0] > 8
+    metrics = json.loads((run_dir / "samples" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 12 and metrics["step"] == 12
+    # logs of every stage in RUN_DIR/logs
+    logs = "".join(p.read_text() for p in (run_dir / "logs").rglob("*.out"))
+    assert "training done at step 12" in logs and "assembled 12 samples" in logs
+    status = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60)
+    assert status.returncode == 0 and f"{jobs['train']}=COMPLETED" in status.stdout
+    assert "3/3 shards complete" in status.stdout and "samples_12x8x8x3.npz" in status.stdout
+
+
+def test_preemption_requeue_resume_is_exact(slurm_cluster, images, tmp_path):
+    n = 60
+    common = [f"data.path={images}", f"training.num_iterations={n}", "training.save_every=1000"]
+    proc = launch(*common, f"run.root={tmp_path / 'slurm'}", ONE_THREAD, "--stage", "train")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "slurm" / "tiny"
+    job = jobs_of(run_dir)["train"]
+    assert wait_for_state(job, {"RUNNING"}, timeout=120) == "RUNNING"
+    log = run_dir / "logs" / job / f"{job}_0_log.out"
+    deadline = time.time() + 120
+    while "step 5/" not in (log.read_text() if log.is_file() else ""):
+        assert time.time() < deadline, "training never reached step 5"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    deadline = time.time() + 120
+    while show_job(job).get("Restarts", "0") == "0":  # requeued by the wrapper after the save
+        assert time.time() < deadline and show_job(job)["JobState"] not in ("FAILED", "COMPLETED"), show_job(job)
+        time.sleep(0.2)
+    stopped = load_latest(run_dir)[1]["step"]
+    assert 5 <= stopped < n
+    release_requeued(job)
+    # meanwhile, the uninterrupted reference: same code path (torchrun, 1 rank), same thread count
+    ref = subprocess.run([sys.executable, "-m", "ddpm.slurm", "train", "--config", str(TINY), *common,
+                          f"run.root={tmp_path / 'ref'}"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert wait_for_job(job, timeout=300, release=True) == "COMPLETED"
+
+    text = log.read_text()
+    assert "received SIGUSR2" in text and f"requeuing job {job} (restart 1/3)" in text
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d}.pt" in text
+    restarts = [s["slurm"].get("SLURM_RESTART_COUNT", "0") for s in
+                json.loads((run_dir / "provenance.json").read_text())["starts"]]
+    assert restarts == ["0", "1"]
+    a, b = load_latest(tmp_path / "ref" / "tiny")[1], load_latest(run_dir)[1]
+    assert a["step"] == b["step"] == n
+    for key in ("model", "optimizer"):
+        sa, sb = a[key], b[key]
+        if key == "optimizer":
+            sa, sb = sa["state"], sb["state"]
+            for i in sa:
+                assert torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) and torch.equal(sa[i]["exp_avg_sq"],
+                                                                                        sb[i]["exp_avg_sq"])
+        else:
+            assert all(torch.equal(v, sb[k]) for k, v in sa.items())
+    assert all(torch.equal(v, b["ema"]["shadow"][k]) for k, v in a["ema"]["shadow"].items())
+
+
+def test_failed_array_task_rerun_alone(pipeline, images, tmp_path):
+    """Shard 1 fails (its output path is blocked); assembly names it; the task re-run alone completes."""
+    run_dir = pipeline
+    shards = run_dir / "samples" / "shards"
+    for k in range(3):  # a fresh sampling round with other settings
+        for suffix in (".npz", ".json"):
+            (shards / f"shard_{k}{suffix}").unlink()
+    (shards / "shard_1.npz").mkdir()  # blocks the final rename of shard 1
+    proc = launch(f"data.path={images}", f"run.root={run_dir.parent}", ONE_THREAD, "--stage", "sample")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = jobs_of(run_dir)
+    assert wait_for_job(jobs["sample_tasks"][0], timeout=300) == "COMPLETED"
+    assert wait_for_job(jobs["sample_tasks"][2], timeout=300) == "COMPLETED"
+    assert wait_for_job(jobs["sample_tasks"][1], timeout=300) == "FAILED"
+    assert wait_for_state(jobs["assemble"], {"PENDING"}) == "PENDING"
+    subprocess.run(["scancel", jobs["assemble"]], check=True)  # its dependency can never be satisfied
+
+    (shards / "shard_1.npz").rmdir()
+    asm = subprocess.run([sys.executable, "-m", "ddpm.assemble", str(run_dir)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert asm.returncode == 2 and len(asm.stderr.strip().splitlines()) == 1
+    assert "shard 1 of 3 missing" in asm.stderr
+
+    rerun = sbatch("--array=1", "--partition=debug", "--cpus-per-task=1", "--mem=1G", f"--output={tmp_path}/%A_%a.out",
+                   f"--export=ALL,OMP_NUM_THREADS=1,PATH={Path(sys.executable).parent}:{os.environ['PATH']}",
+                   str(template_without_gres(tmp_path, "sample_array.sbatch")),
+                   str(run_dir), cwd=ROOT)
+    assert wait_for_job(rerun, timeout=300, release=True) == "COMPLETED"
+    asm = subprocess.run([sys.executable, "-m", "ddpm.assemble", str(run_dir)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert asm.returncode == 0, asm.stderr
+    assert np.load(run_dir / "samples" / "samples_12x8x8x3.npz")["arr_0"].shape == (12, 8, 8, 3)
+
+
+def template_without_gres(tmp_path: Path, name: str) -> Path:
+    """The sbatch template minus its GPU request (the test cluster has no GPUs)."""
+    text = (ROOT / "slurm" / name).read_text().replace("#SBATCH --gres=gpu:1\n", "")
+    out = tmp_path / name
+    out.write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("slurm.partition=nosuch", "slurm.partition: partition 'nosuch' does not exist (available: debug)"),
+    ("data.path=/nonexistent/celeba", "data.path: /nonexistent/celeba does not exist"),
+    ("training.lerning_rate=1", "training.lerning_rate: unknown key (did you mean training.learning_rate?)"),
+    ("slurm.cpus_per_task=512", "slurm.cpus_per_task: 512 CPUs requested, nodes of partition debug have"),
+])
+def test_preflight_stops_before_queueing(slurm_cluster, images, tmp_path, override, message):
+    before = next_job_id()
+    proc = launch(f"data.path={images}", f"run.root={tmp_path}", override)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert next_job_id() == before  # nothing was queued
