@@ -149,7 +149,6 @@ def build_from_checkpoint(state: dict[str, Any], use_ema: bool = True,
                           device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
     """Rebuild (UNet, DDPM) from a checkpoint alone; EMA weights unless ``use_ema`` is False."""
     from ddpm.diffusion import DDPM
-
     from ddpm.unet import UNet
 
     model = UNet(**state["model_config"])

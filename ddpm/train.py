@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ddpm.data import create_dataloader_from_config, save_image
-from ddpm.diffusion import DDPM
-from ddpm.ema import EMA
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm import dist
 from ddpm.checkpoint import FORMAT, load_latest, save_checkpoint
 from ddpm.config import Config, dump_config, load_config
+from ddpm.data import create_dataloader_from_config, save_image
+from ddpm.diffusion import DDPM
+from ddpm.ema import EMA
 from ddpm.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, cli_entry
 from ddpm.runlog import RunLogger, write_provenance, write_status
 from ddpm.unet import UNet
