@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: venv
-	$(PY) -m ddpm.digits --out data/digits
+	$(PY) -m ddpm.digits --out data/digits --size 16
 	$(PY) launch.py --config configs/quickstart_digits.yaml --cluster local
 
 test: venv
