@@ -23,7 +23,7 @@ quickstart: venv
 	$(PY) launch.py --config configs/quickstart_digits.yaml --cluster local
 
 test: venv
-	$(PY) -m ruff check ddpm tests launch.py benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 bench: venv
