@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = submit(cfg, run_dir, cluster, stages, args.dry_run)
     if args.dry_run:
         return EXIT_OK
-    (run_dir / "jobs.json").write_text(json.dumps(jobs, indent=2) + "\n")
+    jobs_path = run_dir / "jobs.json"  # a later --stage keeps the ids of the earlier stages
+    earlier = json.loads(jobs_path.read_text()) if jobs_path.is_file() else {}
+    jobs = {**earlier, **jobs}
+    jobs_path.write_text(json.dumps(jobs, indent=2) + "\n")
     print_summary(cfg, run_dir, jobs)
     if cluster == "local" and not jobs.get("stopped"):
         grid = run_dir / "samples" / "grid.png"

@@ -82,7 +82,10 @@ def requeue_self(max_restarts: int) -> bool:
         print(f"not requeuing job {job_id}: it has restarted {restarts} times (slurm.max_restarts)", flush=True)
         return False
     print(f"requeuing job {job_id} (restart {restarts + 1}/{max_restarts})", flush=True)
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:  # e.g. SLURM is already requeuing it (preemption with PreemptMode=REQUEUE)
+        print(f"scontrol requeue {job_id} failed: {proc.stderr.strip()}", flush=True)
+        return False
     return True
 
 

@@ -34,7 +34,7 @@ from ddpm.config import Config, dump_config, load_config
 from ddpm.data import create_dataloader_from_config, save_image
 from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
-from ddpm.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, cli_entry
+from ddpm.errors import EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, cli_entry
 from ddpm.runlog import RunLogger, write_provenance, write_status
 from ddpm.unet import UNet
 
@@ -108,7 +108,12 @@ class Trainer:
         if path is None:
             return
         state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as err:  # e.g. model.* changed since it was written
+            reason = str(err).strip().splitlines()[0][:200]
+            raise CheckpointError(f"{path}: does not fit this config ({reason}); use a new run.name or "
+                                  "the config the run was started with") from None
         self._print(f"resumed from {path} at step {self.step}")
 
     # ---- state -------------------------------------------------------------------------------------

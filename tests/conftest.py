@@ -107,3 +107,16 @@ def slurm_cluster():
         cancel_jobs_since(first_id)
     except Exception as e:  # teardown must not mask the test results
         print(f"warning: could not cancel leftover SLURM jobs: {e}")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory):
+    """40 random 10x10 RGB PNGs: the tiny training set of configs/tiny_cpu.yaml (resized to 8x8)."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray((rng.random((10, 10, 3)) * 255).astype("uint8")).save(d / f"{i:03d}.png")
+    return d

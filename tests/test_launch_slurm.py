@@ -32,15 +32,6 @@ TINY = ROOT / "configs" / "tiny_cpu.yaml"
 ONE_THREAD = "slurm.setup=[export OMP_NUM_THREADS=1]"  # same float reductions in the job and the reference
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("slurm_images")
-    rng = np.random.default_rng(1)
-    for i in range(40):
-        Image.fromarray((rng.random((10, 10, 3)) * 255).astype("uint8")).save(d / f"{i:03d}.png")
-    return d
-
-
 def launch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "launch.py", "--config", str(TINY), "--cluster", "slurm", *args],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -11,10 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from ddpm.config import load_config
@@ -24,16 +22,6 @@ from ddpm.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """40 random 10x10 RGB PNGs (the loader resizes them to 8x8)."""
-    d = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        Image.fromarray((rng.random((10, 10, 3)) * 255).astype("uint8")).save(d / f"{i:03d}.png")
-    return d
 
 
 def overrides(images: Path, run_root: Path, *extra: str) -> list[str]:
@@ -236,3 +224,12 @@ def test_provenance_and_config_written(images, tmp_path):
     assert start["packages"]["torch"] == torch.__version__.split("+")[0]
     assert "commit" in start["git"] and "dirty" in start["git"] and start["hosts"]
     assert load_config(tmp_path / "tiny" / "config.yaml").training.num_iterations == 2
+
+
+def test_resume_with_a_different_model_is_one_clear_line(images, tmp_path):
+    assert run(train_cmd(overrides(images, tmp_path, "training.num_iterations=2"))).returncode == 0
+    other = run(train_cmd(overrides(images, tmp_path, "training.num_iterations=4", "model.base_channels=32")))
+    assert other.returncode == 2
+    lines = other.stderr.strip().splitlines()
+    assert len(lines) == 1 and "step_00000002.pt: does not fit this config" in lines[0], other.stderr
+    assert load_latest(tmp_path / "tiny")[1]["step"] == 2  # nothing written was lost
