@@ -1,0 +1,497 @@
+"""``python -m ddpm.bench``: our U-Net and samplers against diffusers, and the data loader, on one machine.
+
+    python -m ddpm.bench --quick                                     # CPU: about two minutes
+    python -m ddpm.bench --device cuda --config configs/ddpm_babel.yaml [infrastructure.compile=true]
+
+Prints, in one run, side by side:
+
+1. training throughput (images/s of forward + backward + AdamW, the same loop for both networks) of our
+   ``UNet`` for the config's model section and of diffusers' ``UNet2DModel`` built to the same architecture
+   (matching parameter count; both hold the same weights and agree to float rounding, which is checked and
+   printed), at the same precision (fp32 on CPU, bf16 autocast on CUDA) and memory format; with the
+   ratio ours/diffusers, FLOPs per step (``FlopCounterMode``) and, on CUDA, the model FLOP utilisation
+   against the bf16 matmul peak measured on the device;
+2. sampling throughput of ``DDPM.sample`` (DDPM-1000 and DDIM-50) against a diffusers scheduler loop
+   (``DDPMScheduler`` / ``DDIMScheduler.step``) over the same network (ours), fp32 as ``ddpm.sample`` runs;
+   with ``--quick`` a few steps are timed and the per-step time is multiplied by the step count;
+3. the data loader (``ddpm.datatools.bench``) on the configured source when its data is there, else on
+   a synthetic folder of CelebA-sized JPEGs made in a temporary directory (the header says which).
+
+Timing: warmup steps, then ``--repeats`` runs of ``--steps`` steps each (``time.perf_counter``, CUDA
+synchronized), our model and diffusers' alternating so drifting load on a shared machine hits both;
+the median run is reported with the range, and the share of time other tasks waited for a CPU (Linux
+PSI) says how noisy the machine was. The Trainer's extras (clipping, EMA, one host sync) are left out of
+both. ``infrastructure.*`` overrides (channels_last, compile, mixed_precision_on_cpu, ...) apply to both
+networks. Needs the ``bench`` extra: ``pip install -e '.[bench]'`` (diffusers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm.config import Config, DataConfig, ModelConfig, load_config
+from ddpm.diffusion import DDPM
+from ddpm.errors import ConfigError, DDPMError, cli_entry
+from ddpm.unet import UNet
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ddpm_babel.yaml"
+GLIBC_KEEP = "glibc.malloc.trim_threshold=17179869184:glibc.malloc.mmap_threshold=33554432"
+_RES = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "emb_proj", "norm2": "norm2", "conv2": "conv2",
+        "conv_shortcut": "skip"}
+
+
+# ---- the two networks ---------------------------------------------------------------------------------
+def diffusers_unet(mc: ModelConfig, image_size: int) -> nn.Module:
+    """diffusers' ``UNet2DModel`` with our architecture (see the module docstring of ``ddpm.unet``).
+
+    Two settings differ from diffusers' defaults: ``attn_norm_num_groups=32`` (with ``scale_shift`` its
+    middle attention has no GroupNorm; ours has) and the number of heads, which diffusers derives per block
+    from a fixed head size (``channels // attention_head_dim``): every ``Attention`` is set to
+    ``num_heads`` heads after construction (parameters do not depend on it).
+    """
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import Attention
+
+    chans = [mc.base_channels * m for m in mc.channel_mult]
+    if any(c % 32 for c in chans):
+        raise ConfigError(f"model.base_channels: diffusers needs widths divisible by 32, got {chans}")
+    attn = [image_size // 2**i in mc.attention_resolutions for i in range(len(chans))]
+    net = UNet2DModel(
+        sample_size=image_size, in_channels=mc.in_channels, out_channels=mc.in_channels,
+        block_out_channels=tuple(chans), layers_per_block=mc.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        resnet_time_scale_shift="scale_shift" if mc.use_scale_shift_norm else "default",
+        dropout=mc.dropout, norm_num_groups=32, attn_norm_num_groups=32,
+        attention_head_dim=chans[-1] // mc.num_heads)
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.heads, m.scale = mc.num_heads, (m.inner_dim // mc.num_heads) ** -0.5
+    return net
+
+
+def diffusers_to_ours(sd: dict[str, torch.Tensor], levels: int, blocks: int) -> dict[str, torch.Tensor]:
+    """A ``UNet2DModel`` state dict renamed to ours (q, k, v stacked into ``qkv``)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def put(dst: str, src: str) -> None:
+        for p in ("weight", "bias"):
+            out[f"{dst}.{p}"] = sd[f"{src}.{p}"]
+
+    def res(dst: str, src: str) -> None:
+        for theirs, ours in _RES.items():
+            if f"{src}.{theirs}.weight" in sd:
+                put(f"{dst}.{ours}", f"{src}.{theirs}")
+
+    def attn(dst: str, src: str) -> None:
+        if f"{src}.to_q.weight" in sd:
+            put(f"{dst}.norm", f"{src}.group_norm")
+            put(f"{dst}.proj", f"{src}.to_out.0")
+            for p in ("weight", "bias"):
+                out[f"{dst}.qkv.{p}"] = torch.cat([sd[f"{src}.to_{c}.{p}"] for c in "qkv"])
+
+    put("time_mlp.0", "time_embedding.linear_1")
+    put("time_mlp.2", "time_embedding.linear_2")
+    for name, theirs in (("conv_in", "conv_in"), ("norm_out", "conv_norm_out"), ("conv_out", "conv_out")):
+        put(name, theirs)
+    for i in range(levels):
+        for j in range(blocks + 1):
+            if j < blocks:
+                res(f"down.{i}.res.{j}", f"down_blocks.{i}.resnets.{j}")
+                attn(f"down.{i}.attn.{j}", f"down_blocks.{i}.attentions.{j}")
+            res(f"up.{i}.res.{j}", f"up_blocks.{i}.resnets.{j}")
+            attn(f"up.{i}.attn.{j}", f"up_blocks.{i}.attentions.{j}")
+        if i < levels - 1:
+            put(f"down.{i}.resample.conv", f"down_blocks.{i}.downsamplers.0.conv")
+            put(f"up.{i}.resample.conv", f"up_blocks.{i}.upsamplers.0.conv")
+    res("mid_block1", "mid_block.resnets.0")
+    attn("mid_attn", "mid_block.attentions.0")
+    res("mid_block2", "mid_block.resnets.1")
+    return out
+
+
+def sample_of(net: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """diffusers' ``net(x, t) -> UNet2DOutput`` as ``(x, t) -> eps``."""
+    return lambda x, t: net(x, t, return_dict=False)[0]
+
+
+def build_pair(cfg: Config, device: torch.device) -> tuple[UNet, nn.Module, float]:
+    """(ours, diffusers', max |difference| of their outputs) holding the same weights (diffusers' init).
+
+    ``load_state_dict(strict=True)`` of the renamed weights checks that every parameter has its twin.
+    """
+    torch.manual_seed(0)
+    theirs = diffusers_unet(cfg.model, cfg.data.image_size)
+    ours = UNet.from_config(cfg.model, cfg.data.image_size)
+    ours.load_state_dict(diffusers_to_ours(theirs.state_dict(), len(cfg.model.channel_mult),
+                                           cfg.model.num_res_blocks))
+    ours.to(device).eval()
+    theirs.to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size, generator=g).to(device)
+    t = torch.tensor([10, 900], device=device)
+    with torch.no_grad():
+        diff = (ours(x, t) - sample_of(theirs)(x, t)).abs().max().item()
+    return ours.train(), theirs.train(), diff
+
+
+# ---- timing helpers -----------------------------------------------------------------------------------
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, the device synchronized before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    begin = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - begin
+
+
+class Pressure:
+    """Share of wall time some task waited for a CPU (Linux PSI) during a ``with`` block: the noise gauge."""
+
+    def __enter__(self) -> Pressure:
+        self.begin, self.stall = time.perf_counter(), self._stall()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end, self.wall = self._stall(), time.perf_counter() - self.begin
+        self.share = None if end is None or self.stall is None else (end - self.stall) / self.wall
+
+    @staticmethod
+    def _stall() -> float | None:
+        with contextlib.suppress(OSError, IndexError, ValueError), open("/proc/pressure/cpu") as f:
+            return float(f.readline().split("total=")[1]) / 1e6
+        return None
+
+    def __str__(self) -> str:
+        if self.share is None:
+            return "CPU pressure unknown"
+        return f"CPU pressure {100 * self.share:.0f}%: " + (
+            "other work competed for the CPUs, figures are noisy" if self.share > 0.1 else "quiet machine")
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: int = 20) -> float:
+    """FLOP/s of a large square matmul (the device's practical peak for ``dtype``)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    return 2 * n**3 * iters / timed(lambda: [a @ b for _ in range(iters)], device)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        what = f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
+    else:
+        model = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+            model = names[0] if names else model
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        what = (f"{model}, {cpus} CPUs, {torch.get_num_threads()} torch threads, "
+                f"{torch.backends.cpu.get_cpu_capability()}")
+    import diffusers
+
+    return (f"{what}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+            f"python {platform.python_version()}")
+
+
+# ---- 1. training --------------------------------------------------------------------------------------
+class TrainLoop:
+    """One network's training step: DDPM forward process (ours, shared), eps-MSE, backward, AdamW."""
+
+    def __init__(self, net: nn.Module, call: Callable, cfg: Config, device: torch.device,
+                 amp: torch.dtype | None, memory_format: torch.memory_format):
+        self.net, self.call, self.device, self.amp, self.mf = net, call, device, amp, memory_format
+        tc = cfg.training
+        cuda = device.type == "cuda"
+        self.opt = torch.optim.AdamW(net.parameters(), lr=tc.learning_rate, betas=tuple(tc.betas),
+                                     weight_decay=tc.weight_decay,
+                                     fused=bool(cuda and cfg.infrastructure.fused_adam) or None)
+        self.ddpm = DDPM.from_config(cfg.ddpm, net)
+        self.shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+
+    def batch(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        x0 = torch.rand((n, *self.shape), generator=g) * 2 - 1
+        t = torch.randint(0, self.ddpm.num_timesteps, (n,), generator=g)
+        noise = torch.randn((n, *self.shape), generator=g)
+        return (x0.to(self.device).contiguous(memory_format=self.mf), t.to(self.device),
+                noise.to(self.device).contiguous(memory_format=self.mf))
+
+    def step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            x_t, _ = self.ddpm.forward_process(x0, t, noise)
+            loss = F.mse_loss(self.call(x_t, t).float(), noise.float())
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def flops(self, batch_size: int) -> float:
+        """FLOPs of one training step at ``batch_size`` (counted at batch 1: they scale linearly)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                x0, t, noise = self.batch(1)
+                loss = F.mse_loss(self.call(x0, t).float(), noise.float())
+            loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops() * batch_size
+
+
+def bench_training(loops: dict[str, TrainLoop], batch_size: int, warmup: int, steps: int, repeats: int,
+                   ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """(images/s of each run, minor page faults per step) per network; networks alternate run by run."""
+    data = next(iter(loops.values())).batch(batch_size, seed=1)
+    for loop in loops.values():
+        for _ in range(warmup):
+            loop.step(*data)
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    faults = dict.fromkeys(loops, 0.0)
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            elapsed = timed(lambda loop=loop: [loop.step(*data) for _ in range(steps)], loop.device)
+            faults[name] += (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (steps * repeats)
+            rates[name].append(steps * batch_size / elapsed)
+    return rates, faults
+
+
+# ---- 2. sampling --------------------------------------------------------------------------------------
+def diffusers_loop(net: nn.Module, cfg: Config, sampler: str, num_steps: int, run_steps: int,
+                   shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The first ``run_steps`` steps of diffusers' scheduler loop (as in its pipelines) around ``net``."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(num_train_timesteps=cfg.ddpm.num_timesteps, beta_start=cfg.ddpm.beta_start,
+                  beta_end=cfg.ddpm.beta_end, beta_schedule="linear", clip_sample=True,
+                  timestep_spacing=cfg.sampling.timestep_spacing)
+    if sampler == "ddpm":
+        sched = DDPMScheduler(variance_type=cfg.ddpm.variance, **common)
+    else:
+        sched = DDIMScheduler(set_alpha_to_one=True, **common)
+    sched.set_timesteps(num_steps, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=device)
+    extra = {"eta": cfg.sampling.eta} if sampler == "ddim" else {}
+    with torch.no_grad():
+        for t in sched.timesteps[:run_steps]:
+            x = sched.step(net(x, t.reshape(1)), t, x, generator=g, **extra).prev_sample
+    return x
+
+
+def bench_sampling(net: UNet, cfg: Config, batch_size: int, device: torch.device, quick_steps: int | None,
+                   repeats: int) -> list[tuple[str, int, float, float]]:
+    """(sampler, steps, ours s/step, diffusers s/step) for DDPM-T and DDIM-50, medians of alternating runs."""
+    ddpm = DDPM.from_config(cfg.ddpm, net)
+    shape = (batch_size, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    net.eval()
+    ddpm.sample(batch_size, shape[1:], num_steps=1, sampler="ddim", progress=False)  # warmup
+    rows = []
+    for sampler, total in (("ddpm", cfg.ddpm.num_timesteps), ("ddim", 50)):
+        run = min(quick_steps or total, total)
+        ours, theirs = [], []
+        for _ in range(repeats):  # ours: a whole sampler call, respaced to `run` steps when quick (same work/step)
+            ours.append(timed(lambda s=sampler, r=run: ddpm.sample(
+                batch_size, shape[1:], num_steps=r, sampler=s, eta=cfg.sampling.eta, seeds=range(batch_size),
+                progress=False), device) / run)
+            theirs.append(timed(lambda s=sampler, n=total, r=run: diffusers_loop(net, cfg, s, n, r, shape, device),
+                                device) / run)
+        rows.append((sampler, total, statistics.median(ours), statistics.median(theirs)))
+    net.train()
+    return rows
+
+
+# ---- 3. data ------------------------------------------------------------------------------------------
+def synthetic_folder(root: Path, n: int) -> None:
+    """``n`` random 178x218 JPEGs (the aligned CelebA size)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = (rng.random((218, 178, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:06d}.jpg", quality=90)
+
+
+def bench_data(cfg: DataConfig, batch_size: int, device: str, quick: bool) -> tuple[str, dict[str, float], str]:
+    """(what was measured, images/s per source, the bench's own lines)."""
+    from ddpm.datatools import bench as data_bench
+    from ddpm.sources import build_source
+
+    seconds, n = (2.0, 256) if quick else (5.0, 1024)
+    out = io.StringIO()
+    try:
+        build_source(cfg)
+        what = f"configured source {cfg.source} at {cfg.path}"
+        return what, data_bench(cfg, seconds, batch_size, device, max_images=4 * n, out=out), out.getvalue()
+    except (DDPMError, OSError) as err:
+        reason = str(err).splitlines()[0]
+    with tempfile.TemporaryDirectory(prefix="ddpm-bench-data-") as tmp:
+        synthetic_folder(Path(tmp), n)
+        synth = DataConfig(**{**vars(cfg), "source": "folder", "path": tmp})
+        what = (f"SYNTHETIC folder of {n} random 178x218 JPEGs (the configured {cfg.source} source is not "
+                f"here: {reason})")
+        return what, data_bench(synth, seconds, batch_size, device, max_images=n, out=out), out.getvalue()
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+def report_training(cfg: Config, ours: UNet, theirs: nn.Module, device: torch.device, args: argparse.Namespace,
+                    amp: torch.dtype | None, mf: torch.memory_format, precision: str) -> float:
+    """Part 1; returns our median training images/s."""
+    cuda = device.type == "cuda"
+    batch, steps, warmup, repeats = args.batch_size, args.steps, args.warmup, args.repeats
+    nets = {"ours": (ours, ours), "diffusers": (theirs, sample_of(theirs))}
+    loops = {name: TrainLoop(net, call, cfg, device, amp, mf) for name, (net, call) in nets.items()}
+    flops = {name: loop.flops(batch) for name, loop in loops.items()}
+    if cfg.infrastructure.compile:
+        for loop in loops.values():
+            loop.call = torch.compile(loop.call)
+    peak = matmul_peak(device, torch.bfloat16) if cuda else None
+    print(f"\n1. training: forward + backward + AdamW, batch {batch}, {precision}; {repeats} runs of {steps} "
+          f"step(s) after {warmup} warmup step(s) per network, alternating")
+    with Pressure() as pressure:
+        rates, faults = bench_training(loops, batch, warmup, steps, repeats)
+    print(f"   {'network':<10} {'parameters':>12} {'img/s median':>13} {'range':>12} {'ms/step':>8} "
+          f"{'GFLOP/step':>11} {'GFLOP/s':>8} {'faults/step':>12}" + ("    MFU" if peak else ""))
+    for name, r in rates.items():
+        med = statistics.median(r)
+        achieved = flops[name] * med / batch
+        print(f"   {name:<10} {sum(p.numel() for p in loops[name].net.parameters()):>12,} {med:>13.2f} "
+              f"{f'{min(r):.2f}-{max(r):.2f}':>12} {1e3 * batch / med:>8.0f} {flops[name] / 1e9:>11.1f} "
+              f"{achieved / 1e9:>8.1f} {faults[name]:>12,.0f}" + (f"  {100 * achieved / peak:4.1f}%" if peak else ""))
+    ratio = statistics.median(rates["ours"]) / statistics.median(rates["diffusers"])
+    pairs = ", ".join(f"{a / b:.2f}" for a, b in zip(rates["ours"], rates["diffusers"], strict=True))
+    print(f"   ours / diffusers = {ratio:.3f}x (medians; {max(rates['ours']) / max(rates['diffusers']):.3f}x "
+          f"best runs; run by run {pairs}); target >= 1.2x: {'met' if ratio >= 1.2 else 'NOT met'}")
+    if peak:
+        print(f"   MFU: achieved FLOP/s over the measured bf16 matmul peak, {peak / 1e12:.0f} TFLOP/s")
+    if not cuda and max(faults.values()) > 100_000:  # glibc hands big tensors back to the OS and re-faults them
+        print("   faults/step: the allocator returns big tensors to the OS and the kernel zeroes them again each "
+              f"step; to keep them: GLIBC_TUNABLES={GLIBC_KEEP} (or jemalloc / tcmalloc via LD_PRELOAD)")
+    print(f"   ({pressure})")
+    return statistics.median(rates["ours"])
+
+
+def report_sampling(cfg: Config, ours: UNet, device: torch.device, args: argparse.Namespace) -> None:
+    quick_steps = (10 if device.type == "cuda" else 2) if args.quick else None
+    batch = args.sample_batch_size
+    print(f"\n2. sampling: batch {batch}, fp32 with per-image seeds (as ddpm.sample runs), our network in both loops; "
+          + (f"QUICK: median of {args.repeats} runs of {quick_steps} steps, per-step time x steps"
+             if quick_steps else "one full run each"))
+    with Pressure() as pressure:
+        rows = bench_sampling(ours, cfg, batch, device, quick_steps, args.repeats if quick_steps else 1)
+    print(f"   {'sampler':<10} {'ours img/s':>11} {'diffusers img/s':>16} {'ours/diffusers':>15} "
+          f"{'ours ms/step':>13} {'diffusers ms/step':>18}")
+    for sampler, total, s_ours, s_theirs in rows:
+        print(f"   {f'{sampler.upper()}-{total}':<10} {batch / (s_ours * total):>11.4f} "
+              f"{batch / (s_theirs * total):>16.4f} {s_theirs / s_ours:>14.3f}x "
+              f"{1e3 * s_ours:>13.1f} {1e3 * s_theirs:>18.1f}")
+    print(f"   ({pressure})")
+
+
+def report_data(cfg: Config, device: torch.device, args: argparse.Namespace, train_rate: float | None) -> None:
+    what, rates, lines = bench_data(cfg.data, args.batch_size, device.type, args.quick)
+    print(f"\n3. data loader (ddpm.datatools.bench, batch {args.batch_size}): {what}")
+    for line in lines.rstrip().splitlines():
+        print(f"   {line.strip()}")
+    if train_rate:
+        print("   headroom over our training rate: "
+              + ", ".join(f"{source} {rate / train_rate:.0f}x" for source, rate in rates.items()))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ddpm.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (model, ddpm, data sections)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. infrastructure.channels_last=true")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: 8 CPU, 64 CUDA)")
+    p.add_argument("--sample-batch-size", type=int, default=None,
+                   help="sampling batch (default: the training batch on CPU, sampling.batch_size on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per run")
+    p.add_argument("--warmup", type=int, default=None, help="untimed training steps per network")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per network (the median is reported)")
+    p.add_argument("--quick", action="store_true",
+                   help="time a few sampling steps and multiply (full DDPM-1000 on CPU takes most of an hour)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--parts", default="train,sample,data", help="which of train,sample,data to run")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "sample_batch_size", "steps", "warmup", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "warmup" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')}: invalid value {getattr(args, name)}")
+    if args.repeats < 1 or not set(args.parts.split(",")) <= {"train", "sample", "data"}:
+        raise ConfigError("--repeats must be >= 1 and --parts a comma list of train, sample, data")
+    return args
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise DDPMError("diffusers is not installed: pip install -e '.[bench]'") from None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda, infra, parts = device.type == "cuda", cfg.infrastructure, args.parts.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.batch_size = args.batch_size or (64 if cuda else 8)
+    args.sample_batch_size = args.sample_batch_size or (cfg.sampling.batch_size if cuda else args.batch_size)
+    args.steps = args.steps or ((10 if args.quick else 20) if cuda else (1 if args.quick else 2))
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    if cuda and infra.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = None  # as the Trainer: bf16 autocast on CUDA (fp16 without bf16), on CPU only when asked
+    if infra.mixed_precision and (cuda or infra.mixed_precision_on_cpu):
+        amp = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    mf = torch.channels_last if infra.channels_last else torch.contiguous_format
+    precision = f"{amp} autocast".replace("torch.", "") if amp else "fp32"
+
+    print(f"ddpm.bench on {device.type}: {machine(device)}")
+    print(f"config {args.config}: {cfg.data.image_size}x{cfg.data.image_size}, {precision}, "
+          f"{'channels_last' if infra.channels_last else 'contiguous'}, compile={infra.compile}, "
+          f"fused_adam={bool(cuda and infra.fused_adam)}, tf32={bool(cuda and infra.tf32)}"
+          f"{', quick' if args.quick else ''}")
+    ours, theirs, parity = build_pair(cfg, device)
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    blocks = theirs.config
+    print(f"diffusers twin: UNet2DModel(block_out_channels={tuple(blocks.block_out_channels)}, layers_per_block="
+          f"{blocks.layers_per_block}, {'+'.join(b[:-7] for b in blocks.down_block_types)}, "
+          f"{blocks.resnet_time_scale_shift}, attn_norm_num_groups=32) with {cfg.model.num_heads} heads set on "
+          "every Attention")
+    print(f"parameters: ours {n_ours:,}, diffusers {n_theirs:,} ({100 * (n_theirs / n_ours - 1):+.3f}%); "
+          f"the same weights in both give max |ours - diffusers| = {parity:.1e} (eval, batch 2)")
+    ours.to(memory_format=mf)
+    theirs.to(memory_format=mf)
+    train_rate = None
+    if "train" in parts:
+        train_rate = report_training(cfg, ours, theirs, device, args, amp, mf, precision)
+    del theirs
+    if "sample" in parts:
+        report_sampling(cfg, ours, device, args)
+    if "data" in parts:
+        report_data(cfg, device, args, train_rate)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
