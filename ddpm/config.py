@@ -146,9 +146,9 @@ class InfrastructureConfig:
     nproc_per_node: int = 1  # CPU processes per node when num_gpus == 0
     mixed_precision: bool = True  # bf16 autocast on CUDA (fp16 + scaler where bf16 is missing)
     mixed_precision_on_cpu: bool = False
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC activations: +5-13% training speed on CPU (python -m ddpm.bench)
     compile: bool = False
-    fused_adam: bool = True  # CUDA only
+    fused_adam: bool = True  # one fused AdamW kernel (CUDA; CPU too: 113 -> 37 ms per step at 77.5M)
     tf32: bool = True  # CUDA Ampere and newer
 
     def validate(self) -> None:

@@ -66,7 +66,7 @@ class Trainer:
         self.ddpm = DDPM.from_config(cfg.ddpm, net)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=tc.learning_rate, betas=tuple(tc.betas),
-            weight_decay=tc.weight_decay, fused=bool(cuda and infra.fused_adam) or None)
+            weight_decay=tc.weight_decay, fused=infra.fused_adam or None)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 

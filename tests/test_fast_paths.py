@@ -3,7 +3,7 @@
 Through the real ``ddpm.train.Trainer`` (configs/tiny_cpu.yaml, random images): channels_last
 (forward and gradients, and 4 training steps, 1e-5 relative), torch.compile (4 training steps, 1e-5
 relative; checkpoints without wrapper prefixes), bf16 autocast on CPU (losses within 5e-2 relative of
-fp32), fused AdamW (CUDA only; skipped elsewhere).
+fp32), fused AdamW (on the CPU; on CUDA too when a GPU is there).
 
 "Training gives the same results" is checked on the losses of every step and on the trained network's
 output for a fixed probe batch, not weight by weight: AdamW divides by sqrt(v) + 1e-8, so a parameter the
@@ -162,11 +162,13 @@ def test_bf16_autocast_on_cpu_close_to_fp32(images, tmp_path):
     assert float((low - ref).norm() / ref.norm()) < 5e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="fused AdamW is a CUDA path (the Trainer passes fused=True only on CUDA): no CUDA here")
-def test_fused_adamw_matches_unfused_on_cuda(images, tmp_path):
-    common = ("infrastructure.num_gpus=1", "infrastructure.mixed_precision=false", "infrastructure.tf32=false")
-    plain = make_trainer(images, tmp_path / "plain", *common, "infrastructure.fused_adam=false", device="cuda")
-    fused = make_trainer(images, tmp_path / "fused", *common, "infrastructure.fused_adam=true", device="cuda")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fused_adamw_matches_unfused(images, tmp_path, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA variant runs on a GPU machine (the CPU variant ran)")
+    common = (f"infrastructure.num_gpus={int(device == 'cuda')}", "infrastructure.mixed_precision=false",
+              "infrastructure.tf32=false")
+    plain = make_trainer(images, tmp_path / "plain", *common, "infrastructure.fused_adam=false", device=device)
+    fused = make_trainer(images, tmp_path / "fused", *common, "infrastructure.fused_adam=true", device=device)
     assert fused.optimizer.defaults["fused"] and not plain.optimizer.defaults["fused"]
     assert_same_training(train(plain), train(fused), rtol=1e-5)
