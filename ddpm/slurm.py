@@ -28,7 +28,7 @@ from typing import Any
 from ddpm.config import Config, dump_config, load_config
 from ddpm.dist import first_slurm_host, rendezvous_port
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, cli_entry
-from ddpm.runlog import read_status
+from ddpm.runlog import read_status, write_status
 
 
 def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None = None) -> list[str]:
@@ -92,6 +92,8 @@ def requeue_self(max_restarts: int) -> bool:
 def run_training(run_dir: Path, cfg: Config) -> str:
     """Run torchrun for this node; return "done", or requeue / raise. Blocks until torchrun exits."""
     cmd = torchrun_command(cfg, run_dir)
+    if int(os.environ.get("SLURM_NODEID", "0")) == 0:  # a crash before the trainer's first write must not
+        write_status(run_dir, "starting", -1, 0)  # read as the "stopped" of an earlier attempt
     print("running:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
 

@@ -233,3 +233,14 @@ def test_resume_with_a_different_model_is_one_clear_line(images, tmp_path):
     lines = other.stderr.strip().splitlines()
     assert len(lines) == 1 and "step_00000002.pt: does not fit this config" in lines[0], other.stderr
     assert load_latest(tmp_path / "tiny")[1]["step"] == 2  # nothing written was lost
+
+
+def test_wrapper_does_not_take_an_earlier_stop_for_this_attempt(images, tmp_path):
+    """A crash before the trainer's first write must read as a failure, not as the last attempt's "stopped"."""
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text('{"state": "stopped", "step": 3}\n')
+    proc = run(train_cmd([f"data.path={tmp_path}/missing", f"run.root={tmp_path}"], torchrun=1))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "training failed" in proc.stderr and "training stopped" not in proc.stdout
+    assert f"{tmp_path}/missing" in proc.stdout + proc.stderr  # the trainer's own one-line error
