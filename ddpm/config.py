@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ddpm.checkpoint import atomic_write_text
 from ddpm.errors import ConfigError
 
 _PATH_KEYS = (("run", "root"), ("data", "path"), ("sampling", "fid_weights"), ("sampling", "fid_reference"))
@@ -386,7 +387,5 @@ def dump_config(cfg: Config, path: str | Path | None = None) -> str:
     """Resolved config as YAML text (sections in declaration order); written to ``path`` if given."""
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
     if path is not None:  # atomically: several nodes may write the same file
-        tmp = Path(f"{path}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return text

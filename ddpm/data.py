@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ddpm.checkpoint import atomic_write_bytes
 from ddpm.config import DataConfig
 from ddpm.errors import DataError
 from ddpm.sources import ImageSource, build_source, preprocess, preprocess_signature
@@ -86,15 +86,7 @@ def save_image(images: torch.Tensor, path: str | Path, nrow: int | None = None) 
     pixels = to_uint8(images)
     image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
     return path
 
 

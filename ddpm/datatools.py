@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ddpm.checkpoint import atomic_write_text
 from ddpm.config import DataConfig, load_config
 from ddpm.errors import DataError, cli_entry
 from ddpm.sources import PACKED_FORMAT, ImageSource, build_source, preprocess_signature, sidecar_path
@@ -81,9 +82,7 @@ def _star_decode(span: tuple[int, int]) -> tuple[int, np.ndarray, list[str]]:
 
 
 def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 def pack_dataset(cfg: DataConfig, out: str | Path, processes: int | None = None, force: bool = False,

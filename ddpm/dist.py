@@ -89,13 +89,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (a MAX all-reduce)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise max of a tensor over ranks (in place); identity for one process."""
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
 
 
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:

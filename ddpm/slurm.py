@@ -72,8 +72,9 @@ def descendants(pid: int) -> list[int]:
 
 def requeue_self(max_restarts: int) -> bool:
     """``scontrol requeue`` this job unless it has restarted ``max_restarts`` times already."""
-    job_id = os.environ.get("SLURM_ARRAY_JOB_ID") and (
-        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}") or os.environ.get("SLURM_JOB_ID")
+    env = os.environ
+    job_id = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_JOB_ID" in env
+              else env.get("SLURM_JOB_ID"))
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if job_id is None:
         print("stopped outside SLURM: run the same command again to resume", flush=True)

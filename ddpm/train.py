@@ -200,9 +200,7 @@ class Trainer:
         # One host sync per step: (gradients not finite, stop requested), reduced over ranks.
         flags = torch.stack([(~torch.isfinite(grad_norm)).float(),
                              torch.tensor(float(self.stop_requested), device=grad_norm.device)])
-        if self.env.distributed:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        not_finite, stop = (bool(v) for v in flags.tolist())
+        not_finite, stop = (bool(v) for v in dist.max_across_ranks(flags).tolist())
         if not_finite:
             self.skipped_steps += 1
             self.scaler.update()  # fp16: lowers the scale; bf16/fp32: no-op
