@@ -206,6 +206,10 @@ class SlurmConfig:
             _require(getattr(self, key) >= 1, f"slurm.{key}", getattr(self, key), "an integer >= 1")
         _require(self.signal_delay_s >= 120, "slurm.signal_delay_s", self.signal_delay_s,
                  "an integer >= 120 (seconds before the time limit)")
+        # Slurm may send the --signal up to 60 s before the requested time (sbatch(1), --signal): a limit
+        # shorter than that would stop the job as it starts.
+        _require(self.time_min * 60 > self.signal_delay_s + 60, "slurm.time_min", self.time_min,
+                 f"more than {(self.signal_delay_s + 60) / 60:g} minutes: slurm.signal_delay_s + 60 s")
         _require(self.max_restarts >= 0, "slurm.max_restarts", self.max_restarts, "an integer >= 0")
 
 

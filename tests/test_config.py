@@ -88,6 +88,7 @@ def test_env_vars_in_paths_expand(tmp_path, monkeypatch):
     (["data.source=s3"], "data.source: invalid value 's3'"),
     (["data.image_size=60"], "data.image_size: invalid value 60 (expected divisible by"),
     (["slurm.signal_delay_s=30"], "slurm.signal_delay_s: invalid value 30"),
+    (["slurm.time_min=4"], "slurm.time_min: invalid value 4 (expected more than 4 minutes"),
     (["ddpm.beta_end=0.00001"], "ddpm.beta_end: invalid value 1e-05"),
     (["training.keep_last=1"], "training.keep_last: invalid value 1 (expected an integer >= 2)"),
     (["run.name=a/b"], "run.name: invalid value 'a/b'"),

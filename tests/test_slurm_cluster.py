@@ -159,7 +159,9 @@ def test_dependency_never_satisfied(slurm_cluster, tmp_path):
 def executor(slurm_cluster, tmp_path):
     submitit = pytest.importorskip("submitit")
     ex = submitit.SlurmExecutor(folder=tmp_path / "submitit" / "%j")
-    ex.update_parameters(time=2, partition=slurm_cluster.partition, cpus_per_task=1)
+    # time >= 10 min: submitit asks for --signal=USR2@90 and Slurm may send it up to 60 s early, so with a
+    # 2-minute limit the scheduled USR2 could land seconds after start and race a test's own interrupt.
+    ex.update_parameters(time=10, partition=slurm_cluster.partition, cpus_per_task=1)
     return ex
 
 
