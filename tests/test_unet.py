@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -93,7 +91,7 @@ def test_overfits_one_batch() -> None:
     t = torch.tensor([10, 250, 500, 900])
     noise = torch.randn_like(x0)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    start, first, loss = time.monotonic(), None, None
+    first, loss = None, None
     for _ in range(300):
         loss, _ = ddpm.compute_loss(x0, t, noise)
         first = loss.item() if first is None else first
@@ -103,7 +101,6 @@ def test_overfits_one_batch() -> None:
         if loss.item() < first / 10:
             break
     assert loss is not None and first is not None and loss.item() < first / 10, (first, loss.item())
-    assert time.monotonic() - start < 60
 
 
 def test_bad_architecture_names_the_value() -> None:
