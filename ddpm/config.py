@@ -170,6 +170,7 @@ class DataConfig:
     split: str = "train"
     image_size: int = 64
     center_crop: int | None = 140  # source pixels; aligned CelebA: the 140 centre crop
+    crop_center: list[int] | None = None  # [x, y] of the crop box in source pixels; None = image centre
     random_flip: bool = True
     num_workers: int | None = None  # None = SLURM_CPUS_PER_TASK (or 0 outside SLURM)
     skip_bad_images: bool = False
@@ -180,6 +181,10 @@ class DataConfig:
         _require(self.image_size >= 1, "data.image_size", self.image_size, "an integer >= 1")
         _require(self.center_crop is None or self.center_crop >= 1, "data.center_crop", self.center_crop,
                  "null or an integer >= 1")
+        _require(self.crop_center is None or (len(self.crop_center) == 2 and min(self.crop_center) >= 0),
+                 "data.crop_center", self.crop_center, "null or [x, y], two integers >= 0")
+        _require(self.crop_center is None or self.center_crop is not None, "data.crop_center", self.crop_center,
+                 "null when data.center_crop is null (it places the crop box)")
         _require(self.num_workers is None or self.num_workers >= 0, "data.num_workers", self.num_workers,
                  "null or an integer >= 0")
 

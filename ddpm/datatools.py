@@ -128,8 +128,8 @@ def pack_dataset(cfg: DataConfig, out: str | Path, processes: int | None = None,
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         meta = {"format": PACKED_FORMAT, "image_size": size, "center_crop": cfg.center_crop,
-                "source": cfg.source, "split": cfg.split, "origin": source.where, "count": int(good.sum()),
-                "skipped": len(bad_lines), "preprocess": preprocess_signature(cfg)}
+                "crop_center": cfg.crop_center, "source": cfg.source, "split": cfg.split, "origin": source.where,
+                "count": int(good.sum()), "skipped": len(bad_lines), "preprocess": preprocess_signature(cfg)}
         _atomic_json(sidecar_path(out), meta)
         os.replace(tmp, out)
     finally:

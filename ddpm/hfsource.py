@@ -42,7 +42,7 @@ class HFSource(ImageSource):
         self.dataset = dataset
         self.column = column
         super().__init__(list(range(len(dataset))), where, cfg.image_size, cfg.center_crop,
-                         cfg.skip_bad_images)
+                         cfg.skip_bad_images, cfg.crop_center)
 
     def open_key(self, key: int) -> Image.Image:
         return image_from_value(self.dataset[int(key)][self.column])

@@ -23,9 +23,10 @@ crop's top-left corner is (round((W - c) / 2), round((H - c) / 2)), as torchvisi
 
 Aligned CelebA (178x218) and FID: the crop changes the face framing and so the FID. The default here is
 the 140x140 centre crop, box (19, 39, 159, 179), the common CelebA-64 protocol. DDIM and StyleGAN
-instead crop the 128x128 box centred at (89, 121), box (25, 57, 153, 185): tighter and lower. That box
-is not a centre crop and cannot be set with ``data.center_crop``; FID numbers from the two protocols
-are not comparable. :func:`preprocess_signature` names the protocol so reference statistics record it.
+instead crop the 128x128 box centred at (89, 121), box (25, 57, 153, 185): tighter and lower; select it
+with ``data.center_crop: 128`` and ``data.crop_center: [89, 121]`` (the box's centre in source pixels,
+shifted inside the image if it would cross an edge). FID numbers from the two protocols are not
+comparable. :func:`preprocess_signature` names the protocol so reference statistics record it.
 
 Unreadable images raise :class:`DataError` naming the file. With ``data.skip_bad_images`` the source
 first checks every file's header (one pass), drops the bad ones with a warning giving the count, and
@@ -56,21 +57,36 @@ _PREPROCESS_VERSION = "v1"
 _BAD_IMAGE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-def preprocess(image: Image.Image, image_size: int, center_crop: int | None) -> np.ndarray:
-    """RGB -> centre crop (source pixels, clamped) -> BICUBIC resize; returns np.uint8 [S, S, 3]."""
+def crop_box(width: int, height: int, size: int, centre: list[int] | None = None) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) square crop box of side ``min(size, width, height)``.
+
+    ``centre`` None: the image centre, rounded as torchvision's CenterCrop. ``centre`` (x, y): the box
+    centred there (left = x - c // 2), shifted inside the image where it would cross an edge.
+    """
+    c = min(size, width, height)
+    if centre is None:
+        left, top = int(round((width - c) / 2.0)), int(round((height - c) / 2.0))
+    else:
+        left = min(max(centre[0] - c // 2, 0), width - c)
+        top = min(max(centre[1] - c // 2, 0), height - c)
+    return left, top, left + c, top + c
+
+
+def preprocess(image: Image.Image, image_size: int, center_crop: int | None,
+               crop_center: list[int] | None = None) -> np.ndarray:
+    """RGB -> square crop (source pixels, clamped) -> BICUBIC resize; returns np.uint8 [S, S, 3]."""
     image = image.convert("RGB")
     if center_crop is not None:
-        w, h = image.size
-        c = min(center_crop, w, h)
-        left, top = int(round((w - c) / 2.0)), int(round((h - c) / 2.0))
-        image = image.crop((left, top, left + c, top + c))
+        image = image.crop(crop_box(image.width, image.height, center_crop, crop_center))
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.BICUBIC)
     return np.asarray(image, dtype=np.uint8).copy()
 
 
-def _signature(image_size: int, center_crop: int | None) -> str:
+def _signature(image_size: int, center_crop: int | None, crop_center: list[int] | None = None) -> str:
     crop = "none" if center_crop is None else f"center{center_crop}"
+    if center_crop is not None and crop_center is not None:
+        crop = f"box{center_crop}@{crop_center[0]},{crop_center[1]}"
     return f"ddpm-preprocess-{_PREPROCESS_VERSION}:rgb:crop={crop}:resize=pil-bicubic-{image_size}:uint8"
 
 
@@ -81,7 +97,7 @@ def preprocess_signature(cfg: DataConfig) -> str:
     """
     if cfg.source == "packed" and cfg.path is not None:
         return str(read_packed_meta(Path(cfg.path))["preprocess"])
-    return _signature(cfg.image_size, cfg.center_crop)
+    return _signature(cfg.image_size, cfg.center_crop, cfg.crop_center)
 
 
 class ImageSource:
@@ -92,11 +108,12 @@ class ImageSource:
     """
 
     def __init__(self, keys: list[Any], where: str, image_size: int, center_crop: int | None,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, crop_center: list[int] | None = None) -> None:
         self.keys = keys
         self.where = where
         self.image_size = image_size
         self.center_crop = center_crop
+        self.crop_center = crop_center
         self.skip_bad_images = skip_bad_images
         if not keys:
             raise DataError(f"data.path: no images in {where}")
@@ -119,7 +136,7 @@ class ImageSource:
         key = self.keys[index]
         try:
             with self.open_key(key) as image:
-                return preprocess(image, self.image_size, self.center_crop)
+                return preprocess(image, self.image_size, self.center_crop, self.crop_center)
         except _BAD_IMAGE as err:
             raise DataError(f"unreadable image {self.describe_key(key)} ({_reason(err)}); "
                             "set data.skip_bad_images=true to skip such images") from None
@@ -203,7 +220,8 @@ def folder_source(cfg: DataConfig) -> FileSource:
     paths = list_images(root)
     if not paths:
         raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return FileSource(paths, str(root), cfg.image_size, cfg.center_crop, cfg.skip_bad_images)
+    return FileSource(paths, str(root), cfg.image_size, cfg.center_crop, cfg.skip_bad_images,
+                      cfg.crop_center)
 
 
 def celeba_root(path: Path) -> Path:
@@ -251,7 +269,8 @@ def celeba_source(cfg: DataConfig) -> FileSource:
         raise DataError(f"data.path: no images for split {cfg.split!r} in {root}")
     paths = [str(images / name) for name in names]
     where = f"{root} (split {cfg.split})"
-    return FileSource(paths, where, cfg.image_size, cfg.center_crop, cfg.skip_bad_images)
+    return FileSource(paths, where, cfg.image_size, cfg.center_crop, cfg.skip_bad_images,
+                      cfg.crop_center)
 
 
 def sidecar_path(path: Path) -> Path:

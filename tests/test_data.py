@@ -84,6 +84,25 @@ def test_preprocess_centre_crop_then_resize() -> None:
     assert len(sigs) == 4 and all("bicubic" in s for s in sigs)
 
 
+def test_crop_box_centred_at_a_point(tmp_path: Path) -> None:
+    """The DDIM/StyleGAN protocol: the 128 box centred at (89, 121) of aligned CelebA = (25, 57, 153, 185)."""
+    xs, ys = np.meshgrid(np.arange(178), np.arange(218))
+    coords = np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8)  # R = x, G = y
+    box = preprocess(Image.fromarray(coords), 128, 128, [89, 121])
+    assert box[0, 0, :2].tolist() == [25, 57] and box[-1, -1, :2].tolist() == [152, 184]
+    edge = preprocess(Image.fromarray(coords), 128, 128, [170, 5])  # would cross the top-right corner
+    assert edge[0, 0, :2].tolist() == [50, 0] and edge[-1, -1, :2].tolist() == [177, 127]
+    (tmp_path / "img").mkdir()
+    Image.fromarray(coords).save(tmp_path / "img" / "a.png")
+    cfg = DataConfig(source="folder", path=str(tmp_path / "img"), image_size=128, center_crop=128,
+                     crop_center=[89, 121])
+    assert np.array_equal(build_source(cfg)[0], box)
+    centre = DataConfig(source="folder", path=str(tmp_path / "img"), image_size=128, center_crop=128)
+    assert build_source(centre)[0][0, 0, :2].tolist() == [25, 45]  # round((178-128)/2), round((218-128)/2)
+    assert preprocess_signature(cfg) != preprocess_signature(centre)
+    assert "crop=box128@89,121" in preprocess_signature(cfg)
+
+
 def test_normalize_to_uint8_grid_and_save(tmp_path: Path) -> None:
     x = torch.rand(5, 3, 8, 8)
     assert torch.allclose(unnormalize(normalize(x)), x, atol=1e-6)
