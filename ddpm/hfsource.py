@@ -41,8 +41,7 @@ class HFSource(ImageSource):
     def __init__(self, dataset: Any, column: str, where: str, cfg: DataConfig) -> None:
         self.dataset = dataset
         self.column = column
-        super().__init__(list(range(len(dataset))), where, cfg.image_size, cfg.center_crop,
-                         cfg.skip_bad_images, cfg.crop_center)
+        super().__init__(list(range(len(dataset))), where, cfg)
 
     def open_key(self, key: int) -> Image.Image:
         return image_from_value(self.dataset[int(key)][self.column])

@@ -107,17 +107,15 @@ class ImageSource:
     :meth:`describe_key`; ``where`` names the dataset in messages.
     """
 
-    def __init__(self, keys: list[Any], where: str, image_size: int, center_crop: int | None,
-                 skip_bad_images: bool = False, crop_center: list[int] | None = None) -> None:
+    def __init__(self, keys: list[Any], where: str, cfg: DataConfig) -> None:
         self.keys = keys
         self.where = where
-        self.image_size = image_size
-        self.center_crop = center_crop
-        self.crop_center = crop_center
-        self.skip_bad_images = skip_bad_images
+        self.cfg = cfg  # the pixel pipeline: image_size, center_crop, crop_center; skip_bad_images
+        self.image_size = cfg.image_size
+        self.skip_bad_images = cfg.skip_bad_images
         if not keys:
             raise DataError(f"data.path: no images in {where}")
-        if skip_bad_images:
+        if self.skip_bad_images:
             self._drop_unreadable()
 
     def __len__(self) -> int:
@@ -136,7 +134,7 @@ class ImageSource:
         key = self.keys[index]
         try:
             with self.open_key(key) as image:
-                return preprocess(image, self.image_size, self.center_crop, self.crop_center)
+                return preprocess(image, self.image_size, self.cfg.center_crop, self.cfg.crop_center)
         except _BAD_IMAGE as err:
             raise DataError(f"unreadable image {self.describe_key(key)} ({_reason(err)}); "
                             "set data.skip_bad_images=true to skip such images") from None
@@ -220,8 +218,7 @@ def folder_source(cfg: DataConfig) -> FileSource:
     paths = list_images(root)
     if not paths:
         raise DataError(f"data.path: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return FileSource(paths, str(root), cfg.image_size, cfg.center_crop, cfg.skip_bad_images,
-                      cfg.crop_center)
+    return FileSource(paths, str(root), cfg)
 
 
 def celeba_root(path: Path) -> Path:
@@ -269,8 +266,7 @@ def celeba_source(cfg: DataConfig) -> FileSource:
         raise DataError(f"data.path: no images for split {cfg.split!r} in {root}")
     paths = [str(images / name) for name in names]
     where = f"{root} (split {cfg.split})"
-    return FileSource(paths, where, cfg.image_size, cfg.center_crop, cfg.skip_bad_images,
-                      cfg.crop_center)
+    return FileSource(paths, where, cfg)
 
 
 def sidecar_path(path: Path) -> Path:
@@ -314,7 +310,9 @@ class PackedSource(ImageSource):
         if size != image_size:
             raise DataError(f"data.image_size: {image_size} but {path} holds {size}x{size} images "
                             f"(set data.image_size={size} or re-pack)")
-        super().__init__(list(range(n)), str(path), size, None)
+        # the pixels are already preprocessed: no crop, nothing to skip
+        super().__init__(list(range(n)), str(path),
+                         DataConfig(source="packed", path=str(path), image_size=size, center_crop=None))
 
     @property
     def array(self) -> np.ndarray:
