@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ddpm.checkpoint import atomic_write_text
 from ddpm.config import Config, dump_config, load_config
 from ddpm.errors import EXIT_OK, EXIT_REQUEUE, DDPMError, cli_entry
 from ddpm.preflight import detect_cluster, preflight
@@ -114,6 +115,7 @@ def status(run_dir: Path) -> int:
     from ddpm.checkpoint import list_checkpoints
     from ddpm.preflight import job_state
     from ddpm.runlog import read_status
+    from ddpm.sample import shard_paths
 
     if not (run_dir / "config.yaml").is_file():
         raise DDPMError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -130,11 +132,9 @@ def status(run_dir: Path) -> int:
     ckpts = list_checkpoints(run_dir)
     print(f"training: {train.get('state', 'not started')} at step {train.get('step', 0)}/"
           f"{cfg.training.num_iterations}; last checkpoint: {ckpts[-1][1] if ckpts else 'none'}")
-    shard_dir = run_dir / "samples" / "shards"
-    done = sorted(shard_dir.glob("shard_*.json")) if shard_dir.is_dir() else []
-    done = [p for p in done if not p.name.endswith(".partial.json")]
-    partial = sorted(shard_dir.glob("*.partial.npz")) if shard_dir.is_dir() else []
-    print(f"sampling: {len(done)}/{cfg.sampling.num_shards} shards complete, {len(partial)} in progress")
+    shards = [shard_paths(run_dir / "samples" / "shards", k) for k in range(cfg.sampling.num_shards)]
+    done, partial = sum(p["json"].is_file() for p in shards), sum(p["partial"].is_file() for p in shards)
+    print(f"sampling: {done}/{cfg.sampling.num_shards} shards complete, {partial} in progress")
     outputs = sorted((run_dir / "samples").glob("samples_*.npz"))
     print(f"assembly: {outputs[0] if outputs else 'not done'}")
     return EXIT_OK
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs_path = run_dir / "jobs.json"  # a later --stage keeps the ids of the earlier stages
     earlier = json.loads(jobs_path.read_text()) if jobs_path.is_file() else {}
     jobs = {**earlier, **jobs}
-    jobs_path.write_text(json.dumps(jobs, indent=2) + "\n")
+    atomic_write_text(jobs_path, json.dumps(jobs, indent=2) + "\n")
     print_summary(cfg, run_dir, jobs)
     if cluster == "local" and not jobs.get("stopped"):
         grid = run_dir / "samples" / "grid.png"

@@ -75,7 +75,7 @@ def requeue_self(max_restarts: int) -> bool:
     env = os.environ
     job_id = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_JOB_ID" in env
               else env.get("SLURM_JOB_ID"))
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    restarts = int(env.get("SLURM_RESTART_COUNT", "0"))
     if job_id is None:
         print("stopped outside SLURM: run the same command again to resume", flush=True)
         return False
@@ -93,8 +93,9 @@ def requeue_self(max_restarts: int) -> bool:
 def run_training(run_dir: Path, cfg: Config) -> str:
     """Run torchrun for this node; return "done", or requeue / raise. Blocks until torchrun exits."""
     cmd = torchrun_command(cfg, run_dir)
-    if int(os.environ.get("SLURM_NODEID", "0")) == 0:  # a crash before the trainer's first write must not
-        write_status(run_dir, "starting", -1, 0)  # read as the "stopped" of an earlier attempt
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    if node == 0:  # a crash before the trainer's first write must not read as an earlier attempt's "stopped"
+        write_status(run_dir, "starting", -1, 0)
     print("running:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
 
@@ -112,7 +113,6 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     rc = proc.wait()
     status = read_status(run_dir) or {}
     state = status.get("state")
-    node = int(os.environ.get("SLURM_NODEID", "0"))
     if rc == 0 and state == "done":
         print(f"training done at step {status.get('step')}", flush=True)
         return "done"
@@ -144,11 +144,11 @@ class SampleTask:
         self.run_dir, self.sampling = Path(run_dir), cfg.sampling
 
     def __call__(self, shard: int) -> str:
+        import torch
+
         from ddpm.sample import sample_shard
 
         s = self.sampling
-        import torch
-
         path = sample_shard(
             checkpoint=self.run_dir, out_dir=self.run_dir / "samples" / "shards", shard=shard,
             num_shards=s.num_shards, num_samples=s.num_samples, sampler=s.sampler, num_steps=s.num_steps,
@@ -238,10 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.config is None and args.run_dir is None:
-        p = build_parser()
-        p.error("train needs --config or --run-dir")
+        parser.error("train needs --config or --run-dir")
     cfg = load_config(args.config if args.config else Path(args.run_dir) / "config.yaml", args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
