@@ -15,8 +15,9 @@ function of (seed, epoch, offset): independent of worker count, and 2 ranks x B 
 
 Pixels: :func:`preprocess` (RGB -> centre crop ``data.center_crop`` -> BICUBIC resize to
 ``data.image_size``) -> random horizontal flip -> float [3, S, S] in [-1, 1]. For aligned CelebA the
-default is the 140x140 centre crop; DDIM/StyleGAN use the 128x128 box centred at (89, 121) instead, and
-FID depends on that choice (:mod:`ddpm.sources` explains; :func:`preprocess_signature` records it).
+default is the 140x140 centre crop; DDIM/StyleGAN use the 128x128 box centred at (89, 121) instead
+(``data.crop_center``), and FID depends on that choice (:mod:`ddpm.sources` explains;
+:func:`preprocess_signature` records it).
 
 Command line (``python -m ddpm.data``, see :mod:`ddpm.datatools`): ``pack`` decodes, crops and resizes
 a source once into a memory-mapped uint8 file; ``bench`` measures images/second per source.

@@ -17,9 +17,10 @@ Sources (``data.source``):
   with a ``<file>.json`` sidecar; its pixels are already preprocessed (``data.split`` is ignored).
 
 Preprocessing (:func:`preprocess`: every source, ``pack`` and FID reference statistics share it):
-convert to RGB -> centre crop of ``data.center_crop`` source pixels (clamped to the shorter side; null =
+convert to RGB -> square crop of ``data.center_crop`` source pixels (clamped to the shorter side; null =
 no crop) -> resize to ``data.image_size`` squared with PIL BICUBIC (antialiased when downscaling). The
-crop's top-left corner is (round((W - c) / 2), round((H - c) / 2)), as torchvision's CenterCrop.
+crop's top-left corner is (round((W - c) / 2), round((H - c) / 2)), as torchvision's CenterCrop, unless
+``data.crop_center`` places the box (:func:`crop_box`).
 
 Aligned CelebA (178x218) and FID: the crop changes the face framing and so the FID. The default here is
 the 140x140 centre crop, box (19, 39, 159, 179), the common CelebA-64 protocol. DDIM and StyleGAN
