@@ -132,16 +132,20 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu",
     return None
 
 
-def resolve_checkpoint(path_or_run_dir: str | Path) -> Path:
-    """A checkpoint file as given, or the newest valid checkpoint of a run directory."""
+def load_resolved(path_or_run_dir: str | Path,
+                  map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]]:
+    """(path, state) of a checkpoint file as given, or of the newest valid checkpoint of a run directory.
+
+    Each file is read once: the state that proved the checkpoint valid is the one returned.
+    """
     p = Path(path_or_run_dir)
     if p.is_file():
-        return p
+        return p, load_checkpoint(p, map_location)
     if p.is_dir():
-        found = load_latest(p, warn=lambda msg: print(msg, flush=True))
+        found = load_latest(p, map_location, warn=lambda msg: print(msg, flush=True))
         if found is None:
             raise CheckpointError(f"{p}: no loadable checkpoint in {checkpoint_dir(p)}")
-        return found[0]
+        return found
     raise CheckpointError(f"{p}: no such checkpoint file or run directory")
 
 

@@ -38,8 +38,7 @@ from ddpm.checkpoint import (
     atomic_write_bytes,
     atomic_write_text,
     build_from_checkpoint,
-    load_checkpoint,
-    resolve_checkpoint,
+    load_resolved,
 )
 from ddpm.errors import ShardError, cli_entry
 
@@ -218,8 +217,7 @@ def sample_shard(checkpoint: str | Path, out_dir: str | Path | None = None, shar
     ``$SLURM_ARRAY_TASK_ID`` (or 0 when there is one shard). Bad input raises ShardError
     (or CheckpointError / FIDError) before any sampling.
     """
-    ckpt = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(ckpt, map_location="cpu")
+    ckpt, state = load_resolved(checkpoint, map_location="cpu")
     cfg = state["config"]["sampling"]
     num_samples, num_shards = _pick(num_samples, cfg, "num_samples"), _pick(num_shards, cfg, "num_shards")
     if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
