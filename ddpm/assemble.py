@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import torch
 from ddpm.checkpoint import atomic_write_bytes, atomic_write_text
 from ddpm.data import save_image
 from ddpm.errors import ShardError, cli_entry
-from ddpm.sample import SETTINGS_KEYS, SHARED_KEYS, file_sha256, new_dir, package_versions, shard_paths
+from ddpm.sample import SETTINGS_KEYS, SHARED_KEYS, new_dir, package_versions, shard_paths
 
 _SHARD = re.compile(r"^shard_(\d+)\.(json|npz|partial\.npz)$")
 
@@ -113,10 +114,14 @@ def _load_arrays(shards_dir: Path, meta: dict[str, Any]) -> tuple[np.ndarray, An
     from ddpm.fid import FIDStats
 
     k, p = meta["shard"], shard_paths(shards_dir, meta["shard"])["npz"]
-    if meta.get("npz_sha256") and file_sha256(p) != meta["npz_sha256"]:
+    try:
+        payload = p.read_bytes()  # read once: hashed, then parsed
+    except OSError as err:
+        raise ShardError(f"shard {k}: unreadable {p} ({type(err).__name__})") from None
+    if meta.get("npz_sha256") and hashlib.sha256(payload).hexdigest() != meta["npz_sha256"]:
         raise ShardError(f"shard {k}: {p} does not match the sha256 in its json (modified or truncated)")
     try:
-        with np.load(p, allow_pickle=False) as data:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as data:
             images, stats = data["arr_0"], FIDStats.from_arrays(data)
     except (OSError, ValueError, KeyError, EOFError) as err:
         raise ShardError(f"shard {k}: unreadable {p} ({type(err).__name__})") from None
