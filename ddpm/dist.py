@@ -11,6 +11,7 @@ process group is created and every collective is a no-op.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import subprocess
 from dataclasses import dataclass
@@ -123,5 +124,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def cleanup() -> None:
+    """Destroy the process group, after collecting garbage.
+
+    DDP's reducer sits in a reference cycle. If the garbage collector first frees it during interpreter
+    shutdown, after the process group is destroyed, gloo aborts the process some of the time ("terminate
+    called without an active exception", SIGABRT; measured in 6 of 40 two-rank runs). Collecting while
+    everything is alive avoids it (0 of 60).
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -270,6 +270,10 @@ class Trainer:
             print(msg, flush=True)
 
     def close(self) -> None:
+        """Flush the logs; later stop signals are ignored (nothing is left to save), which also drops the
+        handlers' reference to this trainer so that it can be freed."""
+        for name in {self.cfg.training.stop_signal, "TERM"}:
+            signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_IGN)
         self.logger.close()
 
 
@@ -295,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         state = trainer.fit()
     finally:
         trainer.close()
+        del trainer  # free the DDP wrapper before the process group goes (see dist.cleanup)
         dist.cleanup()
     if state == "stopped" and "TORCHELASTIC_RUN_ID" not in os.environ:
         return EXIT_REQUEUE
