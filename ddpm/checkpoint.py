@@ -7,15 +7,20 @@ Layout inside a run directory::
 
 A checkpoint is written to a temporary file in the same directory, fsynced,
 renamed into place, and only then named by LATEST; a process killed at any
-moment leaves the previous checkpoint loadable. Contents (see DESIGN.md)::
+moment leaves the previous checkpoint loadable. A full disk is one
+CheckpointError line, with the previous checkpoint intact and nothing deleted.
+A run whose checkpoints all fail to load is an error, never a silent start
+from step 0. Contents (see DESIGN.md)::
 
     format, step, model, model_config, ddpm, ema, optimizer, scaler, rng, data, config, counters
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -72,24 +77,52 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _estimated_bytes(state: Any) -> int:
+    """Bytes of tensor data in a (nested) state dict: what ``torch.save`` writes, give or take metadata."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_estimated_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_estimated_bytes(v) for v in state)
+    return 0
+
+
 def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int = 2,
                     milestone_every: int = 0) -> Path:
     """Write ``state`` as ``step_<N>.pt`` atomically, point LATEST at it, prune old ones.
 
-    The newest ``keep_last`` checkpoints are kept, plus every step that is a
-    multiple of ``milestone_every`` (when > 0). Returns the checkpoint path.
+    The newest ``keep_last`` checkpoints up to this step are kept, plus every step that is a
+    multiple of ``milestone_every`` (when > 0). Returns the checkpoint path. A full disk raises
+    CheckpointError before or while writing; the checkpoints already there stay as they were.
     """
     step = int(state["step"])
     ckpt_dir = checkpoint_dir(run_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step_{step:08d}.pt"
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-    atomic_write_text(ckpt_dir / "LATEST", path.name + "\n")
-    existing = list_checkpoints(run_dir)
-    for old_step, old_path in existing[:-max(keep_last, 1)]:
+    need, free = _estimated_bytes(state), shutil.disk_usage(ckpt_dir).free
+    if need > free:
+        raise CheckpointError(_no_space(ckpt_dir, path, need, free))
+    try:
+        atomic_write_bytes(path, lambda f: torch.save(state, f))
+        atomic_write_text(ckpt_dir / "LATEST", path.name + "\n")
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise CheckpointError(_no_space(ckpt_dir, path, need, shutil.disk_usage(ckpt_dir).free)) from None
+    older = [(s, p) for s, p in list_checkpoints(run_dir) if s < step]
+    for old_step, old_path in older[:max(len(older) - (max(keep_last, 1) - 1), 0)]:
         if milestone_every > 0 and old_step % milestone_every == 0:
             continue
         old_path.unlink(missing_ok=True)
     return path
+
+
+def _no_space(ckpt_dir: Path, path: Path, need: int, free: int) -> str:
+    kept = list_checkpoints(ckpt_dir.parent)
+    prev = f"the previous checkpoint {kept[-1][1].name} is intact" if kept else "no earlier checkpoint exists"
+    return (f"{ckpt_dir}: no space left on the device for {path.name} (needs about {need / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB free); {prev} and nothing was deleted: free space or move run.root")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -115,21 +148,30 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu",
     """Newest checkpoint of a run that loads, or None when the run has none.
 
     LATEST is tried first, then every ``step_<N>.pt`` from the newest down; a
-    corrupt or truncated one is reported through ``warn`` and skipped.
+    corrupt or truncated one is reported through ``warn`` and skipped. When
+    checkpoints exist (or LATEST names one) but none loads, CheckpointError:
+    the caller must not start over on its own.
     """
+    ckpt_dir = checkpoint_dir(run_dir)
     candidates = [p for _, p in reversed(list_checkpoints(run_dir))]
-    latest = checkpoint_dir(run_dir) / "LATEST"
-    if latest.is_file():
-        named = checkpoint_dir(run_dir) / latest.read_text().strip()
-        if named in candidates:
-            candidates.remove(named)
-            candidates.insert(0, named)
+    latest = ckpt_dir / "LATEST"
+    named = ckpt_dir / latest.read_text().strip() if latest.is_file() else None
+    if named in candidates:
+        candidates.remove(named)
+        candidates.insert(0, named)
+    reasons = []
     for path in candidates:
         try:
             return path, load_checkpoint(path, map_location)
         except CheckpointError as err:
             warn(f"warning: skipping {err}")
-    return None
+            reasons.append(str(err).removeprefix(f"{path.parent}/"))
+    if not candidates and named is None:
+        return None
+    why = "; ".join(reasons) if reasons else f"LATEST names {named.name}, which does not exist"
+    raise CheckpointError(
+        f"{ckpt_dir}: no checkpoint can be loaded ({why}); nothing was deleted. Restore the files, or start "
+        "over explicitly with a new run.name")
 
 
 def load_resolved(path_or_run_dir: str | Path,

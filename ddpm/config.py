@@ -71,6 +71,7 @@ class TrainingConfig:
     milestone_every: int = 0  # steps whose checkpoints are never deleted; 0 = none
     seed: int = 0
     stop_signal: str = "USR2"
+    watchdog_s: int = 600  # no step (heartbeat) for this long: the job is hung, ended and requeued; 0 = off
 
     def validate(self) -> None:
         for key in ("batch_size", "num_iterations", "log_every", "sample_every", "save_every", "num_samples"):
@@ -86,6 +87,8 @@ class TrainingConfig:
                  "a float >= 0 (0 disables clipping)")
         _require(self.keep_last >= 2, "training.keep_last", self.keep_last, "an integer >= 2")
         _require(self.milestone_every >= 0, "training.milestone_every", self.milestone_every, "an integer >= 0")
+        _require(self.watchdog_s == 0 or self.watchdog_s >= 10, "training.watchdog_s", self.watchdog_s,
+                 "0 (off) or an integer >= 10 (seconds)")
         _require(self.stop_signal in ("USR1", "USR2", "TERM", "INT"), "training.stop_signal",
                  self.stop_signal, "one of USR1, USR2, TERM, INT")
 
@@ -209,8 +212,8 @@ class SlurmConfig:
     def validate(self) -> None:
         for key in ("cpus_per_task", "mem_gb", "time_min", "array_parallelism"):
             _require(getattr(self, key) >= 1, f"slurm.{key}", getattr(self, key), "an integer >= 1")
-        _require(self.signal_delay_s >= 120, "slurm.signal_delay_s", self.signal_delay_s,
-                 "an integer >= 120 (seconds before the time limit)")
+        _require(self.signal_delay_s >= 30, "slurm.signal_delay_s", self.signal_delay_s,
+                 "an integer >= 30 (seconds before the time limit)")
         # Slurm may send the --signal up to 60 s before the requested time (sbatch(1), --signal): a limit
         # shorter than that would stop the job as it starts.
         _require(self.time_min * 60 > self.signal_delay_s + 60, "slurm.time_min", self.time_min,

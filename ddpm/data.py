@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,21 @@ def _keep(batch: Any) -> Any:
     return batch
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _worker_leaves_stop_signals(_worker_id: int) -> None:
+    """``worker_init_fn``: a loader worker ignores stop signals and leaves the stop to the trainer.
+
+    SLURM signals every process of a job step (a preemption's SIGTERM, the time limit's ``--signal``).
+    PyTorch's worker sets a SIGTERM handler that exits unless its parent sent the signal, and the trainer
+    then dies with "DataLoader worker ... is killed by signal" before it can save. A worker still exits
+    with its parent (the loader's watchdog), so ignoring costs nothing.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class InfiniteLoader:
     """Yields float [B, 3, S, S] batches in [-1, 1] forever; its position is (epoch, offset).
 
@@ -183,7 +199,7 @@ class InfiniteLoader:
         self.sampler = sampler
         self._loader_kwargs: dict[str, Any] = dict(
             batch_sampler=sampler, num_workers=num_workers, collate_fn=_keep, pin_memory=pin_memory,
-            persistent_workers=persistent_workers and num_workers > 0,
+            persistent_workers=persistent_workers and num_workers > 0, worker_init_fn=_worker_leaves_stop_signals,
             prefetch_factor=prefetch_factor if num_workers > 0 else None)
         self._loader: DataLoader | None = None
         self.epoch, self.offset = 0, 0

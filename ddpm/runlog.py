@@ -2,7 +2,7 @@
 
     <run_dir>/tb/               TensorBoard events (rank 0; purge_step on resume: no duplicate points)
     <run_dir>/provenance.json   git commit + dirty flag, package versions, hosts, SLURM job ids, per start
-    <run_dir>/status.json       {"state": "done" | "stopped", "step": N, ...}, read by the launcher
+    <run_dir>/status.json       {"state": "running" | "done" | "stopped" | ..., "step": N, "heartbeat": t}
 """
 
 from __future__ import annotations
@@ -142,12 +142,16 @@ def write_provenance(run_dir: Path, cfg: Config, env: dist.DistEnv) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
-def write_status(run_dir: Path, state: str, step: int, skipped_steps: int) -> None:
-    """The outcome the launcher reads: ``done`` or ``stopped`` (requeue me)."""
+def write_status(run_dir: Path, state: str, step: int, skipped_steps: int, **extra: Any) -> None:
+    """What the wrapper and ``launch.py status`` read.
+
+    ``state``: starting | running (``heartbeat``: a Unix time refreshed every few seconds) | done |
+    stopped (checkpoint durable: requeue me) | stalled (the watchdog ended it) | failed (``error``: one line).
+    """
     atomic_write_text(run_dir / "status.json", json.dumps(
         {"state": state, "step": step, "skipped_steps": skipped_steps,
-         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-         "slurm_job_id": os.environ.get("SLURM_JOB_ID")}) + "\n")
+         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "heartbeat": time.time(),
+         "slurm_job_id": os.environ.get("SLURM_JOB_ID"), **extra}) + "\n")
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:

@@ -3,13 +3,17 @@
 The training job runs one task per node; each runs :func:`run_training`, which
 starts torchrun around ``python -m ddpm.train`` and owns the requeue policy:
 
-* torchrun's agent ignores the stop signal (inherited ``SIG_IGN``), so a signal
-  sent to every process of the step reaches the trainer ranks only; the wrapper
-  forwards it to the process group too (local executor, or a signal to the wrapper alone);
+* torchrun's agent ignores the stop signals (inherited ``SIG_IGN``; SIGTERM left out of
+  ``--signals-to-handle``) and loader workers ignore them too, so a signal sent to every
+  process of the step (preemption, time limit) reaches the trainer ranks only; the wrapper
+  forwards it to them too (local executor, or a signal to the wrapper alone);
+* a watchdog reads the trainer's heartbeat in ``status.json``: none for ``training.watchdog_s``
+  (a hung or lost rank) -> the training processes are killed and the job requeued;
 * submitit's own USR2 handler (``scontrol requeue`` at once, which kills the step
   before the checkpoint is written) is replaced while training runs;
 * when torchrun exits, ``status.json`` says ``done`` (success), ``stopped`` (the
-  checkpoint is durable: requeue, up to ``slurm.max_restarts``) or anything else (failure).
+  checkpoint is durable: requeue, up to ``slurm.max_restarts``) or anything else (failure,
+  with the trainer's one-line ``error`` when it wrote one).
 
 The same wrapper is the sbatch route: ``srun python -m ddpm.slurm train --run-dir D``.
 """
@@ -32,11 +36,17 @@ from ddpm.runlog import read_status, write_status
 
 
 def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None = None) -> list[str]:
-    """torchrun around the trainer: c10d rendezvous at the first node for multi-node jobs."""
+    """torchrun around the trainer: c10d rendezvous at the first node for multi-node jobs.
+
+    The agent does not handle SIGTERM (``--signals-to-handle`` without it; ignored, see
+    :func:`_ignore_stop_signals`): on SIGTERM it would kill the ranks after ``--shutdown-timeout``, before
+    their checkpoint is durable. The ranks get the signal from SLURM (every process of the step) or the wrapper.
+    """
     env = os.environ if environ is None else environ
     infra = cfg.infrastructure
     nproc = infra.num_gpus if infra.num_gpus > 0 else infra.nproc_per_node
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT"]
     nnodes = int(env.get("SLURM_NNODES", "1"))
     if nnodes > 1:
         job_id = env.get("SLURM_JOB_ID")
@@ -49,8 +59,8 @@ def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None 
 
 
 def _ignore_stop_signals() -> None:  # runs in torchrun's process before exec; inherited by its agent
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def descendants(pid: int) -> list[int]:
@@ -70,8 +80,20 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def requeue_self(max_restarts: int) -> bool:
-    """``scontrol requeue`` this job unless it has restarted ``max_restarts`` times already."""
+    """``scontrol requeue`` this job unless it has restarted ``max_restarts`` times already.
+
+    True when the job will run again: requeued now, or already being requeued by SLURM (a preemption
+    with PreemptMode=REQUEUE answers "Job is pending execution").
+    """
     env = os.environ
     job_id = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_JOB_ID" in env
               else env.get("SLURM_JOB_ID"))
@@ -84,44 +106,111 @@ def requeue_self(max_restarts: int) -> bool:
         return False
     print(f"requeuing job {job_id} (restart {restarts + 1}/{max_restarts})", flush=True)
     proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:  # e.g. SLURM is already requeuing it (preemption with PreemptMode=REQUEUE)
+    if proc.returncode != 0:
+        if "pending" in proc.stderr.lower():
+            print(f"job {job_id} is already being requeued by SLURM (preemption)", flush=True)
+            return True
         print(f"scontrol requeue {job_id} failed: {proc.stderr.strip()}", flush=True)
         return False
     return True
 
 
+def _seconds_left() -> int | None:
+    """Seconds until SLURM ends this job (``squeue %L``: after a preemption, the grace time), or None."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    days, _, hms = out.rpartition("-")
+    parts = hms.split(":")
+    if not all(p.isdigit() for p in parts) or not days.isdigit() and days:
+        return None  # UNLIMITED, NOT_SET, INVALID
+    seconds = sum(int(p) * 60 ** i for i, p in enumerate(reversed(parts)))
+    return seconds + 86400 * int(days or 0)
+
+
+def _report_deadline(name: str, run_dir: Path) -> None:
+    """After a stop signal: how long SLURM gives, against how long the last checkpoint took."""
+    left, last_save = _seconds_left(), float((read_status(run_dir) or {}).get("last_save_s") or 0.0)
+    if left is None:
+        return
+    print(f"wrapper: {name}: SLURM ends this job in {left} s; the last checkpoint took {last_save:.1f} s",
+          flush=True)
+    if last_save and 2 * last_save + 5 > left:
+        print(f"WARNING: the checkpoint may not be durable before SLURM kills the job ({left} s left, the last "
+              f"save took {last_save:.1f} s): the run would resume from the previous checkpoint. Raise "
+              "slurm.signal_delay_s (time limit) or ask for a longer GraceTime (preemption)", flush=True)
+
+
+def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: list[tuple[str, float]]) -> int | None:
+    """Wait for torchrun; its exit code, or None when the watchdog killed it (no heartbeat for ``watchdog_s``)."""
+    reported = False
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if signals and not reported:
+            _report_deadline(signals[0][0], run_dir)
+            reported = True
+        status = read_status(run_dir) or {}
+        age = time.time() - float(status.get("heartbeat") or time.time())
+        if watchdog_s and status.get("state") in ("starting", "running") and age > watchdog_s:
+            print(f"watchdog: no heartbeat from the trainer for {age:.0f} s (training.watchdog_s={watchdog_s}): "
+                  "a rank is hung or lost; killing the training processes", flush=True)
+            _signal_all([proc.pid, *descendants(proc.pid)], signal.SIGKILL)
+            proc.wait()
+            return None
+
+
 def run_training(run_dir: Path, cfg: Config) -> str:
-    """Run torchrun for this node; return "done", or requeue / raise. Blocks until torchrun exits."""
+    """Run torchrun for this node; return "done", or requeue / raise. Blocks until torchrun exits.
+
+    Requeued (up to ``slurm.max_restarts``) when the trainer stopped on a signal with a durable checkpoint, and
+    when the watchdog ended a hung run (it resumes from the last checkpoint).
+    """
     cmd = torchrun_command(cfg, run_dir)
     node = int(os.environ.get("SLURM_NODEID", "0"))
     if node == 0:  # a crash before the trainer's first write must not read as an earlier attempt's "stopped"
         write_status(run_dir, "starting", -1, 0)
     print("running:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
+    signals: list[tuple[str, float]] = []
 
     def forward(signum: int, _frame: Any) -> None:  # to the trainer ranks, not torchrun's agent
-        print(f"wrapper: got {signal.Signals(signum).name}, forwarding to the trainer", flush=True)
-        for pid in descendants(proc.pid):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+        name = signal.Signals(signum).name
+        signals.append((name, time.monotonic()))
+        print(f"wrapper: got {name}, forwarding to the trainer", flush=True)
+        _signal_all(descendants(proc.pid), signum)
 
     stop_sig = getattr(signal, f"SIG{cfg.training.stop_signal}")
     for sig in {stop_sig, signal.SIGTERM}:
         signal.signal(sig, forward)
-    rc = proc.wait()
+    rc = supervise(proc, run_dir, cfg.training.watchdog_s, signals)
     status = read_status(run_dir) or {}
-    state = status.get("state")
+    state, step = status.get("state"), status.get("step")
     if rc == 0 and state == "done":
-        print(f"training done at step {status.get('step')}", flush=True)
+        print(f"training done at step {step}", flush=True)
         return "done"
-    if state == "stopped":
-        print(f"training stopped at step {status.get('step')}; checkpoint is durable", flush=True)
-        if node == 0 and requeue_self(cfg.slurm.max_restarts):
-            time.sleep(600)  # scontrol requeue ends this job; never report success or failure
-        return "stopped"
-    raise RuntimeError(f"training failed: torchrun exited with {rc}, status {state!r}; see {run_dir}/logs")
+    if rc is None:
+        state = "stalled"
+        if node == 0:
+            write_status(run_dir, "stalled", int(step or 0), int(status.get("skipped_steps") or 0),
+                         error=f"no heartbeat for {cfg.training.watchdog_s} s (training.watchdog_s)")
+        print(f"training stalled after step {step}; resuming from the last checkpoint", flush=True)
+    elif state == "stopped":
+        took = f" {time.monotonic() - signals[0][1]:.1f} s after {signals[0][0]}" if signals else ""
+        print(f"training stopped at step {step}; checkpoint is durable{took}", flush=True)
+    else:
+        why = status.get("error") or f"torchrun exited with {rc}, status {state!r}; see {run_dir}/logs"
+        raise RuntimeError(f"training failed: {why}")
+    if node == 0 and requeue_self(cfg.slurm.max_restarts):
+        time.sleep(600)  # scontrol requeue ends this job; never report success or failure
+    return state
 
 
 class TrainTask:

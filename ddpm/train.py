@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,8 @@ class Trainer:
         self.step, self.skipped_steps = 0, 0
         self.stop_requested = False  # set by a signal on this rank
         self.stop_now = False  # the flag reduced over ranks: every rank agrees on it
+        self._stop_at: tuple[str, float] | None = None  # (signal name, monotonic time) of the first stop signal
+        self._last_beat, self._last_save_s = 0.0, 0.0
         self._install_signal_handlers()
         self._resume()
         self.logger = RunLogger(self.run_dir, cfg, env, start_step=self.step)
@@ -94,6 +97,7 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, _frame: Any) -> None:  # only sets a flag; idempotent
             if not self.stop_requested:
+                self._stop_at = (signal.Signals(signum).name, time.monotonic())
                 print(f"[rank {self.env.rank}] received {signal.Signals(signum).name}: stopping at the "
                       "next step boundary", flush=True)
             self.stop_requested = True
@@ -102,9 +106,19 @@ class Trainer:
             signal.signal(getattr(signal, f"SIG{name}"), request_stop)
 
     def _resume(self) -> None:
-        """Load the newest checkpoint that loads (rank 0 chooses; every rank reads the same file)."""
-        found = load_latest(self.run_dir, warn=self._print) if self.env.is_main else None
-        path = dist.broadcast_object(str(found[0]) if found else None)
+        """Load the newest checkpoint that loads (rank 0 chooses; every rank reads the same file).
+
+        Checkpoints that exist but none of which loads stop every rank with rank 0's one-line error.
+        """
+        found, error = None, None
+        if self.env.is_main:
+            try:
+                found = load_latest(self.run_dir, warn=self._print)
+            except CheckpointError as err:
+                error = str(err)
+        path, error = dist.broadcast_object((str(found[0]) if found else None, error))
+        if error is not None:
+            raise CheckpointError(error)
         if path is None:
             return
         state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)
@@ -227,10 +241,13 @@ class Trainer:
         while self.step < tc.num_iterations and not self.stop_now:
             metrics = self.train_step(*self.next_batch())
             self.logger.step(self.step, metrics)
+            self.heartbeat()
             if self.step % tc.sample_every == 0 and not self.stop_now:
                 self.sample_grid()
+                self.heartbeat(force=True)
             if self.stop_now or self.step % tc.save_every == 0 or self.step == tc.num_iterations:
                 self.save()
+                self.heartbeat(force=True)
         state = "done" if self.step >= tc.num_iterations else "stopped"
         if self.env.is_main:
             write_status(self.run_dir, state, self.step, self.skipped_steps)
@@ -238,14 +255,37 @@ class Trainer:
         dist.barrier()
         return state
 
+    def heartbeat(self, force: bool = False) -> None:
+        """Rank 0 refreshes ``status.json`` (state running, step, time) at most every few seconds.
+
+        The wrapper's watchdog (``training.watchdog_s``) reads it: a hung rank blocks every rank at the next
+        collective, so the beat stops and the wrapper ends the job instead of holding the allocation.
+        """
+        now = time.monotonic()
+        if not self.env.is_main or (not force and now - self._last_beat < 5.0):
+            return
+        self._last_beat = now
+        write_status(self.run_dir, "running", self.step, self.skipped_steps, last_save_s=self._last_save_s)
+
     def save(self) -> Path | None:
+        """Checkpoint (collective). A failed write (a full disk) stops every rank with rank 0's one line."""
+        t0 = time.monotonic()
         state = self.state_dict()  # collective (RNG states of every rank)
-        path = None
+        path, error = None, None
         if self.env.is_main:
-            path = save_checkpoint(self.run_dir, state, self.cfg.training.keep_last,
-                                   self.cfg.training.milestone_every)
-            self._print(f"saved {path}")
-        dist.barrier()  # no rank exits before the checkpoint is durable
+            try:
+                path = save_checkpoint(self.run_dir, state, self.cfg.training.keep_last,
+                                       self.cfg.training.milestone_every)
+            except CheckpointError as err:
+                error = str(err)
+        error = dist.broadcast_object(error)  # no rank goes on before the checkpoint is durable
+        if error is not None:
+            raise CheckpointError(error)
+        self._last_save_s = time.monotonic() - t0
+        self._print(f"saved {path} in {self._last_save_s:.1f} s")
+        if self.stop_now and self._stop_at is not None:
+            name, at = self._stop_at
+            self._print(f"stop: checkpoint durable {time.monotonic() - at:.1f} s after {name}")
         return path
 
     @torch.no_grad()
@@ -287,16 +327,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception) -> None:
+    """``status.json`` says failed, with the one-line error, for the wrapper and ``launch.py status``.
+
+    Best effort: on a full disk even this small file may not fit.
+    """
+    if env.is_main:
+        try:
+            write_status(run_dir, "failed", step, 0, error=str(err))
+        except OSError:
+            pass
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # exits with one line on a config error
     run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
-    env = dist.init_distributed(use_cuda=cfg.infrastructure.num_gpus > 0)
+    # collectives time out at twice the watchdog bound: the wrapper's watchdog acts first, this is the backstop
+    watchdog = cfg.training.watchdog_s
+    env = dist.init_distributed(use_cuda=cfg.infrastructure.num_gpus > 0,
+                                timeout_s=2 * watchdog if watchdog else 1800)
     write_provenance(run_dir, cfg, env)  # collective: gathers every rank's host
-    trainer = Trainer(cfg, run_dir, env, overfit_single_batch=args.overfit_single_batch)
+    try:
+        trainer = Trainer(cfg, run_dir, env, overfit_single_batch=args.overfit_single_batch)
+    except CheckpointError as err:  # every checkpoint unreadable
+        _record_failure(run_dir, env, -1, err)
+        dist.cleanup()
+        raise
     try:
         state = trainer.fit()
+    except CheckpointError as err:  # a full disk
+        _record_failure(run_dir, env, trainer.step, err)
+        raise
     finally:
         trainer.close()
         del trainer  # free the DDP wrapper before the process group goes (see dist.cleanup)

@@ -90,7 +90,7 @@ def test_env_vars_in_paths_expand(tmp_path, monkeypatch):
     (["data.center_crop=null", "data.crop_center=[89,121]"],
      "data.crop_center: invalid value [89, 121] (expected null when"),
     (["data.image_size=60"], "data.image_size: invalid value 60 (expected divisible by"),
-    (["slurm.signal_delay_s=30"], "slurm.signal_delay_s: invalid value 30"),
+    (["slurm.signal_delay_s=20"], "slurm.signal_delay_s: invalid value 20"),
     (["slurm.time_min=4"], "slurm.time_min: invalid value 4 (expected more than 4 minutes"),
     (["ddpm.beta_end=0.00001"], "ddpm.beta_end: invalid value 1e-05"),
     (["training.keep_last=1"], "training.keep_last: invalid value 1 (expected an integer >= 2)"),
