@@ -1,8 +1,9 @@
 """Login-node entry: validate, submit train -> sampling array -> assembly, print where to look.
 
     python launch.py --config configs/ddpm_babel.yaml [section.key=value ...]
-                     [--cluster auto|slurm|local] [--stage all|train|sample|assemble] [--dry-run]
+                     [--cluster auto|slurm|local] [--stage all|train|sample|assemble] [--only] [--dry-run]
     python launch.py status RUN_DIR
+    python launch.py doctor --config configs/ddpm_babel.yaml [section.key=value ...] [--no-job] [--save-test]
 
 On SLURM the three jobs are chained with ``afterok`` and launch.py returns at
 once. Without SLURM (``--cluster local``, or auto-detected) the same stages run
@@ -35,8 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: SLURM when sbatch and sinfo work here, else submitit's local executor")
     p.add_argument("--stage", choices=("all", *STAGES), default="all",
                    help="run from this stage on (all = train, then sample, then assemble)")
+    p.add_argument("--only", action="store_true", help="run just the --stage given, not the stages after it")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts; submit nothing")
     return p
+
+
+def doctor_main(argv: list[str]) -> int:
+    """``launch.py doctor``: check what this cluster does on a stop, then take the stop path with a tiny job."""
+    from ddpm.doctor import __doc__ as doc
+    from ddpm.doctor import doctor
+
+    p = argparse.ArgumentParser(prog="python launch.py doctor", description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
+    p.add_argument("--config", required=True, help="the config of the run you plan (its slurm section)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, parsed as YAML")
+    p.add_argument("--no-job", action="store_true", help="only read the cluster's settings; submit nothing")
+    p.add_argument("--save-test", action="store_true",
+                   help="write a real checkpoint of the configured model to run.root and time it (else estimated)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for each stage of the job")
+    args = p.parse_intermixed_args(argv)
+    return doctor(load_config(args.config, args.overrides), run_job=not args.no_job, timeout=args.timeout,
+                  save_test=args.save_test)
 
 
 def _follow(job: Any, label: str) -> Any:
@@ -130,8 +150,19 @@ def status(run_dir: Path) -> int:
             print(f"{stage:<9} job {jobs[stage]}: {states}")
     train = read_status(run_dir) or {}
     ckpts = list_checkpoints(run_dir)
-    print(f"training: {train.get('state', 'not started')} at step {train.get('step', 0)}/"
+    state, bound = train.get("state", "not started"), cfg.training.watchdog_s
+    age = time.time() - float(train.get("heartbeat") or time.time())
+    if state in ("starting", "running") and bound and age > bound:
+        state = f"stalled (no heartbeat for {age:.0f} s, more than training.watchdog_s={bound})"
+    print(f"training: {state} at step {train.get('step', 0)}/"
           f"{cfg.training.num_iterations}; last checkpoint: {ckpts[-1][1] if ckpts else 'none'}")
+    if train.get("error"):
+        print(f"  error: {train['error']}")
+    train_job = job_state(jobs["train"]) if jobs.get("cluster") == "slurm" and "train" in jobs else "GONE"
+    alive = train_job.split("(")[0] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
+    if train and train.get("state") != "done" and not alive:  # e.g. cancelled on preemption (PreemptMode=CANCEL)
+        print(f"  resume: python launch.py --config {run_dir}/config.yaml run.root={run_dir.resolve().parent}"
+              "   (continues from the last checkpoint)")
     shards = [shard_paths(run_dir / "samples" / "shards", k) for k in range(cfg.sampling.num_shards)]
     done, partial = sum(p["json"].is_file() for p in shards), sum(p["partial"].is_file() for p in shards)
     print(f"sampling: {done}/{cfg.sampling.num_shards} shards complete, {partial} in progress")
@@ -143,6 +174,8 @@ def status(run_dir: Path) -> int:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["doctor"]:
+        return doctor_main(argv[1:])
     if argv[:1] == ["status"]:
         if len(argv) != 2:
             raise DDPMError("usage: python launch.py status RUN_DIR")
@@ -151,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     cluster = detect_cluster(args.cluster)
     stages = list(STAGES) if args.stage == "all" else list(STAGES[STAGES.index(args.stage):])
+    if args.only and args.stage != "all":
+        stages = stages[:1]
     run_dir = cfg.run_dir.resolve()
     preflight(cfg, cluster, stages)
     print(f"preflight ok: cluster {cluster}, stages {' -> '.join(stages)}, run dir {run_dir}", flush=True)

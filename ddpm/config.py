@@ -71,7 +71,7 @@ class TrainingConfig:
     milestone_every: int = 0  # steps whose checkpoints are never deleted; 0 = none
     seed: int = 0
     stop_signal: str = "USR2"
-    watchdog_s: int = 600  # no step (heartbeat) for this long: the job is hung, ended and requeued; 0 = off
+    watchdog_s: int = 600  # no step for this long (above a grid or a save): hung, ended, requeued; 0 = off
 
     def validate(self) -> None:
         for key in ("batch_size", "num_iterations", "log_every", "sample_every", "save_every", "num_samples"):

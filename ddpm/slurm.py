@@ -21,6 +21,7 @@ The same wrapper is the sbatch route: ``srun python -m ddpm.slurm train --run-di
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import signal
 import subprocess
@@ -116,21 +117,16 @@ def requeue_self(max_restarts: int) -> bool:
 
 
 def _seconds_left() -> int | None:
-    """Seconds until SLURM ends this job (``squeue %L``: after a preemption, the grace time), or None."""
+    """Seconds until SLURM ends this job (``squeue %e``; a preemption moves it to now + GraceTime), or None."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if job_id is None:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True,
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True,
                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+        return int(datetime.datetime.fromisoformat(out).timestamp() - time.time())
+    except (OSError, subprocess.SubprocessError, ValueError):  # no SLURM, or no end time (UNLIMITED, NONE)
         return None
-    days, _, hms = out.rpartition("-")
-    parts = hms.split(":")
-    if not all(p.isdigit() for p in parts) or not days.isdigit() and days:
-        return None  # UNLIMITED, NOT_SET, INVALID
-    seconds = sum(int(p) * 60 ** i for i, p in enumerate(reversed(parts)))
-    return seconds + 86400 * int(days or 0)
 
 
 def _report_deadline(name: str, run_dir: Path) -> None:
@@ -159,7 +155,8 @@ def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: l
             reported = True
         status = read_status(run_dir) or {}
         age = time.time() - float(status.get("heartbeat") or time.time())
-        if watchdog_s and status.get("state") in ("starting", "running") and age > watchdog_s:
+        # start-up (rendezvous, data, resume) is bounded by torchrun's and the process group's own timeouts
+        if watchdog_s and status.get("state") == "running" and age > watchdog_s:
             print(f"watchdog: no heartbeat from the trainer for {age:.0f} s (training.watchdog_s={watchdog_s}): "
                   "a rank is hung or lost; killing the training processes", flush=True)
             _signal_all([proc.pid, *descendants(proc.pid)], signal.SIGKILL)
@@ -223,32 +220,46 @@ class TrainTask:
         return run_training(self.run_dir, load_config(self.run_dir / "config.yaml"))
 
 
-class SampleTask:
-    """submitit callable for one shard of the sampling array; requeued by submitit on preemption.
+class StopSampling(BaseException):
+    """Raised in a sampling task by a stop signal; the partial shard on disk stays (at most one batch is lost)."""
 
-    Partial progress is kept batch by batch, so a requeued task loses at most one batch.
+
+class SampleTask:
+    """submitit callable for one shard of the sampling array.
+
+    A stop signal (a preemption's SIGTERM, the time limit's USR2) stops the shard at once: the partial file
+    holds every finished batch. The task is then requeued (or SLURM is already requeuing it) and resumes there.
     """
 
     def __init__(self, run_dir: str | Path, cfg: Config):
-        self.run_dir, self.sampling = Path(run_dir), cfg.sampling
+        self.run_dir, self.sampling, self.max_restarts = Path(run_dir), cfg.sampling, cfg.slurm.max_restarts
 
     def __call__(self, shard: int) -> str:
         import torch
 
         from ddpm.sample import sample_shard
 
+        def stop(signum: int, _frame: Any) -> None:
+            for sig in (signal.SIGTERM, signal.SIGUSR2):  # SLURM's later SIGTERM must not interrupt the requeue
+                signal.signal(sig, signal.SIG_IGN)
+            raise StopSampling(signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, stop)
         s = self.sampling
-        path = sample_shard(
-            checkpoint=self.run_dir, out_dir=self.run_dir / "samples" / "shards", shard=shard,
-            num_shards=s.num_shards, num_samples=s.num_samples, sampler=s.sampler, num_steps=s.num_steps,
-            eta=s.eta, timestep_spacing=s.timestep_spacing, seed_base=s.seed_base, batch_size=s.batch_size,
-            use_ema=s.use_ema, fid=s.fid, device="cuda" if torch.cuda.is_available() else "cpu", progress=True)
+        try:
+            path = sample_shard(
+                checkpoint=self.run_dir, out_dir=self.run_dir / "samples" / "shards", shard=shard,
+                num_shards=s.num_shards, num_samples=s.num_samples, sampler=s.sampler, num_steps=s.num_steps,
+                eta=s.eta, timestep_spacing=s.timestep_spacing, seed_base=s.seed_base, batch_size=s.batch_size,
+                use_ema=s.use_ema, fid=s.fid, device="cuda" if torch.cuda.is_available() else "cpu",
+                progress=True)
+        except StopSampling as err:
+            print(f"shard {shard}: stopped by {err}; the finished batches are in its partial file", flush=True)
+            if requeue_self(self.max_restarts):
+                time.sleep(600)  # the requeue ends this task
+            return "stopped"
         return str(path)
-
-    def checkpoint(self, shard: int) -> Any:
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, shard)
 
 
 class AssembleTask:

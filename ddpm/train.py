@@ -250,7 +250,7 @@ class Trainer:
                 self.heartbeat(force=True)
         state = "done" if self.step >= tc.num_iterations else "stopped"
         if self.env.is_main:
-            write_status(self.run_dir, state, self.step, self.skipped_steps)
+            write_status(self.run_dir, state, self.step, self.skipped_steps, last_save_s=self._last_save_s)
         self._print(f"{state} at step {self.step} ({self.skipped_steps} non-finite steps skipped)")
         dist.barrier()
         return state

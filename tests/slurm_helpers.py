@@ -279,3 +279,71 @@ def _expand_task_ids(spec: str) -> list[int]:
         lo, _, hi = part.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+# ------------------------------------------------------------------------------------------------ faults
+def preempt(cpus: int = 1, seconds: int = 5, partition: str = "urgent") -> str:
+    """Submit a short job to the higher-priority partition: SLURM preempts what holds the CPUs it needs."""
+    return sbatch(f"--partition={partition}", f"--cpus-per-task={cpus}", "--mem=100M", "--output=/dev/null",
+                  f"--wrap=sleep {seconds}")
+
+
+def restarts(job_id: str | int) -> int:
+    return int(show_job(job_id).get("Restarts", "0"))
+
+
+def wait_for_restart(job_id: str | int, count: int = 1, timeout: float = 120) -> None:
+    """Wait until the job has been requeued ``count`` times (fails fast if it ended instead)."""
+    deadline = time.monotonic() + timeout
+    while restarts(job_id) < count:
+        rec = show_job(job_id)
+        if rec["JobState"] in TERMINAL_STATES or time.monotonic() > deadline:
+            raise SlurmError(f"job {job_id} not requeued {count}x: {rec['JobState']} Restarts={rec.get('Restarts')}")
+        time.sleep(0.2)
+
+
+def job_pids(job_id: str | int) -> list[int]:
+    """Every process of a job on this node: those whose environment has SLURM_JOB_ID=<job_id>."""
+    needle = f"SLURM_JOB_ID={job_id}\0".encode()
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in env.read_bytes():
+                pids.append(int(env.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def logged_step(log: Path) -> int:
+    """The last ``step N/`` progress line of a training log (0 before the first)."""
+    import re
+
+    found = re.findall(r"^step (\d+)/", log.read_text() if log.is_file() else "", flags=re.M)
+    return int(found[-1]) if found else 0
+
+
+def wait_for_step(log: Path, step: int, timeout: float = 120) -> int:
+    """Wait until the training log has reached ``step``; returns the step seen."""
+    deadline = time.monotonic() + timeout
+    while (seen := logged_step(log)) < step:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{log} never reached step {step} (last: {seen})")
+        time.sleep(0.2)
+    return seen
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Model, EMA and AdamW moments of two checkpoints bitwise equal (and the same step)."""
+    import torch
+
+    assert a["step"] == b["step"], (a["step"], b["step"])
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), f"model.{k} differs"
+    for k, v in a["ema"]["shadow"].items():
+        assert torch.equal(v, b["ema"]["shadow"][k]), f"ema.{k} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for m in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[i][m], sb[i][m]), f"optimizer.state[{i}].{m} differs"

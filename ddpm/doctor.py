@@ -1,0 +1,273 @@
+"""``python launch.py doctor --config X``: what this cluster does when it stops a job, checked before a long run.
+
+1. The cluster's stop settings (``scontrol show config`` / ``show partition``): JobRequeue, PreemptType and the
+   partition's PreemptMode, GraceTime, KillWait, MaxTime against ``slurm.time_min``; the time a checkpoint of
+   the configured model needs on ``run.root`` against the time SLURM gives after a stop signal.
+2. One tiny CPU job on the configured partition that takes the stop path end to end: the stop signal
+   (``scancel --signal=<training.stop_signal>``, what the time limit sends), a checkpoint, a requeue and a
+   resume, compared bitwise with an uninterrupted job of the same tiny config on the same partition.
+
+Every line is ``ok``, ``note`` (behaviour to know about) or ``FAIL`` (with the config key or sbatch option
+to change). The exit code is 1 when anything failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ddpm.config import Config, dump_config, load_config
+from ddpm.errors import DDPMError
+
+TINY = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+        "model.attention_resolutions=[4]", "model.num_heads=2", "model.dropout=0.0", "training.batch_size=8",
+        "training.num_iterations=200", "training.save_every=100", "training.log_every=10",
+        "training.sample_every=100000", "training.ema_start=2", "ddpm.num_timesteps=50", "data.source=folder",
+        "data.image_size=8", "data.center_crop=null", "data.num_workers=1", "infrastructure.num_gpus=0",
+        "infrastructure.nproc_per_node=1", "infrastructure.mixed_precision=false", "slurm.cpus_per_task=2",
+        "slurm.mem_gb=2", "slurm.time_min=10", "slurm.signal_delay_s=120", "slurm.max_restarts=2",
+        "slurm.gres=null", "slurm.setup=[export OMP_NUM_THREADS=1]"]
+
+
+class Report:
+    """Prints each check as it is made; remembers whether any failed."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def __call__(self, kind: str, what: str, detail: str) -> None:
+        self.failed |= kind == "FAIL"
+        print(f"{kind:<5} {what:<18} {detail}", flush=True)
+
+
+def scontrol_fields(*args: str) -> dict[str, str]:
+    """``scontrol show config`` (``Key = Value`` lines) or ``show partition -o`` (``Key=Value`` tokens)."""
+    out = subprocess.run(["scontrol", "show", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+    fields: dict[str, str] = {}
+    for line in out.splitlines():
+        if " = " in line:
+            key, _, value = line.partition(" = ")
+            fields[key.strip()] = value.strip()
+        else:
+            for token in line.split():
+                key, sep, value = token.partition("=")
+                if sep:
+                    fields[key] = value
+    return fields
+
+
+def write_speed(directory: Path, size_mb: int = 64) -> float:
+    """MB/s of an fsynced write to ``directory`` (where checkpoints go), measured with a temp file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(2**20)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-speed-") as f:
+        t0 = time.perf_counter()
+        for _ in range(size_mb):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        return size_mb / max(time.perf_counter() - t0, 1e-6)
+
+
+def checkpoint_bytes(cfg: Config) -> int:
+    """Bytes of a checkpoint of ``cfg.model``: weights, EMA and AdamW's two moments, fp32 (4 x 4 bytes/param)."""
+    import torch
+
+    from ddpm.unet import UNet
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in UNet.from_config(cfg.model, cfg.data.image_size).parameters())
+    return 16 * params
+
+
+def time_checkpoint(cfg: Config, directory: Path) -> tuple[int, float]:
+    """(bytes, seconds) of a real checkpoint of ``cfg.model`` (weights, EMA, AdamW moments) saved the trainer's
+    way (temp file, fsync, rename, LATEST) into a temporary run directory under ``directory``, then removed."""
+    import shutil
+
+    import torch
+
+    from ddpm.checkpoint import FORMAT, save_checkpoint
+    from ddpm.unet import UNet
+
+    model = UNet.from_config(cfg.model, cfg.data.image_size)
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # creates exp_avg and exp_avg_sq
+    state = {"format": FORMAT, "step": 1, "model": model.state_dict(), "model_config": model.config_dict(),
+             "ddpm": {}, "config": cfg.to_dict(), "ema": {"shadow": {k: v.clone() for k, v in
+                                                                      model.state_dict().items()}},
+             "optimizer": opt.state_dict()}
+    directory.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=".doctor-save-", dir=directory))
+    try:
+        t0 = time.perf_counter()
+        path = save_checkpoint(run_dir, state)
+        return path.stat().st_size, time.perf_counter() - t0
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_cluster(cfg: Config, report: Report, save_test: bool = False) -> None:
+    """Step 1: the stop settings of the cluster and the partition, and whether a checkpoint fits in them."""
+    sc = cfg.slurm
+    conf = scontrol_fields("config")
+    part_name = sc.partition or next((p for p in _partitions() if p.endswith("*")), "").rstrip("*")
+    part = scontrol_fields("partition", "-o", part_name)
+    requeue = conf.get("JobRequeue", "1")
+    report("ok", "requeue", f"JobRequeue={requeue}; jobs are submitted with --requeue, so SLURM may requeue them")
+    kill_wait = int(conf.get("KillWait", "30 sec").split()[0])
+    mode = part.get("PreemptMode", conf.get("PreemptMode", "OFF")).upper()
+    grace = int(part.get("GraceTime", "0"))
+    preempt_type = conf.get("PreemptType", "preempt/none")
+    if save_test:
+        size, need = time_checkpoint(cfg, Path(cfg.run.root))
+        report("ok", "checkpoint", f"{size / 2**30:.2f} GiB written to run.root in {need:.1f} s (measured)")
+    else:
+        size = checkpoint_bytes(cfg)
+        speed = write_speed(Path(cfg.run.root))
+        need = size / 2**20 / speed
+        report("ok", "checkpoint", f"{size / 2**30:.2f} GiB at {speed:.0f} MB/s on run.root: about {need:.1f} s "
+               "(--save-test measures a real one)")
+    if preempt_type.endswith("none") or mode.startswith("OFF"):
+        report("ok", "preemption", f"partition {part_name} is not preempted (PreemptType={preempt_type}, "
+               f"PreemptMode={mode}): only the time limit, scancel or a node failure stop a job")
+    else:
+        budget = grace + kill_wait
+        what = {"REQUEUE": "requeued by SLURM", "CANCEL": "cancelled by SLURM unless the wrapper requeues "
+                "first (after its checkpoint); otherwise `launch.py status` prints the resume command"}
+        report("ok" if mode.split(",")[0] in what else "note", "preemption",
+               f"PreemptType={preempt_type}, PreemptMode={mode} on {part_name}: SIGTERM, then GraceTime={grace} s "
+               f"(+KillWait={kill_wait} s); jobs are {what.get(mode.split(',')[0], 'suspended, not stopped')}")
+        if budget < need + 5:
+            report("FAIL", "grace time", f"{budget} s after SIGTERM is less than the ~{need:.0f} s a checkpoint "
+                   "needs: a preemption loses up to training.save_every steps; lower training.save_every or ask "
+                   "for a partition with a longer GraceTime")
+        else:
+            report("ok", "grace time", f"{budget} s after SIGTERM covers the ~{need:.1f} s checkpoint")
+    if sc.signal_delay_s < need + 30:
+        report("FAIL", "time limit", f"slurm.signal_delay_s={sc.signal_delay_s} s leaves too little for a ~{need:.0f} "
+               "s checkpoint and the step in flight: raise slurm.signal_delay_s")
+    else:
+        report("ok", "time limit", f"USR2 {sc.signal_delay_s} s before the limit (up to 60 s earlier) covers the "
+               f"~{need:.1f} s checkpoint")
+    limit = part.get("MaxTime", "UNLIMITED")
+    from ddpm.preflight import parse_time_limit
+
+    if sc.time_min > parse_time_limit(limit.replace("UNLIMITED", "infinite")):
+        report("FAIL", "max time", f"slurm.time_min={sc.time_min} exceeds partition {part_name} MaxTime={limit}")
+    else:
+        report("ok", "max time", f"slurm.time_min={sc.time_min} within partition {part_name} MaxTime={limit}")
+
+
+def _partitions() -> list[str]:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.split()
+
+
+def _tiny_run(cfg: Config, root: Path, name: str) -> tuple[Config, Path]:
+    """The tiny CPU config with the user's slurm section (partition, account, qos, setup, additional)."""
+    sc = cfg.slurm
+    keep = [f"slurm.partition={sc.partition}" if sc.partition else "slurm.partition=null",
+            f"slurm.account={sc.account}" if sc.account else "slurm.account=null",
+            f"slurm.qos={sc.qos}" if sc.qos else "slurm.qos=null",
+            f"slurm.additional={json.dumps(sc.additional)}",
+            f"slurm.setup={json.dumps([*sc.setup, 'export OMP_NUM_THREADS=1'])}",
+            f"training.stop_signal={cfg.training.stop_signal}"]
+    tiny = load_config(None, [*TINY, *keep, f"data.path={root / 'data'}", f"run.root={root}", f"run.name={name}"])
+    run_dir = tiny.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(tiny, run_dir / "config.yaml")
+    return tiny, run_dir
+
+
+def _write_images(directory: Path, count: int = 24) -> None:
+    import numpy as np
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(directory / f"{i:03d}.png")
+
+
+def _wait(ok: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``ok`` every second for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
+
+
+def _restarts(job: str) -> int:
+    try:
+        return int(scontrol_fields("job", "-o", job).get("Restarts", "0"))
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return 0
+
+
+def check_stop_path(cfg: Config, report: Report, timeout: float) -> None:
+    """Step 2: a tiny job stopped by the stop signal must checkpoint, be requeued, resume and match."""
+    import torch
+
+    from ddpm.checkpoint import load_latest
+    from ddpm.preflight import job_state
+    from ddpm.runlog import read_status
+    from ddpm.slurm import TrainTask, make_executor
+
+    root = Path(cfg.run.root).resolve() / ".doctor" / time.strftime("%Y%m%d-%H%M%S")
+    _write_images(root / "data")
+    jobs = {}
+    for name in ("stopped", "reference"):
+        tiny, run_dir = _tiny_run(cfg, root, name)
+        jobs[name] = (make_executor(tiny, run_dir, "train", "slurm").submit(TrainTask(run_dir)).job_id, run_dir)
+    job, run_dir = jobs["stopped"]
+    report("ok", "submitted", f"job {job} (stop path) and {jobs['reference'][0]} (reference) to "
+           f"{cfg.slurm.partition or 'the default partition'}; files in {root}")
+    log = run_dir / "logs" / job / f"{job}_0_log.out"
+    if not _wait(lambda: (read_status(run_dir) or {}).get("step", -1) >= 20, timeout):
+        return report("FAIL", "running", f"job {job} did not reach step 20 in {timeout:.0f} s "
+                      f"({job_state(job)}); see {log}")
+    subprocess.run(["scancel", f"--signal={cfg.training.stop_signal}", job], check=True, timeout=60)
+    report("ok", "stop signal", f"scancel --signal={cfg.training.stop_signal} {job} (what the time limit sends)")
+    if not _wait(lambda: "stop: checkpoint durable" in (log.read_text() if log.is_file() else ""), 120):
+        return report("FAIL", "checkpoint", f"no checkpoint after the stop signal; see {log}")
+    report("ok", "checkpoint", f"written at step {load_latest(run_dir)[1]['step']}")
+    if not _wait(lambda: _restarts(job) >= 1, 120):
+        return report("FAIL", "requeue", f"job {job} was not requeued ({job_state(job)}): check that users may "
+                      f"`scontrol requeue` their jobs and slurm.additional; see {log}")
+    report("ok", "requeue", f"job {job} requeued; SLURM holds a requeued job a while (BeginTime) before it runs")
+    def done(name: str) -> bool:
+        return job_state(jobs[name][0]).split("(")[0] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE")
+
+    if not _wait(lambda: done("stopped") and done("reference"), timeout):
+        return report("FAIL", "resume", f"job {job} did not finish in {timeout:.0f} s ({job_state(job)}); see {log}")
+    if "resumed from" not in log.read_text() or (read_status(run_dir) or {}).get("state") != "done":
+        return report("FAIL", "resume", f"job {job} did not resume and finish; see {log}")
+    report("ok", "resume", f"job {job} resumed from its checkpoint and finished")
+    a, b = load_latest(run_dir)[1], load_latest(jobs["reference"][1])[1]
+    same = all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()) and a["step"] == b["step"]
+    report("ok" if same else "FAIL", "exact resume", "weights bitwise equal to the uninterrupted job" if same else
+           "weights differ from the uninterrupted job (different CPU types in the partition?)")
+
+
+def doctor(cfg: Config, run_job: bool = True, timeout: float = 1800, save_test: bool = False) -> int:
+    """Run both steps; 0 when nothing failed."""
+    from ddpm.preflight import slurm_available
+
+    if not slurm_available():
+        raise DDPMError("doctor: no SLURM here (sinfo/sbatch not found or not answering); run it on the login node")
+    report = Report()
+    check_cluster(cfg, report, save_test)
+    if run_job:
+        check_stop_path(cfg, report, timeout)
+    print("doctor: " + ("FAILED: fix the lines marked FAIL" if report.failed else "all checks passed"), flush=True)
+    return 1 if report.failed else 0

@@ -1,0 +1,214 @@
+"""Every way a real cluster stops a training job, delivered the way the cluster does it, on the local SLURM.
+
+Loader workers are on in every test (``data.num_workers=1``, two CPUs per task), and each run that can
+resume exactly ends bitwise equal (model, EMA, AdamW moments) to an uninterrupted run of the same config:
+
+- preemption by a higher-priority job (SIGTERM + GraceTime), on a PreemptMode=REQUEUE and a CANCEL partition;
+- the time limit: a 2-minute ``time_min`` and submitit's ``--signal=USR2@55``, no scancel;
+- ``scancel --signal=USR2``;
+- a dead node: slurmd, slurmstepd and every process of the job SIGKILLed, the node DOWN, then back;
+- a hung rank (SIGSTOP on rank 1 of 2): the watchdog ends the job within ``training.watchdog_s`` and it is requeued.
+
+Full disks, unreadable checkpoints and a preempted sampling task are in tests/test_faults_storage.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_helpers import (
+    CLUSTER_SH,
+    assert_same_training_state,
+    job_pids,
+    logged_step,
+    preempt,
+    restarts,
+    show_job,
+    wait_for_job,
+    wait_for_restart,
+    wait_for_state,
+    wait_for_step,
+)
+
+from ddpm.checkpoint import load_latest
+
+pytestmark = pytest.mark.slurm
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
+N = 600  # steps of the short runs (~30 s on one core)
+WORKERS = ["data.num_workers=1", "slurm.cpus_per_task=2", "slurm.setup=[export OMP_NUM_THREADS=1]",
+           "training.log_every=10", "training.save_every=100"]
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY), "--cluster", "slurm", "--stage",
+                           "train", "--only", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+class Reference:
+    """An uninterrupted run of the same config (same code path: the wrapper, torchrun, one thread per rank),
+    started in the background so it trains while the faulted job does."""
+
+    def __init__(self, root: Path, overrides: list[str]):
+        self.run_dir = root / "tiny"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ddpm.slurm", "train", "--config", str(TINY), *overrides, f"run.root={root}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def state(self) -> dict:
+        out, _ = self.proc.communicate(timeout=600)
+        assert self.proc.returncode == 0, out
+        return load_latest(self.run_dir)[1]
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory):
+    """Uninterrupted references keyed by their overrides, each started once and shared by the tests."""
+    started: dict[tuple[str, ...], Reference] = {}
+
+    def get(*overrides: str) -> Reference:
+        key = tuple(overrides)
+        if key not in started:
+            started[key] = Reference(tmp_path_factory.mktemp("ref"), [f"data.path={images}", *overrides])
+        return started[key]
+
+    yield get
+    for ref in started.values():
+        ref.proc.kill()
+        ref.proc.wait()
+
+
+def start_training(images: Path, root: Path, *overrides: str) -> tuple[Path, str, Path]:
+    """launch.py --stage train on the local SLURM; (run dir, job id, job log) once the job runs."""
+    proc = launch(f"data.path={images}", f"run.root={root}", *overrides)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = root / "tiny"
+    job = json.loads((run_dir / "jobs.json").read_text())["train"]
+    assert wait_for_state(job, {"RUNNING"}, timeout=120) == "RUNNING"
+    return run_dir, job, run_dir / "logs" / job / f"{job}_0_log.out"
+
+
+def finish(job: str, log: Path, timeout: float = 400) -> str:
+    """Let the requeued job start at once (no BeginTime wait) and wait until it ends; its log text."""
+    state = wait_for_job(job, timeout=timeout, release=True)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-3000:]
+    assert "DataLoader worker" not in text and "Traceback" not in text, text[-3000:]
+    return text
+
+
+@pytest.mark.parametrize("partition", ["debug", "cancel"])
+def test_preemption_by_higher_priority_job(slurm_cluster, images, tmp_path, reference, partition):
+    """A job of the urgent partition takes the CPUs: SIGTERM to every process, GraceTime, requeue, exact resume."""
+    common = [*WORKERS, f"training.num_iterations={N}"]
+    ref = reference(*common)
+    run_dir, job, log = start_training(images, tmp_path, *common, f"slurm.partition={partition}")
+    at = wait_for_step(log, 150)
+    preempt()
+    wait_for_restart(job, 1)
+    stopped = load_latest(run_dir)[1]["step"]
+    assert at <= stopped < N and stopped % 100, "the stop must save its own checkpoint, not reuse a periodic one"
+    text = finish(job, log)
+    assert "received SIGTERM" in text and "stop: checkpoint durable" in text
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d}.pt" in text
+    assert restarts(job) == 1  # requeued exactly once, by SLURM or by the wrapper, never both
+    if partition == "cancel":  # SLURM would cancel it at the end of the grace time: the wrapper requeued it first
+        assert f"requeuing job {job} (restart 1/3)" in text
+    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+
+
+def test_time_limit_signal(slurm_cluster, images, tmp_path, reference):
+    """A 2-minute limit: SLURM sends USR2 55 s (up to 60 s more) before it; save, requeue, resume, repeat."""
+    n = 1500  # ~80 s of training: longer than the latest possible first signal (65 s after the start)
+    common = [*WORKERS, f"training.num_iterations={n}"]
+    ref = reference(*common)
+    run_dir, job, log = start_training(images, tmp_path, *common, "slurm.time_min=2", "slurm.signal_delay_s=55")
+    text = finish(job, log, timeout=900)
+    assert "received SIGUSR2" in text and "SLURM ends this job in" in text
+    assert restarts(job) >= 1 and "TIMEOUT" not in show_job(job)["JobState"]
+    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+
+
+def test_scancel_usr2(slurm_cluster, images, tmp_path, reference):
+    common = [*WORKERS, f"training.num_iterations={N}"]
+    ref = reference(*common)
+    run_dir, job, log = start_training(images, tmp_path, *common)
+    wait_for_step(log, 150)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for_restart(job, 1)
+    stopped = load_latest(run_dir)[1]["step"]
+    text = finish(job, log)
+    assert f"requeuing job {job} (restart 1/3)" in text and f"step_{stopped:08d}.pt at step {stopped}" in text
+    restarts_seen = [s["slurm"].get("SLURM_RESTART_COUNT", "0") for s in
+                     json.loads((run_dir / "provenance.json").read_text())["starts"]]
+    assert restarts_seen == ["0", "1"]
+    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+
+
+def test_dead_node(slurm_cluster, images, tmp_path, reference):
+    """The node dies (slurmd, slurmstepd and the job's processes SIGKILLed; nothing can save), is set DOWN
+    and comes back: SLURM requeues the job (NODE_FAIL) and it resumes from the last durable checkpoint."""
+    common = [*WORKERS, f"training.num_iterations={N}"]
+    ref = reference(*common)
+    run_dir, job, log = start_training(images, tmp_path, *common)
+    wait_for_step(log, 250)
+    node = slurm_cluster.node
+    daemons = subprocess.run(["pgrep", "-x", "slurmd|slurmstepd"], capture_output=True, text=True).stdout.split()
+    for pid in [*map(int, daemons), *job_pids(job)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed_at = logged_step(log)
+    durable = load_latest(run_dir)[1]["step"]
+    try:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=dead-node-test"], check=True)
+        wait_for_restart(job, 1, timeout=60)
+    finally:  # the node comes back
+        subprocess.run(["bash", str(CLUSTER_SH), "start"], check=True, capture_output=True, timeout=240)
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], capture_output=True)
+    text = finish(job, log)
+    assert f"resumed from {run_dir}/checkpoints/step_{durable:08d}.pt" in text
+    print(f"dead node: killed at step >= {killed_at}, resumed from {durable}: {killed_at - durable}+ steps lost")
+    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+
+
+def test_hung_rank_watchdog(slurm_cluster, images, tmp_path, reference):
+    """Rank 1 of 2 is SIGSTOPped: no heartbeat -> the wrapper kills the ranks within training.watchdog_s,
+    marks the run stalled, requeues it, and it resumes from the last checkpoint."""
+    bound = 15
+    common = [*WORKERS, "training.num_iterations=300", "infrastructure.nproc_per_node=2",
+              f"training.watchdog_s={bound}"]
+    ref = reference(*common)
+    run_dir, job, log = start_training(images, tmp_path, *common)
+    wait_for_step(log, 150)
+    assert restarts(job) == 0, log.read_text()[-3000:]
+    rank1 = [p for p in job_pids(job) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()
+             and b"torch.distributed.run" in Path(f"/proc/{_ppid(p)}/cmdline").read_bytes()]
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGSTOP)
+    t0 = time.monotonic()
+    wait_for_restart(job, 1, timeout=bound + 60)
+    ended_after = time.monotonic() - t0
+    assert ended_after < bound + 30, f"the hung job held its allocation {ended_after:.0f} s"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "stalled"
+    shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60).stdout
+    assert "training: stalled" in shown
+    text = finish(job, log)
+    assert text.count("watchdog: no heartbeat from the trainer") == 1 and "resumed from" in text
+    print(f"hung rank: job ended {ended_after:.1f} s after SIGSTOP (training.watchdog_s={bound})")
+    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

@@ -1,0 +1,183 @@
+"""Faults of the storage and of the sampling stage, on the local SLURM (and the CLI where it says so):
+
+- a full disk while a checkpoint is written (a small tmpfs as ``run.root``): one line, non-zero exit, the
+  previous checkpoint loadable, nothing deleted;
+- every checkpoint unreadable: one line naming the directory and why, non-zero exit, every file as it was;
+- a sampling array task preempted mid-shard: requeued, resumed from its partial file, the assembled npz equal
+  to an uninterrupted run's;
+- ``launch.py status`` shows a run whose heartbeat is older than ``training.watchdog_s`` as stalled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from slurm_helpers import preempt, restarts, wait_for_job, wait_for_restart, wait_for_state, wait_for_step
+
+from ddpm.checkpoint import list_checkpoints, load_checkpoint
+from ddpm.runlog import write_status
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
+WORKERS = ["data.num_workers=1", "slurm.cpus_per_task=2", "slurm.setup=[export OMP_NUM_THREADS=1]"]
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY), "--cluster", "slurm", *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def train_locally(images: Path, root: Path, *overrides: str) -> Path:
+    """A short run with ``python -m ddpm.train`` (no SLURM); its run directory."""
+    proc = subprocess.run([sys.executable, "-m", "ddpm.train", "--config", str(TINY), f"data.path={images}",
+                           f"run.root={root}", *overrides], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root / "tiny"
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, str, int]]:
+    """name -> (size, sha256, mtime_ns) of every file: what "nothing was touched" compares."""
+    return {p.name: (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(directory.iterdir())}
+
+
+def job_of(run_dir: Path, stage: str = "train") -> tuple[str, Path]:
+    job = json.loads((run_dir / "jobs.json").read_text())[stage]
+    return job, run_dir / "logs" / job / f"{job}_0_log.out"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs (root only, as in CI), unmounted afterwards."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slurm
+def test_full_disk_during_checkpoint(slurm_cluster, images, small_disk):
+    proc = launch(f"data.path={images}", f"run.root={small_disk}", *WORKERS, "--stage", "train", "--only",
+                  "training.num_iterations=2000", "training.save_every=200", "training.log_every=10")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = small_disk / "tiny"
+    job, log = job_of(run_dir)
+    assert wait_for_state(job, {"RUNNING"}, timeout=120) == "RUNNING"
+    wait_for_step(log, 210)  # step_200 is durable
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    with open(small_disk / "filler", "wb") as f:  # leave 1 MiB: logs still fit, a ~3 MiB checkpoint does not
+        f.write(b"\0" * (free - 2**20))
+    before = snapshot(run_dir / "checkpoints")
+    assert wait_for_job(job, timeout=120) == "FAILED"
+    text = log.read_text()
+    errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "no space left on the device for step_00000400.pt" in errors[0], text[-3000:]
+    assert "step_00000200.pt is intact and nothing was deleted" in errors[0]
+    assert "training failed: " in text and restarts(job) == 0  # a full disk is not requeued
+    assert snapshot(run_dir / "checkpoints") == before
+    assert load_checkpoint(run_dir / "checkpoints" / "step_00000200.pt")["step"] == 200
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+
+
+def _truncate_all(run_dir: Path) -> dict[str, tuple[int, str, int]]:
+    for _, path in list_checkpoints(run_dir):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    return snapshot(run_dir / "checkpoints")
+
+
+def test_unreadable_checkpoints_cli(images, tmp_path):
+    run_dir = train_locally(images, tmp_path, "training.num_iterations=10")
+    before = _truncate_all(run_dir)
+    proc = subprocess.run([sys.executable, "-m", "ddpm.train", "--config", str(TINY), f"data.path={images}",
+                           f"run.root={tmp_path}", "training.num_iterations=20"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and proc.stderr.count("Traceback") == 0, proc.stderr
+    assert errors[0].startswith(f"error: {run_dir}/checkpoints: no checkpoint can be loaded (step_00000010.pt: "
+                                "corrupt or truncated checkpoint")
+    assert "nothing was deleted" in errors[0] and "new run.name" in errors[0]
+    assert snapshot(run_dir / "checkpoints") == before  # it did not start over: nothing new, nothing pruned
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+
+
+@pytest.mark.slurm
+def test_unreadable_checkpoints_slurm(slurm_cluster, images, tmp_path):
+    run_dir = train_locally(images, tmp_path, "training.num_iterations=10")
+    before = _truncate_all(run_dir)
+    proc = launch(f"data.path={images}", f"run.root={tmp_path}", "training.num_iterations=20", "--stage", "train",
+                  "--only")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job, log = job_of(run_dir)
+    assert wait_for_job(job, timeout=120) == "FAILED"
+    text = log.read_text()
+    assert f"training failed: {run_dir}/checkpoints: no checkpoint can be loaded" in text, text[-3000:]
+    assert restarts(job) == 0 and snapshot(run_dir / "checkpoints") == before
+    shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60).stdout
+    assert "training: failed" in shown and "no checkpoint can be loaded" in shown
+
+
+SAMPLING = ["sampling.sampler=ddpm", "sampling.num_steps=50", "sampling.num_samples=120", "sampling.num_shards=2",
+            "sampling.batch_size=4", "sampling.seed_base=7"]
+
+
+@pytest.mark.slurm
+def test_sampling_task_preempted_mid_shard(slurm_cluster, images, tmp_path):
+    run_dir = train_locally(images, tmp_path, "training.num_iterations=10")
+    proc = launch(f"data.path={images}", f"run.root={tmp_path}", *WORKERS, *SAMPLING, "--stage", "sample")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = json.loads((run_dir / "jobs.json").read_text())
+    task0 = jobs["sample_tasks"][0]
+    partial = run_dir / "samples" / "shards" / "shard_0.partial.npz"
+    deadline = time.monotonic() + 120
+    while not partial.is_file():  # at least one batch of shard 0 is durable
+        assert time.monotonic() < deadline, "shard 0 never wrote a partial file"
+        time.sleep(0.1)
+    preempt()
+    wait_for_restart(task0, 1)
+    assert wait_for_job(jobs["assemble"], timeout=400, release=True) == "COMPLETED"
+    log = run_dir / "logs" / task0 / f"{task0}_log.out"
+    logs = "".join(p.read_text() for p in (run_dir / "logs").rglob("*.out"))
+    assert "shard 0: stopped by SIGTERM" in logs and "shard_0.partial.npz: resuming after" in logs, log
+    # the uninterrupted reference: the same two shards, by the CLI, into another directory
+    ref = tmp_path / "ref"
+    for k in range(2):
+        out = subprocess.run([sys.executable, "-m", "ddpm.sample", "--checkpoint", str(run_dir), "--out", str(ref),
+                              "--shard", str(k), "--num-shards", "2", "--num-samples", "120", "--sampler", "ddpm",
+                              "--steps", "50", "--batch-size", "4", "--seed-base", "7"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr
+    expected = np.concatenate([np.load(ref / f"shard_{k}.npz")["arr_0"] for k in range(2)])
+    got = np.load(run_dir / "samples" / "samples_120x8x8x3.npz")["arr_0"]
+    assert np.array_equal(got, expected)
+
+
+def test_status_shows_stale_heartbeat_as_stalled(images, tmp_path):
+    run_dir = train_locally(images, tmp_path, "training.num_iterations=2", "training.watchdog_s=10")
+    write_status(run_dir, "running", 1, 0)
+    status = json.loads((run_dir / "status.json").read_text())
+    status["heartbeat"] -= 60  # the trainer last beat a minute ago
+    (run_dir / "status.json").write_text(json.dumps(status))
+    shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "training: stalled (no heartbeat for 60 s, more than training.watchdog_s=10) at step 1/2" in shown.stdout
+    write_status(run_dir, "running", 1, 0)  # a fresh beat is not stalled
+    shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60)
+    assert "training: running at step 1/2" in shown.stdout
