@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) != 2:
             raise DDPMError("usage: python launch.py status RUN_DIR")
         return status(Path(argv[1]))
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     cluster = detect_cluster(args.cluster)
     stages = list(STAGES) if args.stage == "all" else list(STAGES[STAGES.index(args.stage):])

@@ -3,9 +3,8 @@
     cfg = load_config("configs/ddpm_babel.yaml", ["training.batch_size=8"])
     cfg.training.learning_rate  # 0.0002 (a float, also when YAML read "2e-4" as a string)
 
-Every key is declared here and only here. Unknown sections or keys, wrong
-types and out-of-range values raise :class:`ConfigError` with one line that
-names the key, the value and what was expected.
+Every key is declared here and only here. Unknown sections or keys, wrong types and out-of-range
+values raise :class:`ConfigError` with one line that names the key, the value and what was expected.
 """
 
 import dataclasses
@@ -80,13 +79,12 @@ class TrainingConfig:
         _require(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, "a float >= 0")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "training.betas",
                  self.betas, "two floats in [0, 1)")
-        _require(self.warmup_steps >= 0, "training.warmup_steps", self.warmup_steps, "an integer >= 0")
+        for key in ("warmup_steps", "ema_start", "milestone_every"):
+            _require(getattr(self, key) >= 0, f"training.{key}", getattr(self, key), "an integer >= 0")
         _require(0 <= self.ema_decay < 1, "training.ema_decay", self.ema_decay, "a float in [0, 1)")
-        _require(self.ema_start >= 0, "training.ema_start", self.ema_start, "an integer >= 0")
         _require(self.gradient_clip_norm >= 0, "training.gradient_clip_norm", self.gradient_clip_norm,
                  "a float >= 0 (0 disables clipping)")
         _require(self.keep_last >= 2, "training.keep_last", self.keep_last, "an integer >= 2")
-        _require(self.milestone_every >= 0, "training.milestone_every", self.milestone_every, "an integer >= 0")
         _require(self.watchdog_s == 0 or self.watchdog_s >= 10, "training.watchdog_s", self.watchdog_s,
                  "0 (off) or an integer >= 10 (seconds)")
         _require(self.stop_signal in ("USR1", "USR2", "TERM", "INT"), "training.stop_signal",
@@ -157,9 +155,8 @@ class InfrastructureConfig:
 
     def validate(self) -> None:
         _require(self.num_gpus >= 0, "infrastructure.num_gpus", self.num_gpus, "an integer >= 0")
-        _require(self.num_nodes >= 1, "infrastructure.num_nodes", self.num_nodes, "an integer >= 1")
-        _require(self.nproc_per_node >= 1, "infrastructure.nproc_per_node", self.nproc_per_node,
-                 "an integer >= 1")
+        for key in ("num_nodes", "nproc_per_node"):
+            _require(getattr(self, key) >= 1, f"infrastructure.{key}", getattr(self, key), "an integer >= 1")
 
 
 @dataclass

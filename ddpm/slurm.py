@@ -339,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)  # overrides may also follow the options (argparse stops there)
+    if any(r.startswith("-") for r in rest):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = [*args.overrides, *rest]
     if args.config is None and args.run_dir is None:
         parser.error("train needs --config or --run-dir")
     cfg = load_config(args.config if args.config else Path(args.run_dir) / "config.yaml", args.overrides)

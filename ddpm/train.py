@@ -242,7 +242,8 @@ class Trainer:
             metrics = self.train_step(*self.next_batch())
             self.logger.step(self.step, metrics)
             self.heartbeat()
-            if self.step % tc.sample_every == 0 and not self.stop_now:
+            # a grid can take minutes: not after a stop signal (it uses no global RNG, so resume stays exact)
+            if self.step % tc.sample_every == 0 and not (self.stop_now or self.stop_requested):
                 self.sample_grid()
                 self.heartbeat(force=True)
             if self.stop_now or self.step % tc.save_every == 0 or self.step == tc.num_iterations:
@@ -341,7 +342,7 @@ def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception)
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)  # exits with one line on a config error
     run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
     # collectives time out at twice the watchdog bound: the wrapper's watchdog acts first, this is the backstop
