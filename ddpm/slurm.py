@@ -105,6 +105,14 @@ def requeue_self(max_restarts: int) -> bool:
     if restarts >= max_restarts:
         print(f"not requeuing job {job_id}: it has restarted {restarts} times (slurm.max_restarts)", flush=True)
         return False
+    state = _job_state(job_id)
+    if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+        print(f"job {job_id} is already being requeued by SLURM (preemption)", flush=True)
+        return True
+    if state not in ("RUNNING", "UNKNOWN"):  # COMPLETING: a plain scancel (or the hard time limit) is ending it; never undo that
+        print(f"not requeuing job {job_id}: SLURM is ending it (JobState={state}: scancel or the time limit); "
+              "`python launch.py status RUN_DIR` prints the command that resumes it", flush=True)
+        return False
     print(f"requeuing job {job_id} (restart {restarts + 1}/{max_restarts})", flush=True)
     proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
@@ -114,6 +122,16 @@ def requeue_self(max_restarts: int) -> bool:
         print(f"scontrol requeue {job_id} failed: {proc.stderr.strip()}", flush=True)
         return False
     return True
+
+
+def _job_state(job_id: str) -> str:
+    """This job's state as squeue reports it (RUNNING, COMPLETING, PENDING, ...), or UNKNOWN."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                             timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "UNKNOWN"
+    return out[0] if out else "UNKNOWN"
 
 
 def _seconds_left() -> int | None:

@@ -212,3 +212,18 @@ def test_hung_rank_watchdog(slurm_cluster, images, tmp_path, reference):
 
 def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_plain_scancel_is_not_undone(slurm_cluster, images, tmp_path):
+    """``scancel JOB`` is the user's decision: the trainer saves on its SIGTERM, the job is not requeued, and
+    ``launch.py status`` prints the command that resumes it."""
+    run_dir, job, log = start_training(images, tmp_path, *WORKERS, f"training.num_iterations={N}")
+    wait_for_step(log, 50)
+    subprocess.run(["scancel", job], check=True)
+    assert wait_for_job(job, timeout=60) == "CANCELLED"
+    time.sleep(2)  # the wrapper's last lines
+    assert restarts(job) == 0 and "not requeuing job" in log.read_text()
+    assert load_latest(run_dir)[1]["step"] >= 50  # saved at the stop
+    shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60).stdout
+    assert f"resume: python launch.py --config {run_dir}/config.yaml" in shown, shown
