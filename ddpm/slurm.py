@@ -109,7 +109,7 @@ def requeue_self(max_restarts: int) -> bool:
     if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
         print(f"job {job_id} is already being requeued by SLURM (preemption)", flush=True)
         return True
-    if state not in ("RUNNING", "UNKNOWN"):  # COMPLETING: a plain scancel (or the hard time limit) is ending it; never undo that
+    if state not in ("RUNNING", "UNKNOWN"):  # COMPLETING: a plain scancel or the hard limit ends it; never undo that
         print(f"not requeuing job {job_id}: SLURM is ending it (JobState={state}: scancel or the time limit); "
               "`python launch.py status RUN_DIR` prints the command that resumes it", flush=True)
         return False
@@ -161,8 +161,12 @@ def _report_deadline(name: str, run_dir: Path) -> None:
 
 
 def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: list[tuple[str, float]]) -> int | None:
-    """Wait for torchrun; its exit code, or None when the watchdog killed it (no heartbeat for ``watchdog_s``)."""
-    reported = False
+    """Wait for torchrun; its exit code, or None when the watchdog killed it (no heartbeat for ``watchdog_s``).
+
+    A stop signal is sent to the ranks again every 5 s until torchrun exits: a rank still starting up
+    inherits torchrun's SIG_IGN and would miss the first one.
+    """
+    reported, resent = False, 0.0
     while True:
         try:
             return proc.wait(timeout=1.0)
@@ -170,7 +174,10 @@ def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: l
             pass
         if signals and not reported:
             _report_deadline(signals[0][0], run_dir)
-            reported = True
+            reported, resent = True, time.monotonic()
+        if signals and time.monotonic() - resent >= 5.0:
+            _signal_all(descendants(proc.pid), getattr(signal, signals[0][0]))
+            resent = time.monotonic()
         status = read_status(run_dir) or {}
         age = time.time() - float(status.get("heartbeat") or time.time())
         # start-up (rendezvous, data, resume) is bounded by torchrun's and the process group's own timeouts
@@ -203,6 +210,8 @@ def run_training(run_dir: Path, cfg: Config) -> str:
         _signal_all(descendants(proc.pid), signum)
 
     stop_sig = getattr(signal, f"SIG{cfg.training.stop_signal}")
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):  # the one that is not the stop signal must not kill the wrapper
+        signal.signal(sig, signal.SIG_IGN)
     for sig in {stop_sig, signal.SIGTERM}:
         signal.signal(sig, forward)
     rc = supervise(proc, run_dir, cfg.training.watchdog_s, signals)

@@ -125,3 +125,22 @@ def test_from_config_matches_create_dataloader(packed: DataConfig) -> None:
     assert take(a, 6) == take(b, 6)
     x = next(a)
     assert x.shape == (4, 3, S, S) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+def test_workers_survive_stop_signals_from_slurm(packed, signame):
+    """SLURM signals every process of a step; a worker must not die of it (PyTorch's own SIGTERM handler exits
+    unless the parent sent it): here another process sends it, and the loader goes on with the same batches."""
+    import dataclasses
+    import subprocess
+
+    cfg = dataclasses.replace(packed, num_workers=1)
+    loader = create_dataloader_from_config(cfg, batch_size=4, seed=3)
+    reference = create_dataloader_from_config(packed, batch_size=4, seed=3)
+    first = next(loader)
+    workers = [w.pid for w in loader._iterator._workers]
+    subprocess.run(["kill", f"-{signame.removeprefix('SIG')}", *map(str, workers)], check=True)  # not the parent
+    assert torch.equal(first, next(reference))
+    for _ in range(2 * N // 4):  # across an epoch boundary (new workers) and back
+        assert torch.equal(next(loader), next(reference))
+    loader.close()

@@ -132,7 +132,7 @@ def test_unreadable_checkpoints_slurm(slurm_cluster, images, tmp_path):
     assert "training: failed" in shown and "no checkpoint can be loaded" in shown
 
 
-SAMPLING = ["sampling.sampler=ddpm", "sampling.num_steps=50", "sampling.num_samples=120", "sampling.num_shards=2",
+SAMPLING = ["sampling.sampler=ddpm", "sampling.num_steps=50", "sampling.num_samples=200", "sampling.num_shards=2",
             "sampling.batch_size=4", "sampling.seed_base=7"]
 
 
@@ -151,20 +151,20 @@ def test_sampling_task_preempted_mid_shard(slurm_cluster, images, tmp_path):
     preempt()
     wait_for_restart(task0, 1)
     assert wait_for_job(jobs["assemble"], timeout=400, release=True) == "COMPLETED"
-    log = run_dir / "logs" / task0 / f"{task0}_log.out"
+    log = run_dir / "logs" / task0 / f"{task0}_0_log.out"
     logs = "".join(p.read_text() for p in (run_dir / "logs").rglob("*.out"))
     assert "shard 0: stopped by SIGTERM" in logs and "shard_0.partial.npz: resuming after" in logs, log
     # the uninterrupted reference: the same two shards, by the CLI, into another directory
     ref = tmp_path / "ref"
     for k in range(2):
         out = subprocess.run([sys.executable, "-m", "ddpm.sample", "--checkpoint", str(run_dir), "--out", str(ref),
-                              "--shard", str(k), "--num-shards", "2", "--num-samples", "120", "--sampler", "ddpm",
+                              "--shard", str(k), "--num-shards", "2", "--num-samples", "200", "--sampler", "ddpm",
                               "--steps", "50", "--batch-size", "4", "--seed-base", "7"],
                              capture_output=True, text=True, cwd=ROOT, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stderr
     expected = np.concatenate([np.load(ref / f"shard_{k}.npz")["arr_0"] for k in range(2)])
-    got = np.load(run_dir / "samples" / "samples_120x8x8x3.npz")["arr_0"]
+    got = np.load(run_dir / "samples" / "samples_200x8x8x3.npz")["arr_0"]
     assert np.array_equal(got, expected)
 
 
