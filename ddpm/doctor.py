@@ -216,19 +216,38 @@ def _restarts(job: str) -> int:
 
 def check_stop_path(cfg: Config, report: Report, timeout: float) -> None:
     """Step 2: a tiny job stopped by the stop signal must checkpoint, be requeued, resume and match."""
+    from ddpm.preflight import job_state
+    from ddpm.slurm import TrainTask, make_executor
+
+    root = Path(cfg.run.root).resolve() / ".doctor" / time.strftime("%Y%m%d-%H%M%S")
+    _write_images(root / "data")
+    jobs: dict[str, tuple[str, Path]] = {}
+    try:
+        for name in ("stopped", "reference"):
+            tiny, run_dir = _tiny_run(cfg, root, name)
+            try:
+                jobs[name] = (make_executor(tiny, run_dir, "train", "slurm").submit(TrainTask(run_dir)).job_id,
+                              run_dir)
+            except Exception as err:  # sbatch refused it (e.g. the partition requires a GPU request)
+                last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+                return report("FAIL", "submitted", f"sbatch refused the tiny CPU job: {last}; see slurm.additional")
+        _follow_stop_path(cfg, report, timeout, jobs, root)
+    finally:  # nothing of the doctor's is left queued
+        alive = [j for j, _ in jobs.values() if job_state(j).split("(")[0] in ("PENDING", "RUNNING", "REQUEUED")]
+        if alive:
+            subprocess.run(["scancel", *alive], capture_output=True, timeout=60)
+            print(f"note  cleanup            cancelled the doctor's unfinished jobs {' '.join(alive)}", flush=True)
+
+
+def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[str, tuple[str, Path]],
+                      root: Path) -> None:
+    """Signal the stop-path job, then follow it: checkpoint, requeue, resume, bitwise match with the reference."""
     import torch
 
     from ddpm.checkpoint import load_latest
     from ddpm.preflight import job_state
     from ddpm.runlog import read_status
-    from ddpm.slurm import TrainTask, make_executor
 
-    root = Path(cfg.run.root).resolve() / ".doctor" / time.strftime("%Y%m%d-%H%M%S")
-    _write_images(root / "data")
-    jobs = {}
-    for name in ("stopped", "reference"):
-        tiny, run_dir = _tiny_run(cfg, root, name)
-        jobs[name] = (make_executor(tiny, run_dir, "train", "slurm").submit(TrainTask(run_dir)).job_id, run_dir)
     job, run_dir = jobs["stopped"]
     report("ok", "submitted", f"job {job} (stop path) and {jobs['reference'][0]} (reference) to "
            f"{cfg.slurm.partition or 'the default partition'}; files in {root}")
@@ -261,10 +280,11 @@ def check_stop_path(cfg: Config, report: Report, timeout: float) -> None:
 
 def doctor(cfg: Config, run_job: bool = True, timeout: float = 1800, save_test: bool = False) -> int:
     """Run both steps; 0 when nothing failed."""
-    from ddpm.preflight import slurm_available
+    from ddpm.preflight import check_slurm, slurm_available
 
     if not slurm_available():
         raise DDPMError("doctor: no SLURM here (sinfo/sbatch not found or not answering); run it on the login node")
+    check_slurm(cfg, ["train"])  # the partition exists and fits the request: one line otherwise
     report = Report()
     check_cluster(cfg, report, save_test)
     if run_job:

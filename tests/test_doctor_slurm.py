@@ -37,9 +37,17 @@ def test_doctor_names_what_to_change(slurm_cluster, tmp_path):
     """A time-limit signal too short for the reference model's checkpoint is a FAIL line naming the key."""
     proc = subprocess.run([sys.executable, "launch.py", "doctor", "--config", str(ROOT / "configs" / "ddpm_babel.yaml"),
                            "slurm.partition=debug", f"run.root={tmp_path}", "slurm.signal_delay_s=30",
-                           "slurm.time_min=2", "data.path=null", "--no-job"], capture_output=True, text=True, cwd=ROOT,
+                           "slurm.time_min=2", "data.path=null", "--no-job", "slurm.cpus_per_task=2", "slurm.mem_gb=1",
+                           "infrastructure.num_gpus=0"], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert re.search(r"^ok +checkpoint +1\.16 GiB", proc.stdout, flags=re.M), proc.stdout
     fails = [ln for ln in proc.stdout.splitlines() if ln.startswith("FAIL")]
     assert fails and all("slurm.signal_delay_s" in ln or "GraceTime" in ln for ln in fails), proc.stdout
+
+
+def test_doctor_unknown_partition_is_one_line(slurm_cluster, tmp_path):
+    proc = subprocess.run([sys.executable, "launch.py", "doctor", "--config", str(TINY), "slurm.partition=nosuch",
+                           f"run.root={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: slurm.partition: partition 'nosuch' does not exist (available: cancel, debug, nopreempt, urgent)"]
