@@ -218,6 +218,11 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     status = read_status(run_dir) or {}
     state, step = status.get("state"), status.get("step")
     if rc == 0 and state == "done":
+        # nothing is left to save: a stop signal now (the time limit's, just as training ended) must not kill
+        # this process as it exits (Python restores default handlers at exit, but keeps SIG_IGN), or the job
+        # would end FAILED and its afterok dependents never start
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         print(f"training done at step {step}", flush=True)
         return "done"
     if rc is None:

@@ -127,7 +127,7 @@ def test_preemption_by_higher_priority_job(slurm_cluster, images, tmp_path, refe
 
 def test_time_limit_signal(slurm_cluster, images, tmp_path, reference):
     """A 2-minute limit: SLURM sends USR2 55 s (up to 60 s more) before it; save, requeue, resume, repeat."""
-    n = 1500  # ~80 s of training: longer than the latest possible first signal (65 s after the start)
+    n = 2500  # 100-130 s of training: longer than the latest possible first signal (~65 s after the start)
     common = [*WORKERS, f"training.num_iterations={n}"]
     ref = reference(*common)
     run_dir, job, log = start_training(images, tmp_path, *common, "slurm.time_min=2", "slurm.signal_delay_s=55")
