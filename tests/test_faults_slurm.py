@@ -130,7 +130,8 @@ def test_time_limit_signal(slurm_cluster, images, tmp_path, reference):
     n = 2500  # 100-130 s of training: longer than the latest possible first signal (~65 s after the start)
     common = [*WORKERS, f"training.num_iterations={n}"]
     ref = reference(*common)
-    run_dir, job, log = start_training(images, tmp_path, *common, "slurm.time_min=2", "slurm.signal_delay_s=55")
+    run_dir, job, log = start_training(images, tmp_path, *common, "slurm.time_min=2", "slurm.signal_delay_s=55",
+                                       "slurm.max_restarts=8")  # a stop every 35-65 s: 2-4 attempts
     text = finish(job, log, timeout=900)
     assert "received SIGUSR2" in text and "SLURM ends this job in" in text
     assert restarts(job) >= 1 and "TIMEOUT" not in show_job(job)["JobState"]
