@@ -134,7 +134,7 @@ def status(run_dir: Path) -> int:
     """Stage, job states (squeue/scontrol, not sacct), last step and checkpoint, shard progress."""
     from ddpm.checkpoint import list_checkpoints
     from ddpm.preflight import job_state
-    from ddpm.runlog import read_status
+    from ddpm.runlog import read_status, stalled_for
     from ddpm.sample import shard_paths
 
     if not (run_dir / "config.yaml").is_file():
@@ -151,8 +151,7 @@ def status(run_dir: Path) -> int:
     train = read_status(run_dir) or {}
     ckpts = list_checkpoints(run_dir)
     state, bound = train.get("state", "not started"), cfg.training.watchdog_s
-    age = time.time() - float(train.get("heartbeat") or time.time())
-    if state in ("starting", "running") and bound and age > bound:
+    if (age := stalled_for(train, bound)) is not None:
         state = f"stalled (no heartbeat for {age:.0f} s, more than training.watchdog_s={bound})"
     print(f"training: {state} at step {train.get('step', 0)}/"
           f"{cfg.training.num_iterations}; last checkpoint: {ckpts[-1][1] if ckpts else 'none'}")

@@ -154,6 +154,15 @@ def write_status(run_dir: Path, state: str, step: int, skipped_steps: int, **ext
          "slurm_job_id": os.environ.get("SLURM_JOB_ID"), **extra}) + "\n")
 
 
+def stalled_for(status: dict[str, Any], watchdog_s: int) -> float | None:
+    """Seconds since a running trainer's last heartbeat when more than ``watchdog_s`` (0 = off), else None.
+
+    Start-up (rendezvous, data, resume) is not watched: torchrun's and the process group's timeouts bound it.
+    """
+    age = time.time() - float(status.get("heartbeat") or time.time())
+    return age if watchdog_s and status.get("state") == "running" and age > watchdog_s else None
+
+
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     path = Path(run_dir) / "status.json"
     try:

@@ -33,7 +33,8 @@ from typing import Any
 from ddpm.config import Config, dump_config, load_config
 from ddpm.dist import first_slurm_host, rendezvous_port
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, cli_entry
-from ddpm.runlog import read_status, write_status
+from ddpm.preflight import job_state
+from ddpm.runlog import read_status, stalled_for, write_status
 
 
 def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None = None) -> list[str]:
@@ -105,11 +106,11 @@ def requeue_self(max_restarts: int) -> bool:
     if restarts >= max_restarts:
         print(f"not requeuing job {job_id}: it has restarted {restarts} times (slurm.max_restarts)", flush=True)
         return False
-    state = _job_state(job_id)
+    state = job_state(job_id).split("(")[0]  # "GONE": squeue and scontrol did not answer; try the requeue
     if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
         print(f"job {job_id} is already being requeued by SLURM (preemption)", flush=True)
         return True
-    if state not in ("RUNNING", "UNKNOWN"):  # COMPLETING: a plain scancel or the hard limit ends it; never undo that
+    if state not in ("RUNNING", "GONE"):  # COMPLETING: a plain scancel or the hard limit ends it; never undo that
         print(f"not requeuing job {job_id}: SLURM is ending it (JobState={state}: scancel or the time limit); "
               "`python launch.py status RUN_DIR` prints the command that resumes it", flush=True)
         return False
@@ -122,16 +123,6 @@ def requeue_self(max_restarts: int) -> bool:
         print(f"scontrol requeue {job_id} failed: {proc.stderr.strip()}", flush=True)
         return False
     return True
-
-
-def _job_state(job_id: str) -> str:
-    """This job's state as squeue reports it (RUNNING, COMPLETING, PENDING, ...), or UNKNOWN."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                             timeout=30).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return "UNKNOWN"
-    return out[0] if out else "UNKNOWN"
 
 
 def _seconds_left() -> int | None:
@@ -178,10 +169,8 @@ def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: l
         if signals and time.monotonic() - resent >= 5.0:
             _signal_all(descendants(proc.pid), getattr(signal, signals[0][0]))
             resent = time.monotonic()
-        status = read_status(run_dir) or {}
-        age = time.time() - float(status.get("heartbeat") or time.time())
-        # start-up (rendezvous, data, resume) is bounded by torchrun's and the process group's own timeouts
-        if watchdog_s and status.get("state") == "running" and age > watchdog_s:
+        age = stalled_for(read_status(run_dir) or {}, watchdog_s)
+        if age is not None:
             print(f"watchdog: no heartbeat from the trainer for {age:.0f} s (training.watchdog_s={watchdog_s}): "
                   "a rank is hung or lost; killing the training processes", flush=True)
             _signal_all([proc.pid, *descendants(proc.pid)], signal.SIGKILL)
