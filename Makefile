@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: venv
-	$(PY) -m ddpm.digits --out data/digits --size 16
+	$(PY) -m tools.digits --out data/digits --size 16
 	$(PY) launch.py --config configs/quickstart_digits.yaml --cluster local
 
 test: venv
@@ -27,7 +27,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 bench: venv
-	$(PY) -m ddpm.bench
+	$(PY) -m tools.bench
 
 clean:
 	rm -rf $(VENV) runs data/digits

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddpm.checkpoint import atomic_write_text
+from ddpm.cluster.executors import AssembleTask, SampleTask, TrainTask, make_executor, sbatch_script
+from ddpm.cluster.preflight import detect_cluster, preflight
 from ddpm.config import Config, dump_config, load_config
 from ddpm.errors import EXIT_OK, EXIT_REQUEUE, DDPMError, cli_entry
-from ddpm.preflight import detect_cluster, preflight
-from ddpm.slurm import AssembleTask, SampleTask, TrainTask, make_executor, sbatch_script
+from ddpm.fsio import atomic_write_text
 
 STAGES = ("train", "sample", "assemble")
 
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def doctor_main(argv: list[str]) -> int:
     """``launch.py doctor``: check what this cluster does on a stop, then take the stop path with a tiny job."""
-    from ddpm.doctor import __doc__ as doc
-    from ddpm.doctor import doctor
+    from ddpm.cluster.doctor import __doc__ as doc
+    from ddpm.cluster.doctor import doctor
 
     p = argparse.ArgumentParser(prog="python launch.py doctor", description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc.split("\n\n", 1)[1])
@@ -133,7 +133,7 @@ def print_summary(cfg: Config, run_dir: Path, jobs: dict[str, Any]) -> None:
 def status(run_dir: Path) -> int:
     """Stage, job states (squeue/scontrol, not sacct), last step and checkpoint, shard progress."""
     from ddpm.checkpoint import list_checkpoints
-    from ddpm.preflight import job_state
+    from ddpm.cluster.preflight import job_state
     from ddpm.runlog import read_status, stalled_for
     from ddpm.sample import shard_paths
 

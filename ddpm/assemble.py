@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm.checkpoint import atomic_write_bytes, atomic_write_text
 from ddpm.data import save_image
 from ddpm.errors import ShardError, cli_entry
-from ddpm.sample import SETTINGS_KEYS, SHARED_KEYS, new_dir, package_versions, shard_paths
+from ddpm.fsio import atomic_write_bytes, atomic_write_text, new_dir
+from ddpm.runlog import package_versions
+from ddpm.sample import SETTINGS_KEYS, SHARED_KEYS, shard_paths
 
 _SHARD = re.compile(r"^shard_(\d+)\.(json|npz|partial\.npz)$")
 

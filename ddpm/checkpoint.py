@@ -18,10 +18,8 @@ from step 0. Contents (see DESIGN.md)::
 from __future__ import annotations
 
 import errno
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 
 from ddpm.errors import CheckpointError
+from ddpm.fsio import atomic_write_bytes, atomic_write_text
 
 FORMAT = "ddpm-slurm/1"
 REQUIRED_KEYS = ("format", "step", "model", "model_config", "ddpm", "config")
@@ -37,35 +36,6 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, write: Callable[[Any], None]) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync it, rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -189,19 +159,3 @@ def load_resolved(path_or_run_dir: str | Path,
             raise CheckpointError(f"{p}: no loadable checkpoint in {checkpoint_dir(p)}")
         return found
     raise CheckpointError(f"{p}: no such checkpoint file or run directory")
-
-
-def build_from_checkpoint(state: dict[str, Any], use_ema: bool = True,
-                          device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
-    """Rebuild (UNet, DDPM) from a checkpoint alone; EMA weights unless ``use_ema`` is False."""
-    from ddpm.diffusion import DDPM
-    from ddpm.unet import UNet
-
-    model = UNet(**state["model_config"])
-    weights = state["ema"]["shadow"] if use_ema and state.get("ema") else state["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint weights do not match its model_config ({err})") from None
-    model.to(device).eval()
-    return model, DDPM(model, **state["ddpm"])

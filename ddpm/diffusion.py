@@ -22,11 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm.config import DDPMConfig
+from ddpm.config import DDPMConfig, Sampler, Spacing, Variance, choices
 
-VARIANCES = ("fixed_small", "fixed_large")
-SAMPLERS = ("ddpm", "ddim")
-SPACINGS = ("leading", "trailing")
+VARIANCES, SAMPLERS, SPACINGS = choices(Variance), choices(Sampler), choices(Spacing)  # declared in ddpm.config
 
 
 def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> np.ndarray:
@@ -201,38 +199,17 @@ class DDPM:
 
         x0: [B, C, H, W] in [-1, 1]; t: LongTensor [B] in [0, T) (default: uniform, global CPU RNG);
         noise: [B, C, H, W] (default: ``randn_like(x0)``). Returns the scalar loss (with grad) and
-        metrics of 0-dim detached tensors: "loss" and "loss_q0".."loss_q3", the mean loss of the samples
-        whose t lies in each quarter of [0, T) (a quarter without samples is left out).
-
-        No ``.item()``: which quarters are present is read from a copy of ``t`` on the CPU. For a CUDA
-        ``t`` that copy is issued before the forward pass and awaited after it is queued, so the wait
-        only covers work already ahead of it on the stream (e.g. the previous step's optimizer update).
+        detached metrics: "loss" (0-dim) and "losses", the per-sample loss [B] (the trainer bins it by
+        t on log steps). No host synchronisation.
         """
-        b = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (b,), dtype=torch.long)
-        copied = None
-        if t.is_cuda:
-            t_cpu = t.to("cpu", non_blocking=True)  # pinned, asynchronous
-            copied = torch.cuda.Event()
-            copied.record()
-        else:
-            t_cpu = t
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), dtype=torch.long)
         t = t.to(x0.device, non_blocking=True)
         x_t, noise = self.forward_process(x0, t, noise)
         eps = self.model(x_t, t)
         losses = (eps.float() - noise.float()).square().mean(dim=tuple(range(1, x0.ndim)))  # [B]
         loss = losses.mean()
-        metrics: dict[str, torch.Tensor] = {"loss": loss.detach()}
-        quarter = t * 4 // self.num_timesteps  # [B] in 0..3, on x0's device
-        sums = losses.detach().new_zeros(4).index_add_(0, quarter, losses.detach())
-        if copied is not None:
-            copied.synchronize()
-        counts = torch.bincount(t_cpu * 4 // self.num_timesteps, minlength=4).tolist()
-        for q, n in enumerate(counts):
-            if n:
-                metrics[f"loss_q{q}"] = sums[q] / n
-        return loss, metrics
+        return loss, {"loss": loss.detach(), "losses": losses.detach()}
 
     # ---- one reverse step -----------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""One facade over torchrun, SLURM (srun without torchrun) and a single process.
+"""One facade over torchrun and a single process.
 
 Only this module, the trainer, the sampler and ``slurm.py`` know about
 processes. Everything works as one process too: with ``world_size == 1`` no
@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,25 +39,11 @@ class DistEnv:
 
 
 def _from_environ() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's variables, else SLURM's, else one process."""
+    """(rank, world_size, local_rank) from torchrun's variables, else one process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also inside a SLURM job)
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return 0, 1, 0
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list (``babel-1-[23-25]`` -> ``babel-1-23``) via scontrol."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                         check=True).stdout.split()
-    return out[0]
-
-
-def rendezvous_port(job_id: str | int | None, base: int = 20000, span: int = 20000) -> int:
-    """A port derived from the job id so concurrent jobs on one node do not collide."""
-    return base + (int(job_id) % span if job_id is not None and str(job_id).isdigit() else 9)
 
 
 def init_distributed(use_cuda: bool = True, timeout_s: int = 1800) -> DistEnv:
@@ -74,9 +59,6 @@ def init_distributed(use_cuda: bool = True, timeout_s: int = 1800) -> DistEnv:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # srun without torchrun: rendezvous at the first node
-            os.environ["MASTER_ADDR"] = first_slurm_host(os.environ["SLURM_JOB_NODELIST"])
-            os.environ["MASTER_PORT"] = str(rendezvous_port(os.environ.get("SLURM_JOB_ID")))
         dist.init_process_group(
             backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),

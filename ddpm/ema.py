@@ -18,8 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddpm.config import TrainingConfig
-
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -60,10 +58,6 @@ class EMA:
             name: (t.detach().float() if t.is_floating_point() else t.detach()).clone()
             for name, t in unwrap_model(model).state_dict(keep_vars=True).items()
         }
-
-    @classmethod
-    def from_config(cls, training_cfg: TrainingConfig, model: nn.Module) -> EMA:
-        return cls(model, training_cfg.ema_decay, training_cfg.ema_start)
 
     def _split(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
         """(float shadows, matching float32 model tensors, names of non-float tensors)."""

@@ -29,9 +29,9 @@ from scipy import linalg
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
-from ddpm.checkpoint import atomic_write_bytes
 from ddpm.config import DataConfig
 from ddpm.errors import DDPMError, cli_entry
+from ddpm.fsio import atomic_write_bytes
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"

@@ -20,59 +20,47 @@ from typing import Any
 import torch
 
 from ddpm import dist
-from ddpm.checkpoint import atomic_write_text
-from ddpm.config import Config
+from ddpm.config import Config, TrainingConfig
+from ddpm.fsio import atomic_write_text
 
 PACKAGES = ("torch", "torchvision", "numpy", "submitit", "datasets", "pyyaml", "pillow", "tensorboard")
-METRICS = ("loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr", "skipped_steps")
+CONSOLE = ("loss", "grad_norm", "lr")  # the scalars of the console line
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
               "SLURM_JOB_PARTITION", "SLURM_JOB_NODELIST", "SLURM_NNODES")
 
 
 class RunLogger:
-    """Per-step metrics -> TensorBoard scalars and a console line every ``log_every`` steps.
+    """Scalars -> TensorBoard and a console line; rank 0 writes, every rank may call.
 
-    Every rank calls :meth:`step` (metrics are averaged over ranks on log steps);
-    only rank 0 writes.
+    It logs whatever it is given (the trainer reduces over ranks and decides what to log and when) and adds
+    ``train/images_per_s`` (and ``train/gpu_mem_gb`` on CUDA) from the time between calls.
     """
 
-    def __init__(self, run_dir: Path, cfg: Config, env: dist.DistEnv, start_step: int = 0):
-        self.env, self.log_every = env, cfg.training.log_every
-        self.total, self.global_batch = cfg.training.num_iterations, cfg.training.batch_size
+    def __init__(self, run_dir: Path, tc: TrainingConfig, env: dist.DistEnv, start_step: int = 0):
+        self.env, self.total, self.global_batch = env, tc.num_iterations, tc.batch_size
         self.writer = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events at steps > start_step (written after that checkpoint) are dropped.
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-        self._last_time, self._last_step, self._start_time = time.perf_counter(), start_step, time.time()
+        self._last_time, self._last_step = time.perf_counter(), start_step
 
-    def step(self, step: int, metrics: dict[str, torch.Tensor]) -> None:
-        if step % self.log_every:
-            return
-        # Ranks may lack some keys (a t-quartile absent from their batch): average what is present.
-        present = [k for k in METRICS if k in metrics]
-        device = metrics["loss"].device
-        values = torch.zeros(2, len(METRICS), device=device)
-        for i, name in enumerate(METRICS):
-            if name in present:
-                values[0, i], values[1, i] = metrics[name].detach().float().to(device), 1.0
-        sums, counts = dist.sum_across_ranks(values).tolist()  # collective: every rank, same steps
-        scalars = {k: s / c for k, s, c in zip(METRICS, sums, counts, strict=True) if c > 0}
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Write ``scalars`` at ``step`` (names starting with "loss" under loss/, the rest under train/)."""
         now = time.perf_counter()
         images_per_s = (step - self._last_step) * self.global_batch / max(now - self._last_time, 1e-9)
         self._last_time, self._last_step = now, step
-        if not self.env.is_main:
+        if self.writer is None:
             return
-        scalars["images_per_s"] = images_per_s
+        scalars = {**scalars, "images_per_s": images_per_s}
         if self.env.device.type == "cuda":
             scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         for name, value in scalars.items():
-            group = "loss" if name.startswith("loss") else "train"
-            self.writer.add_scalar(f"{group}/{name}", value, step)
+            self.writer.add_scalar(f"{'loss' if name.startswith('loss') else 'train'}/{name}", value, step)
+        shown = " ".join(f"{k} {scalars[k]:.4g}" for k in CONSOLE if k in scalars)
         eta_s = (self.total - step) * self.global_batch / max(images_per_s, 1e-9)
-        print(f"step {step}/{self.total} ({100 * step / self.total:.1f}%) loss {scalars['loss']:.4f} "
-              f"grad_norm {scalars['grad_norm']:.3f} lr {scalars['lr']:.2e} {images_per_s:.1f} img/s "
+        print(f"step {step}/{self.total} ({100 * step / self.total:.1f}%) {shown} {images_per_s:.1f} img/s "
               f"eta {_hms(eta_s)}", flush=True)
 
     def image(self, step: int, images: torch.Tensor) -> None:

@@ -20,11 +20,11 @@ moved to ``stale/`` (never deleted) and the shard is sampled again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,17 +34,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ddpm.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_text,
-    build_from_checkpoint,
-    load_resolved,
-)
-from ddpm.errors import ShardError, cli_entry
+from ddpm.checkpoint import load_resolved
+from ddpm.config import Sampler, SamplingConfig, Spacing, choices
+from ddpm.data import to_uint8
+from ddpm.diffusion import DDPM
+from ddpm.errors import CheckpointError, ConfigError, ShardError, cli_entry
+from ddpm.fsio import atomic_write_bytes, atomic_write_text, file_sha256, new_dir
+from ddpm.runlog import package_versions
+from ddpm.unet import UNet
 
 # The settings that determine a shard's pixels; a partial or complete shard is reused only if all match.
-SETTINGS_KEYS = ("checkpoint_sha256", "sampler", "num_steps", "eta", "timestep_spacing", "seed_base",
-                 "use_ema", "image_shape", "num_samples", "num_shards", "shard", "start", "stop")
+SETTINGS_KEYS = ("checkpoint_sha256", "image_shape", *SamplingConfig().pixel_settings(), "shard", "start", "stop")
 # The subset every shard of one sample set shares (checked by ddpm.assemble).
 SHARED_KEYS = tuple(k for k in SETTINGS_KEYS if k not in ("shard", "start", "stop"))
 
@@ -56,22 +56,10 @@ def shard_range(num_samples: int, num_shards: int, shard: int) -> tuple[int, int
     return start, start + q + (1 if shard < r else 0)
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def shard_paths(out_dir: str | Path, shard: int) -> dict[str, Path]:
     out = Path(out_dir)
     return {"npz": out / f"shard_{shard}.npz", "json": out / f"shard_{shard}.json",
             "partial": out / f"shard_{shard}.partial.npz"}
-
-
-def package_versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -93,19 +81,6 @@ def _load_images(path: Path, count: int | None, image_shape: list[int]) -> np.nd
         return None
     ok = images.dtype == np.uint8 and list(images.shape[1:]) == image_shape
     return images if ok and (count is None or len(images) == count) else None
-
-
-def new_dir(parent: Path) -> Path:
-    """A new, empty ``parent/<YYYYmmdd-HHMMSS>[-i]`` directory (never one that exists)."""
-    stamp, i = time.strftime("%Y%m%d-%H%M%S"), 0
-    parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        dest = parent / (stamp if i == 0 else f"{stamp}-{i}")
-        try:
-            dest.mkdir()
-            return dest
-        except FileExistsError:
-            i += 1
 
 
 def _move_stale(paths: list[Path], reason: str) -> None:
@@ -168,8 +143,6 @@ def _generate(diffusion: Any, images: np.ndarray, settings: dict[str, Any], batc
 
     ``images`` holds the first n images of the shard (uint8 [n, H, W, C]); returns all of them.
     """
-    from ddpm.data import to_uint8
-
     start, stop = settings["start"], settings["stop"]
     h, w, c = settings["image_shape"]
     done = [images]
@@ -188,10 +161,6 @@ def _generate(diffusion: Any, images: np.ndarray, settings: dict[str, Any], batc
     return np.concatenate(done)
 
 
-def _pick(value: Any, config: dict[str, Any], key: str) -> Any:
-    return config[key] if value is None else value
-
-
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ShardError(message)
@@ -204,67 +173,73 @@ def default_out_dir(checkpoint: Path) -> Path:
     return checkpoint.parent.parent / "samples" / "shards"
 
 
-def sample_shard(checkpoint: str | Path, out_dir: str | Path | None = None, shard: int | None = None,
-                 num_shards: int | None = None, num_samples: int | None = None, sampler: str | None = None,
-                 num_steps: int | None = None, eta: float | None = None, timestep_spacing: str | None = None,
-                 seed_base: int | None = None, batch_size: int | None = None, use_ema: bool | None = None,
-                 fid: bool | None = None, device: str | None = None, progress: bool = True,
-                 fid_weights: str | None = None) -> Path:
-    """Generate (or finish, or skip) shard ``shard`` of ``num_shards``; returns ``shard_<k>.npz``.
+def build_from_checkpoint(state: dict[str, Any], use_ema: bool = True,
+                          device: str | torch.device = "cpu") -> tuple[torch.nn.Module, DDPM]:
+    """Rebuild (UNet, DDPM) from a checkpoint alone; EMA weights unless ``use_ema`` is False."""
+    model = UNet(**state["model_config"])
+    weights = state["ema"]["shadow"] if use_ema and state.get("ema") else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not match its model_config ({err})") from None
+    model.to(device).eval()
+    return model, DDPM(model, **state["ddpm"])
 
-    ``checkpoint`` is a file or a run directory (its newest valid checkpoint). Every None
-    argument takes the checkpoint config's ``sampling`` value; ``shard`` falls back to
-    ``$SLURM_ARRAY_TASK_ID`` (or 0 when there is one shard). Bad input raises ShardError
-    (or CheckpointError / FIDError) before any sampling.
+
+def checkpoint_sampling(state: dict[str, Any]) -> SamplingConfig:
+    """The ``sampling`` section the checkpoint was trained with (keys added since then take defaults)."""
+    known = {f.name for f in dataclasses.fields(SamplingConfig)}
+    return SamplingConfig(**{k: v for k, v in state["config"]["sampling"].items() if k in known})
+
+
+def sample_shard(checkpoint: str | Path, out_dir: str | Path | None, shard: int | None,
+                 sampling: SamplingConfig, device: str | None = None, progress: bool = True) -> Path:
+    """Generate (or finish, or skip) shard ``shard`` of ``sampling.num_shards``; returns ``shard_<k>.npz``.
+
+    ``checkpoint`` is a file or a run directory (its newest valid checkpoint); ``out_dir`` None is
+    ``<run>/samples/shards``; ``shard`` None is ``$SLURM_ARRAY_TASK_ID`` (or 0 when there is one shard).
+    ``sampling`` is valid by construction; what depends on the checkpoint (its T) is checked here. Bad input
+    raises ShardError, ConfigError, CheckpointError or FIDError before any sampling.
     """
     ckpt, state = load_resolved(checkpoint, map_location="cpu")
-    cfg = state["config"]["sampling"]
-    num_samples, num_shards = _pick(num_samples, cfg, "num_samples"), _pick(num_shards, cfg, "num_shards")
+    return _sample_loaded(ckpt, state, out_dir, shard, sampling, device, progress)
+
+
+def _sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None, shard: int | None,
+                   s: SamplingConfig, device: str | None, progress: bool) -> Path:
+    """:func:`sample_shard` for a checkpoint already loaded (``state`` read from ``ckpt``)."""
     if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
         shard = int(os.environ["SLURM_ARRAY_TASK_ID"])
     if shard is None:
-        _check(num_shards == 1, "--shard not given and SLURM_ARRAY_TASK_ID is not set")
+        _check(s.num_shards == 1, "--shard not given and SLURM_ARRAY_TASK_ID is not set")
         shard = 0
-    _check(num_samples >= 1, f"--num-samples must be >= 1, got {num_samples}")
-    _check(1 <= num_shards <= num_samples,
-           f"--num-shards must be in [1, num_samples={num_samples}], got {num_shards}")
-    _check(0 <= shard < num_shards,
-           f"shard {shard} out of range: --num-shards is {num_shards} (shards 0..{num_shards - 1})")
-    sampler, num_steps = _pick(sampler, cfg, "sampler"), _pick(num_steps, cfg, "num_steps")
-    eta, spacing = float(_pick(eta, cfg, "eta")), _pick(timestep_spacing, cfg, "timestep_spacing")
-    seed_base, batch_size = _pick(seed_base, cfg, "seed_base"), _pick(batch_size, cfg, "batch_size")
-    use_ema, fid = bool(_pick(use_ema, cfg, "use_ema")), bool(_pick(fid, cfg, "fid"))
-    _check(sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {sampler!r}")
-    _check(1 <= num_steps <= state["ddpm"]["num_timesteps"],
-           f"--steps must be in [1, {state['ddpm']['num_timesteps']}] (the checkpoint's T), got {num_steps}")
-    _check(0.0 <= eta <= 1.0, f"--eta must be in [0, 1], got {eta}")
-    _check(spacing in ("leading", "trailing"), f"--spacing must be leading or trailing, got {spacing!r}")
-    _check(seed_base >= 0, f"--seed-base must be >= 0, got {seed_base}")
-    _check(batch_size >= 1, f"--batch-size must be >= 1, got {batch_size}")
-    if use_ema and not state.get("ema"):
+    _check(0 <= shard < s.num_shards,
+           f"shard {shard} out of range: sampling.num_shards is {s.num_shards} (shards 0..{s.num_shards - 1})")
+    T = state["ddpm"]["num_timesteps"]
+    if s.num_steps > T:
+        raise ConfigError(f"sampling.num_steps: invalid value {s.num_steps} (expected at most the checkpoint's "
+                          f"ddpm.num_timesteps, {T})")
+    if s.use_ema and not state.get("ema"):
         print(f"{ckpt}: no EMA weights in the checkpoint; using the raw model weights", flush=True)
-        use_ema = False
+        s = dataclasses.replace(s, use_ema=False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _check(not device.startswith("cuda") or torch.cuda.is_available(),
-           f"--device {device}: CUDA is not available")
+    _check(not device.startswith("cuda") or torch.cuda.is_available(), f"--device {device}: CUDA is not available")
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt)
     mc = state["model_config"]
     size = mc.get("image_size", state["config"]["data"]["image_size"])
-    start, stop = shard_range(num_samples, num_shards, shard)
-    settings = {"checkpoint_sha256": file_sha256(ckpt), "sampler": sampler, "num_steps": num_steps, "eta": eta,
-                "timestep_spacing": spacing, "seed_base": seed_base, "use_ema": use_ema,
-                "image_shape": [size, size, mc["in_channels"]], "num_samples": num_samples,
-                "num_shards": num_shards, "shard": shard, "start": start, "stop": stop}
+    start, stop = shard_range(s.num_samples, s.num_shards, shard)
+    settings = {"checkpoint_sha256": file_sha256(ckpt), "image_shape": [size, size, mc["in_channels"]],
+                **s.pixel_settings(), "shard": shard, "start": start, "stop": stop}
     inception, fid_signature = None, None
-    if fid:  # fail on missing/mismatched Inception weights before any sampling
+    if s.fid:  # fail on missing/mismatched Inception weights before any sampling
         from ddpm import fid as fidlib
-        inception = fidlib.load_inception(fid_weights or cfg.get("fid_weights"), device)
+        inception = fidlib.load_inception(s.fid_weights, device)
         fid_signature = fidlib.stats_signature(state["config"]["data"])
 
     paths = shard_paths(out, shard)
-    meta, images = _existing_complete(paths, settings, fid)
-    if meta is not None and (not fid or meta.get("fid")):
-        print(f"shard {shard} of {num_shards} already complete: {paths['npz']} (skipping)", flush=True)
+    meta, images = _existing_complete(paths, settings, s.fid)
+    if meta is not None and (not s.fid or meta.get("fid")):
+        print(f"shard {shard} of {s.num_shards} already complete: {paths['npz']} (skipping)", flush=True)
         return paths["npz"]
     if images is None:
         images = _resume_partial(paths, settings)
@@ -272,9 +247,9 @@ def sample_shard(checkpoint: str | Path, out_dir: str | Path | None = None, shar
         images = np.zeros((0, size, size, mc["in_channels"]), dtype=np.uint8)
     n_before, t0 = len(images), time.perf_counter()
     if n_before < stop - start:
-        model, diffusion = build_from_checkpoint(state, use_ema=use_ema, device=device)
+        model, diffusion = build_from_checkpoint(state, use_ema=s.use_ema, device=device)
         with torch.no_grad():
-            images = _generate(diffusion, images, settings, batch_size, paths["partial"], progress)
+            images = _generate(diffusion, images, settings, s.batch_size, paths["partial"], progress)
         del model, diffusion
     elapsed = time.perf_counter() - t0
     rate = (len(images) - n_before) / max(elapsed, 1e-9)
@@ -285,11 +260,10 @@ def sample_shard(checkpoint: str | Path, out_dir: str | Path | None = None, shar
         arrays.update(stats.to_arrays())
     payload = _npz_bytes(**arrays)
     atomic_write_bytes(paths["npz"], lambda f: f.write(payload))
-    meta = {**settings, "complete": True, "count": stop - start,
-            "seeds": {"seed_base": seed_base, "first": seed_base + start, "last": seed_base + stop - 1},
-            "checkpoint": str(ckpt.resolve()), "step": int(state["step"]), "batch_size": batch_size,
-            "device": str(device), "fid": fid, "fid_signature": fid_signature,
-            "fid_reference": cfg.get("fid_reference"), "npz_sha256": hashlib.sha256(payload).hexdigest(),
+    meta = {**dataclasses.asdict(s), **settings, "complete": True, "count": stop - start,
+            "seeds": {"seed_base": s.seed_base, "first": s.seed_base + start, "last": s.seed_base + stop - 1},
+            "checkpoint": str(ckpt.resolve()), "step": int(state["step"]), "device": str(device),
+            "fid_signature": fid_signature, "npz_sha256": hashlib.sha256(payload).hexdigest(),
             "images_per_second": rate if len(images) > n_before else None, "versions": package_versions()}
     atomic_write_text(paths["json"], json.dumps(meta, indent=2) + "\n")  # the json marks completion: last
     paths["partial"].unlink(missing_ok=True)
@@ -299,22 +273,29 @@ def sample_shard(checkpoint: str | Path, out_dir: str | Path | None = None, shar
     return paths["npz"]
 
 
+# command-line flag -> SamplingConfig field; a flag given replaces the checkpoint's value
+FLAGS = {"num_samples": "--num-samples", "num_shards": "--num-shards", "sampler": "--sampler",
+         "num_steps": "--steps", "eta": "--eta", "timestep_spacing": "--spacing", "seed_base": "--seed-base",
+         "batch_size": "--batch-size", "use_ema": "--no-ema", "fid": "--fid", "fid_weights": "--fid-weights"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ddpm.sample", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ddpm.sample", description=__doc__.split("\n")[0],
+                                epilog="Each flag replaces one sampling.* value of the checkpoint's config.")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (newest valid)")
     p.add_argument("--out", default=None, help="shard directory (default <run>/samples/shards)")
-    p.add_argument("--num-samples", type=int)
     p.add_argument("--shard", type=int, help="default: $SLURM_ARRAY_TASK_ID")
-    p.add_argument("--num-shards", type=int)
-    p.add_argument("--sampler", choices=("ddpm", "ddim"))
+    p.add_argument("--num-samples", type=int, dest="num_samples")
+    p.add_argument("--num-shards", type=int, dest="num_shards")
+    p.add_argument("--sampler", choices=choices(Sampler))
     p.add_argument("--steps", type=int, dest="num_steps")
     p.add_argument("--eta", type=float)
-    p.add_argument("--spacing", choices=("leading", "trailing"), dest="timestep_spacing")
-    p.add_argument("--seed-base", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--spacing", choices=choices(Spacing), dest="timestep_spacing")
+    p.add_argument("--seed-base", type=int, dest="seed_base")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--no-ema", action="store_const", const=False, dest="use_ema", help="raw (non-EMA) weights")
-    p.add_argument("--fid", action="store_const", const=True, default=None, help="store Inception statistics")
-    p.add_argument("--fid-weights", default=None, help="default: sampling.fid_weights or the torch hub cache")
+    p.add_argument("--fid", action="store_const", const=True, help="store Inception statistics")
+    p.add_argument("--fid-weights", dest="fid_weights", help="default: sampling.fid_weights or the torch hub cache")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_false", dest="progress")
     return p
@@ -323,7 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    sample_shard(args.pop("checkpoint"), out_dir=args.pop("out"), **args)
+    ckpt, state = load_resolved(args["checkpoint"], map_location="cpu")  # read once
+    given = {k: args[k] for k in FLAGS if args[k] is not None}
+    try:  # one validation, in SamplingConfig.__post_init__
+        sampling = dataclasses.replace(checkpoint_sampling(state), **given)
+    except ConfigError as err:  # name the flag beside the key
+        key = str(err).split(":", 1)[0].removeprefix("sampling.")
+        raise ConfigError(f"{err} (set by {FLAGS[key]})" if key in given else str(err)) from None
+    _sample_loaded(ckpt, state, args["out"], args["shard"], sampling, args["device"], args["progress"])
     return 0
 
 

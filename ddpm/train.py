@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,37 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddpm import dist
 from ddpm.checkpoint import FORMAT, load_latest, save_checkpoint
-from ddpm.config import Config, dump_config, load_config
+from ddpm.config import Config, InfrastructureConfig, TrainingConfig, dump_config, load_config
 from ddpm.data import create_dataloader_from_config, save_image
 from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
 from ddpm.errors import EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, cli_entry
 from ddpm.runlog import RunLogger, write_provenance, write_status
 from ddpm.unet import UNet
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], tc: TrainingConfig,
+                    infra: InfrastructureConfig) -> torch.optim.AdamW:
+    """AdamW of ``training``, fused when ``infrastructure.fused_adam`` (CUDA, CPU); the trainer's and the bench's."""
+    return torch.optim.AdamW(params, lr=tc.learning_rate, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                             fused=infra.fused_adam or None)
+
+
+def amp_dtype(infra: InfrastructureConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA (fp16, with a grad scaler, where bf16 is missing); on CPU bf16 only
+    with ``infrastructure.mixed_precision_on_cpu``; None = fp32."""
+    if not infra.mixed_precision:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if infra.mixed_precision_on_cpu else None
+
+
+def quartile_losses(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """[sum_q, count_q] of the per-sample losses [B] whose t [B] lies in quarter q of [0, T): [2, 4]."""
+    quarter = (t.to(losses.device) * 4 // num_timesteps).long()  # [B] in 0..3
+    sums = losses.new_zeros(4).index_add_(0, quarter, losses.float())
+    return torch.stack([sums, torch.bincount(quarter, minlength=4).to(sums)])
 
 
 class Trainer:
@@ -65,10 +90,8 @@ class Trainer:
         if infra.compile:
             net = torch.compile(net)
         self.ddpm = DDPM.from_config(cfg.ddpm, net)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=tc.learning_rate, betas=tuple(tc.betas),
-            weight_decay=tc.weight_decay, fused=infra.fused_adam or None)
-        self.amp_dtype = self._amp_dtype()
+        self.optimizer = build_optimizer(self.model.parameters(), tc, infra)
+        self.amp_dtype = amp_dtype(infra, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.loader = create_dataloader_from_config(cfg.data, self.local_batch, env.rank, env.world_size,
@@ -81,19 +104,11 @@ class Trainer:
         self._last_beat, self._last_save_s = 0.0, 0.0
         self._install_signal_handlers()
         self._resume()
-        self.logger = RunLogger(self.run_dir, cfg, env, start_step=self.step)
+        self.logger = RunLogger(self.run_dir, tc, env, start_step=self.step)
         self._iter = iter(self.loader)
         self._fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ---- setup -------------------------------------------------------------------------------------
-    def _amp_dtype(self) -> torch.dtype | None:
-        infra = self.cfg.infrastructure
-        if not infra.mixed_precision:
-            return None
-        if self.device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if infra.mixed_precision_on_cpu else None
-
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, _frame: Any) -> None:  # only sets a flag; idempotent
             if not self.stop_requested:
@@ -225,8 +240,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.stop_now = stop
-        return {**metrics, "loss": loss.detach(), "grad_norm": grad_norm.detach(),
-                "lr": torch.tensor(lr), "skipped_steps": torch.tensor(float(self.skipped_steps))}
+        return {**metrics, "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr),
+                "skipped_steps": torch.tensor(float(self.skipped_steps))}
 
     # ---- the loop ----------------------------------------------------------------------------------
     def fit(self) -> str:
@@ -239,8 +254,10 @@ class Trainer:
                     f"{self.env.world_size} x {self.device.type}, global batch {tc.batch_size}, "
                     f"step {self.step}/{tc.num_iterations}, run dir {self.run_dir}")
         while self.step < tc.num_iterations and not self.stop_now:
-            metrics = self.train_step(*self.next_batch())
-            self.logger.step(self.step, metrics)
+            x0, t, noise = self.next_batch()
+            metrics = self.train_step(x0, t, noise)
+            if self.step % tc.log_every == 0:
+                self.log(metrics, t)
             self.heartbeat()
             # a grid can take minutes: not after a stop signal (it uses no global RNG, so resume stays exact)
             if self.step % tc.sample_every == 0 and not (self.stop_now or self.stop_requested):
@@ -256,12 +273,22 @@ class Trainer:
         dist.barrier()
         return state
 
-    def heartbeat(self, force: bool = False) -> None:
-        """Rank 0 refreshes ``status.json`` (state running, step, time) at most every few seconds.
+    def log(self, metrics: dict[str, torch.Tensor], t: torch.Tensor) -> None:
+        """On a log step (collective): loss, grad norm and the mean loss per quarter of [0, T) over every
+        rank's samples (a quarter without samples is left out), learning rate, skipped steps."""
+        quarters = quartile_losses(metrics["losses"], t, self.ddpm.num_timesteps)  # [2, 4]
+        head = torch.stack([metrics["loss"].float(), metrics["grad_norm"].float()]).to(quarters)
+        total = dist.sum_across_ranks(torch.cat([head, quarters.flatten()])).tolist()
+        n = self.env.world_size
+        scalars = {"loss": total[0] / n, "grad_norm": total[1] / n, "lr": float(metrics["lr"]),
+                   "skipped_steps": float(self.skipped_steps)}
+        sums, counts = total[2:6], total[6:10]
+        scalars.update({f"loss_q{q}": s / c for q, (s, c) in enumerate(zip(sums, counts, strict=True)) if c})
+        self.logger.log(self.step, scalars)
 
-        The wrapper's watchdog (``training.watchdog_s``) reads it: a hung rank blocks every rank at the next
-        collective, so the beat stops and the wrapper ends the job instead of holding the allocation.
-        """
+    def heartbeat(self, force: bool = False) -> None:
+        """Rank 0 refreshes ``status.json`` (running, step, time) at most every 5 s, for the wrapper's watchdog
+        (``training.watchdog_s``): a hung rank blocks every rank at the next collective, so the beat stops."""
         now = time.monotonic()
         if not self.env.is_main or (not force and now - self._last_beat < 5.0):
             return
@@ -311,8 +338,7 @@ class Trainer:
             print(msg, flush=True)
 
     def close(self) -> None:
-        """Flush the logs; later stop signals are ignored (nothing is left to save), which also drops the
-        handlers' reference to this trainer so that it can be freed."""
+        """Flush the logs; ignore later stop signals (nothing is left to save; frees the handlers' self)."""
         for name in {self.cfg.training.stop_signal, "TERM"}:
             signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_IGN)
         self.logger.close()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.config import ModelConfig
+from ddpm.config import ModelConfig, architecture_problem
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:
@@ -258,25 +258,10 @@ class UNet(nn.Module):
 
 def _validate(image_size: int, mults: list[int], attn_res: set[int], base: int, num_heads: int) -> None:
     """Raise ValueError naming the value when the architecture cannot be built for ``image_size``."""
-    levels = len(mults)
-    if not mults or min(mults) < 1:
-        raise ValueError(f"channel_mult={mults}: expected a non-empty list of integers >= 1")
-    if image_size < 1 or image_size % 2 ** (levels - 1):
-        raise ValueError(
-            f"image_size={image_size} is not divisible by 2^(len(channel_mult)-1) = {2 ** (levels - 1)}"
-        )
-    resolutions = [image_size // 2**i for i in range(levels)]
-    for r in sorted(attn_res):
-        if r not in resolutions:
-            raise ValueError(
-                f"attention resolution {r} never occurs (the U-Net's resolutions are {resolutions})"
-            )
-    if num_heads < 1:
-        raise ValueError(f"num_heads={num_heads}: expected an integer >= 1")
-    # Attention runs at each listed resolution and always in the middle (lowest resolution).
-    for i, r in enumerate(resolutions):
-        ch = mults[i] * base
-        if (r in attn_res or i == levels - 1) and ch % num_heads:
-            raise ValueError(
-                f"num_heads={num_heads} does not divide the {ch} channels of the attention at resolution {r}"
-            )
+    if not mults or min(mults) < 1 or image_size < 1 or num_heads < 1:
+        raise ValueError(f"channel_mult={mults}, image_size={image_size}, num_heads={num_heads}: expected a "
+                         "non-empty list of integers >= 1, an image size >= 1 and num_heads >= 1")
+    problem = architecture_problem(image_size, mults, sorted(attn_res), base, num_heads)
+    if problem is not None:
+        key, value, expected = problem
+        raise ValueError(f"{key.split('.')[-1]}={value!r}: expected {expected}")

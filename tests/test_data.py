@@ -26,11 +26,11 @@ from ddpm.data import (
     to_uint8,
     unnormalize,
 )
-from ddpm.datatools import pack_dataset
-from ddpm.digits import export_digits
-from ddpm.digits import main as digits_main
+from ddpm.data.pack import pack_dataset
+from tools.digits import export_digits
+from tools.digits import main as digits_main
 from ddpm.errors import DataError
-from ddpm.sources import build_source, preprocess, preprocess_signature, sidecar_path
+from ddpm.data.sources import build_source, preprocess, preprocess_signature, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(20, 30), (40, 24), (33, 33), (17, 50), (64, 48), (25, 25), (30, 20), (48, 64), (21, 37)]

@@ -59,7 +59,7 @@ class Reference:
     def __init__(self, root: Path, overrides: list[str]):
         self.run_dir = root / "tiny"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ddpm.slurm", "train", "--config", str(TINY), *overrides, f"run.root={root}"],
+            [sys.executable, "-m", "ddpm.cluster", "train", "--config", str(TINY), *overrides, f"run.root={root}"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
             env={**os.environ, "OMP_NUM_THREADS": "1"})
 

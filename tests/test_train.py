@@ -30,7 +30,7 @@ def overrides(images: Path, run_root: Path, *extra: str) -> list[str]:
 
 def train_cmd(args: list[str], torchrun: int = 0) -> list[str]:
     if torchrun:  # the production wrapper: torchrun's agent ignores the stop signal, workers get it
-        return [sys.executable, "-m", "ddpm.slurm", "train", "--config", str(TINY), *args]
+        return [sys.executable, "-m", "ddpm.cluster", "train", "--config", str(TINY), *args]
     return [sys.executable, "-m", "ddpm.train", "--config", str(TINY), *args]
 
 

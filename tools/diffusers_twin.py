@@ -1,4 +1,4 @@
-"""The diffusers twin of our U-Net for ``python -m ddpm.bench``: same architecture, same weights.
+"""The diffusers twin of our U-Net for ``python -m tools.bench``: same architecture, same weights.
 
 ``diffusers_unet`` builds ``UNet2DModel`` to the config's model section; ``diffusers_to_ours`` renames its
 state dict to ours, so ``build_pair`` can load one set of weights into both and check they agree;

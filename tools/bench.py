@@ -1,7 +1,7 @@
-"""``python -m ddpm.bench``: our U-Net and samplers against diffusers, and the data loader, on one machine.
+"""``python -m tools.bench``: our U-Net and samplers against diffusers, and the data loader, on one machine.
 
-    python -m ddpm.bench --quick                                     # CPU: about two minutes
-    python -m ddpm.bench --device cuda --config configs/ddpm_babel.yaml [infrastructure.compile=true]
+    python -m tools.bench --quick                                     # CPU: about two minutes
+    python -m tools.bench --device cuda --config configs/ddpm_babel.yaml [infrastructure.compile=true]
 
 Prints, in one run, side by side:
 
@@ -14,7 +14,7 @@ Prints, in one run, side by side:
 2. sampling throughput of ``DDPM.sample`` (DDPM-1000 and DDIM-50) against a diffusers scheduler loop
    (``DDPMScheduler`` / ``DDIMScheduler.step``) over the same network (ours), fp32 as ``ddpm.sample`` runs;
    with ``--quick`` a few steps are timed and the per-step time is multiplied by the step count;
-3. the data loader (``ddpm.datatools.bench``) on the configured source when its data is there, else on
+3. the data loader (``ddpm.data.pack.bench``) on the configured source when its data is there, else on
    a synthetic folder of CelebA-sized JPEGs made in a temporary directory (the header says which).
 
 Timing: warmup steps, then ``--repeats`` runs of ``--steps`` steps each (``time.perf_counter``, CUDA
@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.bench_diffusers import build_pair, diffusers_loop, sample_of
 from ddpm.config import Config, DataConfig, load_config
 from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError, cli_entry
 from ddpm.unet import UNet
+from tools.diffusers_twin import build_pair, diffusers_loop, sample_of
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ddpm_babel.yaml"
 GLIBC_KEEP = "glibc.malloc.trim_threshold=17179869184:glibc.malloc.mmap_threshold=33554432"
@@ -212,8 +212,8 @@ def synthetic_folder(root: Path, n: int) -> None:
 
 def bench_data(cfg: DataConfig, batch_size: int, device: str, quick: bool) -> tuple[str, dict[str, float], str]:
     """(what was measured, images/s per source, the bench's own lines)."""
-    from ddpm.datatools import bench as data_bench
-    from ddpm.sources import build_source
+    from ddpm.data.pack import bench as data_bench
+    from ddpm.data.sources import build_source
 
     seconds, n = (2.0, 256) if quick else (5.0, 1024)
     out = io.StringIO()
@@ -288,7 +288,7 @@ def report_sampling(cfg: Config, ours: UNet, device: torch.device, args: argpars
 
 def report_data(cfg: Config, device: torch.device, args: argparse.Namespace, train_rate: float | None) -> None:
     what, rates, lines = bench_data(cfg.data, args.batch_size, device.type, args.quick)
-    print(f"\n3. data loader (ddpm.datatools.bench, batch {args.batch_size}): {what}")
+    print(f"\n3. data loader (ddpm.data.pack.bench, batch {args.batch_size}): {what}")
     for line in lines.rstrip().splitlines():
         print(f"   {line.strip()}")
     if train_rate:
@@ -297,7 +297,7 @@ def report_data(cfg: Config, device: torch.device, args: argparse.Namespace, tra
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ddpm.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (model, ddpm, data sections)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. infrastructure.channels_last=true")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     mf = torch.channels_last if infra.channels_last else torch.contiguous_format
     precision = f"{amp} autocast".replace("torch.", "") if amp else "fp32"
 
-    print(f"ddpm.bench on {device.type}: {machine(device)}")
+    print(f"tools.bench on {device.type}: {machine(device)}")
     print(f"config {args.config}: {cfg.data.image_size}x{cfg.data.image_size}, {precision}, "
           f"{'channels_last' if infra.channels_last else 'contiguous'}, compile={infra.compile}, "
           f"fused_adam={bool(cuda and infra.fused_adam)}, tf32={bool(cuda and infra.tf32)}"

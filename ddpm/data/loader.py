@@ -1,4 +1,4 @@
-"""Training images: sources, the sharded resumable loader, and the image helpers.
+"""The sharded, resumable training loader over an image source.
 
     loader = create_dataloader_from_config(cfg.data, batch_size=64 // world_size, rank=rank,
                                            world_size=world_size, seed=cfg.training.seed, device=device)
@@ -16,10 +16,10 @@ function of (seed, epoch, offset): independent of worker count, and 2 ranks x B 
 Pixels: :func:`preprocess` (RGB -> centre crop ``data.center_crop`` -> BICUBIC resize to
 ``data.image_size``) -> random horizontal flip -> float [3, S, S] in [-1, 1]. For aligned CelebA the
 default is the 140x140 centre crop; DDIM/StyleGAN use the 128x128 box centred at (89, 121) instead
-(``data.crop_center``), and FID depends on that choice (:mod:`ddpm.sources` explains;
+(``data.crop_center``), and FID depends on that choice (:mod:`ddpm.data.sources` explains;
 :func:`preprocess_signature` records it).
 
-Command line (``python -m ddpm.data``, see :mod:`ddpm.datatools`): ``pack`` decodes, crops and resizes
+Command line (``python -m ddpm.data``, see :mod:`ddpm.data.pack`): ``pack`` decodes, crops and resizes
 a source once into a memory-mapped uint8 file; ``bench`` measures images/second per source.
 """
 
@@ -38,58 +38,22 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ddpm.checkpoint import atomic_write_bytes
+from ddpm.fsio import atomic_write_bytes
 from ddpm.config import DataConfig
 from ddpm.errors import DataError
-from ddpm.sources import ImageSource, build_source, preprocess, preprocess_signature
-
-__all__ = [
-    "InfiniteLoader", "ShardedBatchSampler", "build_source", "create_dataloader",
-    "create_dataloader_from_config", "default_num_workers", "make_grid", "normalize", "preprocess",
-    "preprocess_signature", "save_image", "to_uint8", "unnormalize",
-]
+from ddpm.data.base import ImageSource
+from ddpm.data.sources import build_source
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> [-1, 1], any shape."""
-    return x * 2.0 - 1.0
 
 
-def unnormalize(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], clamped, any shape."""
-    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] (or [C, H, W]) in [-1, 1] -> np.uint8 [N, H, W, C] (or [H, W, C]), rounded."""
-    y = ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return y.movedim(-3, -1).cpu().numpy()
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
-              pad_value: float = -1.0) -> torch.Tensor:
-    """[N, C, H, W] in [-1, 1] -> one image [C, H', W'] with ``nrow`` images a row (ceil(sqrt(N)))."""
-    if images.dim() == 3:
-        images = images.unsqueeze(0)
-    n, c, h, w = images.shape
-    nrow = max(1, min(nrow or math.ceil(math.sqrt(n)), n))
-    rows = math.ceil(n / nrow)
-    grid = images.new_full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
-    for i in range(n):
-        top, left = (i // nrow) * (h + padding) + padding, (i % nrow) * (w + padding) + padding
-        grid[:, top:top + h, left:left + w] = images[i]
-    return grid
 
 
-def save_image(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write [C, H, W] or a batch [N, C, H, W] (as a grid) in [-1, 1] to a PNG, atomically."""
-    if images.dim() == 4:
-        images = make_grid(images, nrow)
-    pixels = to_uint8(images)
-    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    path = Path(path)
-    atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
-    return path
+
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -281,9 +245,3 @@ def create_dataloader_from_config(data_cfg: DataConfig, batch_size: int, rank: i
     return create_dataloader(source, batch_size, rank, world_size, seed,
                              num_workers=default_num_workers(data_cfg.num_workers),
                              random_flip=data_cfg.random_flip, pin_memory=cuda)
-
-
-if __name__ == "__main__":
-    from ddpm.datatools import main
-
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""``python -m ddpm.digits --out DIR [--size 32]``: the quickstart's real images, offline.
+"""``python -m tools.digits --out DIR [--size 32]``: the quickstart's real images, offline.
 
 Exports scikit-learn's bundled handwritten digits (1797 images of 8x8 pixels, 17 grey levels, no
 download) as PNG files ``DIR/<label>/<index>.png``: white digits on black, upscaled to ``--size`` pixels
@@ -74,7 +74,7 @@ def export_digits(out: str | Path, size: int = 32) -> tuple[int, bool]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ddpm.digits",
+        prog="python -m tools.digits",
         description="Export scikit-learn's 1797 handwritten digits as PNG files (the quickstart data).")
     parser.add_argument("--out", required=True, help="folder to write <label>/<index>.png into")
     parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")

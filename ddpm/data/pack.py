@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ddpm.checkpoint import atomic_write_text
+from ddpm.fsio import atomic_write_text
 from ddpm.config import DataConfig, load_config
 from ddpm.errors import DataError, cli_entry
-from ddpm.sources import PACKED_FORMAT, ImageSource, build_source, preprocess_signature, sidecar_path
+from ddpm.data.base import ImageSource
+from ddpm.data.sources import PACKED_FORMAT, build_source, preprocess_signature, sidecar_path
 
 _CHUNK = 64
 _WORKER_SOURCE: ImageSource | None = None
@@ -142,7 +143,7 @@ def measure(cfg: DataConfig, seconds: float, batch_size: int, device: str) -> tu
     """Images/second the loader of ``cfg`` delivers to ``device``: (rate, batches, elapsed seconds)."""
     import torch
 
-    from ddpm.data import create_dataloader_from_config
+    from ddpm.data.loader import create_dataloader_from_config
 
     dev = torch.device(device)
     loader = create_dataloader_from_config(cfg, batch_size, device=dev)
@@ -162,7 +163,7 @@ def measure(cfg: DataConfig, seconds: float, batch_size: int, device: str) -> tu
 def bench(cfg: DataConfig, seconds: float = 5.0, batch_size: int = 64, device: str = "cpu",
           max_images: int = 20000, out: Any = sys.stdout) -> dict[str, float]:
     """Print and return images/second per source: the configured one and a packed copy of it."""
-    from ddpm.data import default_num_workers
+    from ddpm.data.loader import default_num_workers
 
     workers = default_num_workers(cfg.num_workers)
     print(f"bench: data.source={cfg.source} data.path={cfg.path} image_size={cfg.image_size} "

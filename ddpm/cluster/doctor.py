@@ -116,7 +116,7 @@ def time_checkpoint(cfg: Config, directory: Path) -> tuple[int, float]:
 
 def check_cluster(cfg: Config, report: Report, save_test: bool = False) -> None:
     """Step 1: the stop settings of the cluster and the partition, and whether a checkpoint fits in them."""
-    from ddpm.preflight import default_partition
+    from ddpm.cluster.preflight import default_partition
 
     sc = cfg.slurm
     conf = scontrol_fields("config")
@@ -209,8 +209,8 @@ def _restarts(job: str) -> int:
 
 def check_stop_path(cfg: Config, report: Report, timeout: float) -> None:
     """Step 2: a tiny job stopped by the stop signal must checkpoint, be requeued, resume and match."""
-    from ddpm.preflight import job_state
-    from ddpm.slurm import TrainTask, make_executor
+    from ddpm.cluster.executors import TrainTask, make_executor
+    from ddpm.cluster.preflight import job_state
 
     root = Path(cfg.run.root).resolve() / ".doctor" / time.strftime("%Y%m%d-%H%M%S")
     _write_images(root / "data")
@@ -238,7 +238,7 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
     import torch
 
     from ddpm.checkpoint import load_latest
-    from ddpm.preflight import job_state
+    from ddpm.cluster.preflight import job_state
     from ddpm.runlog import read_status
 
     job, run_dir = jobs["stopped"]
@@ -273,7 +273,7 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
 
 def doctor(cfg: Config, run_job: bool = True, timeout: float = 1800, save_test: bool = False) -> int:
     """Run both steps; 0 when nothing failed."""
-    from ddpm.preflight import check_slurm, slurm_available
+    from ddpm.cluster.preflight import check_slurm, slurm_available
 
     if not slurm_available():
         raise DDPMError("doctor: no SLURM here (sinfo/sbatch not found or not answering); run it on the login node")

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ddpm.config import DataConfig
 from ddpm.errors import DataError
-from ddpm.sources import ImageSource, image_from_value, require_path
+from ddpm.data.base import ImageSource, image_from_value, require_path
 
 _SPLIT_TOKENS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
                  "test": "test"}

@@ -1,0 +1,130 @@
+"""The stage tasks that submitit runs, and the executors that submit them (SLURM or this machine).
+
+    ex = make_executor(cfg, run_dir, "train", cluster="slurm")   # or "local": same tasks, no SLURM
+    job = ex.submit(TrainTask(run_dir))                          # the torchrun wrapper, one task per node
+    ex = make_executor(cfg, run_dir, "sample", "slurm", dependency=f"afterok:{job.job_id}")
+    jobs = ex.map_array(SampleTask(run_dir, cfg), range(cfg.sampling.num_shards))
+
+``sbatch_script`` shows the sbatch text a SlurmExecutor would submit (``launch.py --dry-run``).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ddpm.cluster.wrapper import requeue_self, run_training
+from ddpm.config import Config, load_config
+
+
+class TrainTask:
+    """submitit callable for the training job (one task per node)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def __call__(self) -> str:
+        return run_training(self.run_dir, load_config(self.run_dir / "config.yaml"))
+
+
+class StopSampling(BaseException):
+    """Raised in a sampling task by a stop signal; the partial shard on disk stays (at most one batch is lost)."""
+
+
+class SampleTask:
+    """submitit callable for one shard of the sampling array.
+
+    A stop signal (a preemption's SIGTERM, the time limit's USR2) stops the shard at once: the partial file
+    holds every finished batch. The task is then requeued (or SLURM is already requeuing it) and resumes there.
+    """
+
+    def __init__(self, run_dir: str | Path, cfg: Config):
+        self.run_dir, self.sampling, self.max_restarts = Path(run_dir), cfg.sampling, cfg.slurm.max_restarts
+
+    def __call__(self, shard: int) -> str:
+        import torch
+
+        from ddpm.sample import sample_shard
+
+        def stop(signum: int, _frame: Any) -> None:
+            for sig in (signal.SIGTERM, signal.SIGUSR2):  # SLURM's later SIGTERM must not interrupt the requeue
+                signal.signal(sig, signal.SIG_IGN)
+            raise StopSampling(signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, stop)
+        try:
+            path = sample_shard(self.run_dir, self.run_dir / "samples" / "shards", shard, self.sampling,
+                                device="cuda" if torch.cuda.is_available() else "cpu")
+        except StopSampling as err:
+            print(f"shard {shard}: stopped by {err}; the finished batches are in its partial file", flush=True)
+            if requeue_self(self.max_restarts):
+                time.sleep(600)  # the requeue ends this task
+            return "stopped"
+        return str(path)
+
+
+class AssembleTask:
+    """submitit callable for the assembly job."""
+
+    def __init__(self, run_dir: str | Path, num_shards: int):
+        self.run_dir, self.num_shards = Path(run_dir), num_shards
+
+    def __call__(self) -> str:
+        from ddpm.assemble import main as assemble_main
+
+        code = assemble_main([str(self.run_dir / "samples"), "--expect-shards", str(self.num_shards)])
+        if code:
+            raise RuntimeError(f"assembly failed with exit code {code}")
+        return str(self.run_dir / "samples")
+
+
+def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependency: str | None = None) -> Any:
+    """A submitit executor for ``stage`` (train | sample | assemble), logging to ``run_dir/logs``."""
+    import submitit
+
+    sc, infra = cfg.slurm, cfg.infrastructure
+    folder = run_dir / "logs" / "%j"
+    if cluster == "local":
+        ex = submitit.LocalExecutor(folder=folder)
+        ex.update_parameters(timeout_min=sc.time_min, signal_delay_s=sc.signal_delay_s)
+        return ex
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=sc.max_restarts)
+    additional: dict[str, Any] = dict(sc.additional)
+    if dependency:
+        additional["dependency"] = dependency
+    params: dict[str, Any] = dict(
+        job_name=f"{cfg.run.name}-{stage}", partition=sc.partition, time=sc.time_min, nodes=1, ntasks_per_node=1,
+        cpus_per_task=sc.cpus_per_task, mem=f"{sc.mem_gb}GB", signal_delay_s=sc.signal_delay_s,
+        setup=list(sc.setup), array_parallelism=sc.array_parallelism, stderr_to_stdout=True,
+    )
+    if sc.account:
+        params["account"] = sc.account
+    if sc.qos:
+        params["qos"] = sc.qos
+    if stage == "train":
+        params["nodes"] = infra.num_nodes
+        additional["requeue"] = True
+        if infra.num_gpus > 0:
+            params["gres"] = sc.gres or f"gpu:{infra.num_gpus}"
+    elif stage == "sample":
+        additional["requeue"] = True
+        if infra.num_gpus > 0:
+            params["gres"] = sc.gres.rsplit(":", 1)[0] + ":1" if sc.gres else "gpu:1"
+    if stage == "assemble":
+        params["cpus_per_task"] = min(sc.cpus_per_task, 4)
+    params["additional_parameters"] = additional
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(executor: Any, array_size: int | None = None) -> str:
+    """The sbatch text submitit writes for a SlurmExecutor (for --dry-run); ``array_size`` for an array."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{sys.executable} -u -m submitit.core._submit {executor.folder}"
+    return _make_sbatch_string(command=command, folder=executor.folder, map_count=array_size,
+                               **executor.parameters)

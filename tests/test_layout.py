@@ -1,0 +1,95 @@
+"""The package's shape (issue 15, DESIGN.md): no import cycle, model/math/data code free of process and
+cluster code, files of at most 400 lines, a docstring under every config key."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import graphlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddpm import config
+from ddpm.configtools import field_docs
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "ddpm"
+PURE = ("ddpm.unet", "ddpm.diffusion", "ddpm.ema", "ddpm.data")  # model, math, data
+FORBIDDEN = ("torch.distributed", "submitit", "ddpm.cluster", "ddpm.dist")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module ``path`` imports anywhere (function bodies too); ``from a import b`` counts as ``a.b``
+    when that is one of our modules."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & set(MODULES)
+            found.update(subs or {node.module})
+    return found
+
+
+GRAPH = {name: {m for m in imports_of(path) if m in MODULES and m != name} for name, path in MODULES.items()}
+
+
+def test_no_import_cycle():
+    try:
+        list(graphlib.TopologicalSorter(GRAPH).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"import cycle: {' -> '.join(err.args[1])}")
+
+
+def test_the_graph_sees_imports_inside_functions():
+    # the check must not miss a lazy import: ddpm.cluster.doctor imports the executors in a function body
+    assert "ddpm.cluster.executors" in GRAPH["ddpm.cluster.doctor"]
+    assert "ddpm.data.hf" in GRAPH["ddpm.data.sources"]
+
+
+def reachable(start: str) -> set[str]:
+    seen, todo = set(), [m for m in MODULES if m == start or m.startswith(start + ".")]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(GRAPH[m])
+    return seen
+
+
+@pytest.mark.parametrize("pure", PURE)
+def test_model_math_and_data_never_import_process_or_cluster_code(pure):
+    for mod in reachable(pure):
+        bad = {i for i in imports_of(MODULES[mod]) if i.startswith(FORBIDDEN)}
+        assert not bad, f"{pure} reaches {mod}, which imports {sorted(bad)}"
+
+
+def test_importing_the_model_and_data_loads_no_cluster_code():
+    code = ("import sys, ddpm.unet, ddpm.diffusion, ddpm.ema, ddpm.data; "
+            "print(sorted(m for m in sys.modules if m == 'submitit' or m.startswith(('ddpm.cluster', 'ddpm.dist'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_file_over_400_lines():
+    files = [*PKG.rglob("*.py"), *(ROOT / "tools").rglob("*.py"), ROOT / "launch.py"]
+    long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > 400}
+    assert not long
+
+
+def test_every_config_key_has_a_docstring():
+    for section in dataclasses.fields(config.Config):
+        cls = section.default_factory
+        missing = {f.name for f in dataclasses.fields(cls)} - set(field_docs(cls))
+        assert not missing, f"{section.name}: no docstring under {sorted(missing)}"
