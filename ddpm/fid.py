@@ -5,9 +5,10 @@ FID compares two Gaussians fitted to Inception-v3 pool features (2048-d)::
     FID = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})          (Heusel et al., eq. 6)
 
 A Gaussian needs only (n, sum f, sum f f^T), so every sampling shard stores
-those in float64 and the assembler merges them: no images move. The network is
-the TensorFlow FID Inception graph as ported by pytorch-fid
-(``pt_inception-2015-12-05-6726825d.pth``); other weights are never substituted.
+those in float64 and the assembler merges them: no images move. The network is pytorch-fid's own
+(its port of the TensorFlow FID Inception graph, built from ``pytorch_fid.inception``)
+with its weights file ``pt_inception-2015-12-05-6726825d.pth`` read from a local path,
+never downloaded; other weights are never substituted.
 
     python -m ddpm.fid ref --config configs/ddpm_babel.yaml --out runs/celeba_ref.npz
 """
@@ -24,17 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from pytorch_fid import inception as pfi
 from scipy import linalg
 from torch import nn
-from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
+from torchvision.models import Inception3
 
 from ddpm.config import DataConfig
 from ddpm.errors import DDPMError, cli_entry
 from ddpm.fsio import atomic_write_bytes
 
-WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
+WEIGHTS_URL = pfi.FID_WEIGHTS_URL  # pytorch-fid's own file: the numbers papers cite
+WEIGHTS_NAME = WEIGHTS_URL.rsplit("/", 1)[-1]  # pt_inception-2015-12-05-6726825d.pth
 FEATURE_DIM = 2048
 # Identifies the feature pipeline (network + input transform); stats from another pipeline never compare.
 PIPELINE = "pt_inception-2015-12-05/pool3/uint8-bilinear299-[-1,1]"
@@ -161,84 +162,49 @@ def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
 # ----------------------------------------------------------------------------- network
 
 
-def _tf_avg_pool(x: torch.Tensor) -> torch.Tensor:
-    """3x3/1 average pool that, like TensorFlow's, ignores the zero padding."""
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+def FIDInceptionV3() -> Inception3:
+    """pytorch-fid's ``fid_inception_v3()`` network, randomly initialised instead of downloaded.
+
+    Built as pytorch-fid builds it: torchvision's Inception3 (1008-way ``fc``, no auxiliary head)
+    with pytorch-fid's TF-graph blocks in Mixed_5b-5d, 6b-6e, 7b, 7c. Its state dict has the keys
+    and shapes of ``pt_inception-2015-12-05-6726825d.pth``; the ``fc`` logits are unused for FID.
+    """
+    net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pfi.FIDInceptionE_1(1280)
+    net.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    return net
 
 
-class FIDInceptionA(InceptionA):
-    """InceptionA with TensorFlow's padding-excluding average pool."""
+class FIDFeatures(pfi.InceptionV3):
+    """pytorch-fid's ``InceptionV3([3], resize_input=True, normalize_input=True)`` around local weights.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_tf_avg_pool(x))], 1)
-
-
-class FIDInceptionC(InceptionC):
-    """InceptionC with TensorFlow's padding-excluding average pool."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
-            d = conv(d)
-        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_tf_avg_pool(x))], 1)
-
-
-class FIDInceptionE(InceptionE):
-    """InceptionE of the FID graph: Mixed_7b pools by average (no padding), Mixed_7c by max."""
-
-    def __init__(self, in_channels: int, max_pool: bool) -> None:
-        super().__init__(in_channels)
-        self.max_pool = max_pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(s), self.branch3x3_2b(s)], 1)
-        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _tf_avg_pool(x)
-        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pooled)], 1)
-
-
-class FIDInceptionV3(nn.Module):
-    """Inception-v3 of the TF FID graph; ``forward`` returns pool3 features [N, 2048].
-
-    Parameter names match ``pt_inception-2015-12-05-6726825d.pth`` (torchvision's
-    Inception3 names, 1008-way ``fc``, no auxiliary head).
+    ``InceptionV3.__init__`` fetches the weights from their URL, so this sets up the same
+    attributes and the same four blocks from ``net`` (a :func:`FIDInceptionV3` holding the weights).
+    ``forward`` is pytorch-fid's own: x [N, 3, H, W] float in [0, 1] -> bilinear resize to 299x299
+    (align_corners=False) -> 2x - 1 -> blocks -> ``[pool3 [N, 2048, 1, 1]]``.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
-        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # logits; unused for FID but part of the weights file
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, 3, 299, 299] in [-1, 1] -> pool3 features [N, 2048]."""
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, f"Mixed_{name}")(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+    def __init__(self, net: Inception3) -> None:
+        nn.Module.__init__(self)  # not InceptionV3.__init__: it would download
+        self.resize_input, self.normalize_input = True, True
+        self.output_blocks = [pfi.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]]
+        self.last_needed_block = self.output_blocks[0]
+        self.blocks = nn.ModuleList([
+            nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3,
+                          nn.MaxPool2d(kernel_size=3, stride=2)),
+            nn.Sequential(net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, nn.MaxPool2d(kernel_size=3, stride=2)),
+            nn.Sequential(net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b,
+                          net.Mixed_6c, net.Mixed_6d, net.Mixed_6e),
+            nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1))),
+        ])
+        self.requires_grad_(False)
 
 
 def resolve_weights(path: str | Path | None = None) -> Path:
@@ -256,15 +222,15 @@ def resolve_weights(path: str | Path | None = None) -> Path:
     return p
 
 
-def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> FIDInceptionV3:
-    """FID Inception with the weights of :func:`resolve_weights` (eval mode, no grad)."""
+def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> FIDFeatures:
+    """pytorch-fid's FID Inception with the weights of :func:`resolve_weights` (eval mode, no grad)."""
     p = resolve_weights(path)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:
         raise FIDError(f"{p}: unreadable Inception weights ({type(err).__name__})") from None
-    model = FIDInceptionV3()
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    net = FIDInceptionV3()
+    expected = {k: v.shape for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     if not isinstance(state, dict):
         raise FIDError(f"{p}: not a state dict of the FID Inception ({WEIGHTS_NAME})")
     got = {k: getattr(v, "shape", None) for k, v in state.items() if not k.endswith("num_batches_tracked")}
@@ -272,25 +238,24 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
     if bad:
         raise FIDError(f"{p}: weights do not match the FID Inception ({len(bad)} keys differ, e.g. "
                        f"{', '.join(bad[:3])}); expected {WEIGHTS_NAME}")
-    model.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent (old torch)
-    return model.to(device).eval().requires_grad_(False)
+    net.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent (unused in eval)
+    return FIDFeatures(net).to(device).eval()
 
 
 @torch.no_grad()
-def inception_features(model: FIDInceptionV3, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
-    """uint8 images [N, H, W, 3] -> pool3 features [N, 2048] float64.
+def inception_features(model: FIDFeatures, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
+    """uint8 images [N, H, W, 3] -> pool3 features [N, 2048] float64 (computed in float32).
 
-    Input pipeline of pytorch-fid's InceptionV3(resize_input, normalize_input):
-    x / 255 -> bilinear resize to 299x299 (align_corners=False) -> 2x - 1.
+    pytorch-fid's path (``fid_score.get_activations``): ToTensor's x / 255 as float32 [B, 3, H, W],
+    then the model's own bilinear resize to 299x299 (align_corners=False) and 2x - 1.
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        out.append(model(2.0 * x - 1.0).double().cpu().numpy())
+        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).contiguous().float().div(255)
+        out.append(model(x)[0].flatten(1).double().cpu().numpy())  # [B, 2048, 1, 1] -> [B, 2048]
     return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
 
 
@@ -305,7 +270,7 @@ def stats_signature(data_cfg: DataConfig | dict[str, Any]) -> str:
     return f"{PIPELINE}|{preprocess_signature(cfg)}"
 
 
-def reference_stats(data_cfg: DataConfig, model: FIDInceptionV3, max_images: int | None = None,
+def reference_stats(data_cfg: DataConfig, model: FIDFeatures, max_images: int | None = None,
                     batch_size: int = 100, progress: bool = True) -> FIDStats:
     """Stream the training images once (no flips) through ``preprocess`` and Inception; return their stats."""
     from tqdm import tqdm

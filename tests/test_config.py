@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddpm.config import Config, config_from_dict, dump_config, load_config
+from ddpm.config import Config, DataConfig, SamplingConfig, config_from_dict, dump_config, load_config
 from ddpm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,8 @@ def test_every_shipped_config_loads():
 
 
 def test_overrides_are_yaml():
-    cfg = load_config(BABEL, ["training.batch_size=8", "model.channel_mult=[1,2]", "data.center_crop=null",
+    cfg = load_config(BABEL, ["training.batch_size=8", "model.channel_mult=[1,2]", "model.attention_resolutions=[32]",
+                              "data.center_crop=null",
                               "training.learning_rate=2e-4", "slurm.additional={constraint: A6000}"])
     assert cfg.training.batch_size == 8 and cfg.model.channel_mult == [1, 2]
     assert cfg.data.center_crop is None and cfg.training.learning_rate == 2e-4
@@ -83,7 +85,7 @@ def test_env_vars_in_paths_expand(tmp_path, monkeypatch):
     (["model.channel_mult=[1,x]"], "model.channel_mult[1]: invalid value 'x' (expected int)"),
     (["model.dropout=1.0"], "model.dropout: invalid value 1.0 (expected a float in [0, 1))"),
     (["model.use_scale_shift_norm=maybe"], "model.use_scale_shift_norm: invalid value 'maybe' (expected bool)"),
-    (["sampling.sampler=euler"], "sampling.sampler: invalid value 'euler' (expected ddpm or ddim)"),
+    (["sampling.sampler=euler"], "sampling.sampler: invalid value 'euler' (expected one of ddpm, ddim)"),
     (["sampling.timestep_spacing=linspace"], "sampling.timestep_spacing: invalid value 'linspace'"),
     (["data.source=s3"], "data.source: invalid value 's3'"),
     (["data.crop_center=[89]"], "data.crop_center: invalid value [89] (expected null or [x, y]"),
@@ -137,8 +139,48 @@ def test_dump_load_roundtrip(tmp_path):
     assert yaml.safe_load(yaml.safe_dump(plain)) == plain  # plain types only
 
 
-def test_defaults_validate():
-    Config().validate()
+def test_defaults_are_valid_and_frozen():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.batch_size = 8  # a section changes only through dataclasses.replace, which validates
+
+
+def test_a_section_built_anywhere_is_validated():
+    with pytest.raises(ConfigError, match=r"^data.image_size: invalid value 0 \(expected an integer >= 1\)$"):
+        DataConfig(image_size=0)
+    with pytest.raises(ConfigError, match="sampling.eta: invalid value 2.0"):
+        dataclasses.replace(SamplingConfig(), eta=2.0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.num_heads=3"], "model.num_heads: invalid value 3 (expected a divisor of the 256 channels of the "
+                            "attention at resolution 16)"),
+    (["model.attention_resolutions=[3]"], "model.attention_resolutions: invalid value [3] (expected resolutions "
+                                          "the U-Net has for data.image_size=64: a subset of [64, 32, 16, 8])"),
+    (["sampling.num_steps=5000"], "sampling.num_steps: invalid value 5000 (expected at most ddpm.num_timesteps "
+                                  "(1000))"),
+    (["infrastructure.num_gpus=0", "infrastructure.nproc_per_node=3"],
+     "training.batch_size: invalid value 64 (expected divisible by the 3 training ranks"),
+])
+def test_cross_section_checks(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(BABEL, overrides)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("entry", [["-m", "ddpm.train"], ["launch.py", "--dry-run"]])
+@pytest.mark.parametrize("bad", ["model.num_heads=3", "model.attention_resolutions=[3]", "sampling.num_steps=5000"])
+def test_bad_architecture_and_steps_are_one_line_exit_2(entry, bad, tmp_path):
+    key = bad.split("=")[0]
+    args = [sys.executable, *entry, "--config", str(BABEL), "training.batch_size=8"]
+    if entry[-1] == "ddpm.train":  # overrides on both sides of --run-dir
+        args += ["--run-dir", str(tmp_path / "run"), bad]
+    else:
+        args += [bad, "--cluster", "local"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and key in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("module", ["ddpm.train", "ddpm.sample", "ddpm.data"])

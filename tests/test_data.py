@@ -26,11 +26,12 @@ from ddpm.data import (
     to_uint8,
     unnormalize,
 )
+from ddpm.data.base import preprocess
 from ddpm.data.pack import pack_dataset
+from ddpm.data.sources import build_source, preprocess_signature, sidecar_path
+from ddpm.errors import DataError
 from tools.digits import export_digits
 from tools.digits import main as digits_main
-from ddpm.errors import DataError
-from ddpm.data.sources import build_source, preprocess, preprocess_signature, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(20, 30), (40, 24), (33, 33), (17, 50), (64, 48), (25, 25), (30, 20), (48, 64), (21, 37)]
@@ -321,7 +322,8 @@ def test_cli_pack_bench_and_error(folder: Path, tmp_path: Path) -> None:
     config = _write_config(tmp_path / "c.yaml", {"source": "folder", "path": folder, "image_size": 16,
                                                  "center_crop": None, "num_workers": 0})
     out = tmp_path / "packed.npy"
-    done = _run("ddpm.data", "pack", "--config", str(config), "--out", str(out), "data.image_size=8")
+    done = _run("ddpm.data", "pack", "--config", str(config), "--out", str(out), "data.image_size=8",
+               "model.attention_resolutions=[4]")
     assert done.returncode == 0, done.stderr
     assert np.load(out, mmap_mode="r").shape == (len(SIZES), 8, 8, 3)
     bench = _run("ddpm.data", "bench", "--config", str(config), "--seconds", "0.2", "--batch-size", "4",

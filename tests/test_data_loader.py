@@ -14,8 +14,8 @@ import torch
 
 from ddpm.config import DataConfig
 from ddpm.data import InfiniteLoader, create_dataloader, create_dataloader_from_config, to_uint8
-from ddpm.errors import DataError
 from ddpm.data.sources import PACKED_FORMAT, build_source, sidecar_path
+from ddpm.errors import DataError
 
 N, S = 40, 4
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm.config import TrainingConfig
 from ddpm.ema import EMA, strip_prefixes, unwrap_model
 
 
@@ -64,7 +63,7 @@ def test_average_after_start_closed_form() -> None:
 
 def test_state_dict_roundtrip_and_copy_to() -> None:
     model = Net()
-    ema = EMA.from_config(TrainingConfig(ema_decay=0.99, ema_start=0), model)
+    ema = EMA(model, decay=0.99, start_step=0)
     set_weights(model, 4.0)
     ema.update(model, step=5)
     state = ema.state_dict()

@@ -111,10 +111,22 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_inception_features_from_weights_file(weights_file: Path) -> None:
+def _no_download(*args: object, **kwargs: object) -> None:
+    raise AssertionError(f"tried to download {args}")
+
+
+def test_inception_features_from_weights_file(weights_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytorch_fid import inception as pfi
+
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", _no_download)  # the local file only
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
     model = fid.load_inception(weights_file)
+    assert isinstance(model, pfi.InceptionV3) and not model.training
+    assert not any(t.requires_grad for t in model.parameters())
     ref = torch.load(weights_file, weights_only=True)
-    assert torch.equal(model.Mixed_7c.branch_pool.conv.weight, ref["Mixed_7c.branch_pool.conv.weight"])
+    mixed_7c = model.blocks[3][2]
+    assert isinstance(mixed_7c, pfi.FIDInceptionE_2)
+    assert torch.equal(mixed_7c.branch_pool.conv.weight, ref["Mixed_7c.branch_pool.conv.weight"])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
     feats = fid.inception_features(model, images, batch_size=2)
@@ -124,6 +136,38 @@ def test_inception_features_from_weights_file(weights_file: Path) -> None:
     # Batch composition does not matter (up to float rounding).
     np.testing.assert_allclose(fid.inception_features(model, images[2:], batch_size=1)[0], feats[2],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_features_equal_pytorch_fid(weights_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our pool3 features of uint8 images are pytorch-fid's ``get_activations`` of the same images as PNGs.
+
+    pytorch-fid's own ``InceptionV3([3], resize_input=True, normalize_input=True, use_fid_inception=True)``
+    gets the test-written state dict where it would download the real one (strict load). Both run in
+    float32 on CPU with the same batches, so they agree bit for bit (max difference 0.0 when written);
+    the tolerance, 1e-6 absolute + 1e-6 relative on features up to ~14, allows only float32 rounding.
+    """
+    from pytorch_fid import fid_score
+    from pytorch_fid import inception as pfi
+
+    state = torch.load(weights_file, weights_only=True)
+
+    def local_weights(url: str, **kwargs: object) -> dict[str, torch.Tensor]:
+        assert url == fid.WEIGHTS_URL == pfi.FID_WEIGHTS_URL
+        return state
+
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", local_weights)
+    theirs = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True,
+                             normalize_input=True, use_fid_inception=True)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(3, 29, 37, 3), dtype=np.uint8)  # non-square: resize in both axes
+    files = []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    want = fid_score.get_activations(files, theirs, batch_size=2, dims=2048, device="cpu", num_workers=0)
+    got = fid.inception_features(fid.load_inception(weights_file), images, batch_size=2)
+    assert got.shape == want.shape == (3, 2048) and want.std() > 0.1
+    torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-6, atol=1e-6)
 
 
 def test_weights_errors(tmp_path: Path, weights_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,7 +106,7 @@ def test_overfits_one_batch() -> None:
 def test_bad_architecture_names_the_value() -> None:
     with pytest.raises(ValueError, match="image_size=36"):
         tiny(36, channel_mult=[1, 2, 2, 2])
-    with pytest.raises(ValueError, match="attention resolution 12"):
+    with pytest.raises(ValueError, match=r"attention_resolutions=\[12\]"):
         tiny(32, attention_resolutions=[12])
     with pytest.raises(ValueError, match="num_heads=3"):
         tiny(32, num_heads=3)

@@ -48,6 +48,7 @@ from torch import nn
 from ddpm.config import Config, DataConfig, load_config
 from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError, cli_entry
+from ddpm.train import amp_dtype, build_optimizer
 from ddpm.unet import UNet
 from tools.diffusers_twin import build_pair, diffusers_loop, sample_of
 
@@ -122,10 +123,7 @@ class TrainLoop:
                  amp: torch.dtype | None, memory_format: torch.memory_format):
         self.net, self.call, self.device, self.amp, self.mf = net, call, device, amp, memory_format
         tc = cfg.training
-        cuda = device.type == "cuda"
-        self.opt = torch.optim.AdamW(net.parameters(), lr=tc.learning_rate, betas=tuple(tc.betas),
-                                     weight_decay=tc.weight_decay,
-                                     fused=bool(cuda and cfg.infrastructure.fused_adam) or None)
+        self.opt = build_optimizer(net.parameters(), tc, cfg.infrastructure)  # the trainer's optimizer
         self.ddpm = DDPM.from_config(cfg.ddpm, net)
         self.shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
 
@@ -340,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if cuda and infra.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = None  # as the Trainer: bf16 autocast on CUDA (fp16 without bf16), on CPU only when asked
-    if infra.mixed_precision and (cuda or infra.mixed_precision_on_cpu):
-        amp = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
+    amp = amp_dtype(infra, device)  # the trainer's choice
     mf = torch.channels_last if infra.channels_last else torch.contiguous_format
     precision = f"{amp} autocast".replace("torch.", "") if amp else "fp32"
 

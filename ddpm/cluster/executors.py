@@ -122,7 +122,11 @@ def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependen
 
 
 def sbatch_script(executor: Any, array_size: int | None = None) -> str:
-    """The sbatch text submitit writes for a SlurmExecutor (for --dry-run); ``array_size`` for an array."""
+    """The sbatch text submitit writes for a SlurmExecutor (for --dry-run); ``array_size`` for an array.
+
+    submitit (1.5) has no public call that returns this text; ``_make_sbatch_string`` is the function its
+    ``SlurmExecutor`` uses, fed with the executor's public ``parameters`` (tests/test_launch_slurm.py checks
+    the text against a real submission)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = f"{sys.executable} -u -m submitit.core._submit {executor.folder}"

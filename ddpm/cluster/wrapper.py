@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ddpm.cluster.preflight import job_state
 from ddpm.cluster.rendezvous import first_slurm_host, rendezvous_port
 from ddpm.config import Config, dump_config, load_config
@@ -67,19 +69,10 @@ def _ignore_stop_signals() -> None:  # runs in torchrun's process before exec; i
 
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        out.append(child)
-        todo.extend(children.get(child, []))
-    return out
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _signal_all(pids: list[int], signum: int) -> None:
