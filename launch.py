@@ -22,6 +22,7 @@ from typing import Any
 from ddpm.cluster.executors import AssembleTask, SampleTask, TrainTask, make_executor, sbatch_script
 from ddpm.cluster.preflight import detect_cluster, preflight
 from ddpm.config import Config, dump_config, load_config
+from ddpm.configtools import parse_with_overrides
 from ddpm.errors import EXIT_OK, EXIT_REQUEUE, DDPMError, cli_entry
 from ddpm.fsio import atomic_write_text
 
@@ -54,7 +55,7 @@ def doctor_main(argv: list[str]) -> int:
     p.add_argument("--save-test", action="store_true",
                    help="write a real checkpoint of the configured model to run.root and time it (else estimated)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for each stage of the job")
-    args = p.parse_intermixed_args(argv)
+    args = parse_with_overrides(p, argv)
     return doctor(load_config(args.config, args.overrides), run_job=not args.no_job, timeout=args.timeout,
                   save_test=args.save_test)
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) != 2:
             raise DDPMError("usage: python launch.py status RUN_DIR")
         return status(Path(argv[1]))
-    args = build_parser().parse_intermixed_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
     cluster = detect_cluster(args.cluster)
     stages = list(STAGES) if args.stage == "all" else list(STAGES[STAGES.index(args.stage):])

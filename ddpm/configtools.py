@@ -9,6 +9,7 @@ Every error is a :class:`ConfigError` whose message starts with the key (``train
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
@@ -168,3 +169,18 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` where the ``section.key=value`` overrides may stand anywhere among the options.
+
+    argparse stops filling the ``overrides`` positional at the first option; the words it leaves over are
+    overrides too (subcommands included, which ``parse_intermixed_args`` does not support). An unknown option
+    is still the parser's usual error.
+    """
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*getattr(args, "overrides", []), *rest]
+    return args

@@ -31,6 +31,7 @@ from torch import nn
 from torchvision.models import Inception3
 
 from ddpm.config import DataConfig
+from ddpm.configtools import parse_with_overrides
 from ddpm.errors import DDPMError, cli_entry
 from ddpm.fsio import atomic_write_bytes
 
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--weights", default=None, help="default: sampling.fid_weights or the torch hub cache")
     ref.add_argument("--batch-size", type=int, default=100)
     ref.add_argument("--device", default=None, help="default: cuda when available")
-    args = p.parse_args(argv)
+    args = parse_with_overrides(p, argv)
 
     from ddpm.config import load_config
 

@@ -1,12 +1,10 @@
 """The training loop: ``python -m ddpm.train --config X [overrides] [--run-dir D] [--overfit-single-batch]``.
 
-One process (CPU or one GPU) or torchrun (DDP: NCCL on GPU, gloo on CPU). Read
-top to bottom: build (model, EMA, optimizer, data) -> resume from the newest
-checkpoint that loads -> loop (step, log, sample, save) -> stop at the end or on
-a signal. Resume is exact: the noise and timesteps of step s are a pure function
-of (seed, s) drawn for the global batch, the data position is saved, and every
-rank's RNG state is restored, so a stopped-and-resumed run ends with the same
-weights as one never stopped.
+One process (CPU or one GPU) or torchrun (DDP: NCCL on GPU, gloo on CPU). Read top to bottom: build
+(model, EMA, optimizer, data) -> resume from the newest checkpoint that loads -> loop (step, log, sample,
+save) -> stop at the end or on a signal. Resume is exact: the noise and timesteps of step s are a pure
+function of (seed, s) drawn for the global batch, the data position is saved, and every rank's RNG state
+is restored, so a stopped-and-resumed run ends with the same weights as one never stopped.
 
 Outcome: ``status.json`` in the run directory says ``done`` or ``stopped``
 (a stop signal arrived; the checkpoint is durable; requeue me). A single process
@@ -33,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ddpm import dist
 from ddpm.checkpoint import FORMAT, load_latest, save_checkpoint
 from ddpm.config import Config, InfrastructureConfig, TrainingConfig, dump_config, load_config
+from ddpm.configtools import parse_with_overrides
 from ddpm.data import create_dataloader_from_config, save_image
 from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
@@ -368,7 +367,7 @@ def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception)
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)  # exits with one line on a config error
     run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
     # collectives time out at twice the watchdog bound: the wrapper's watchdog acts first, this is the backstop

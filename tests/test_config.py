@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from ddpm.config import Config, DataConfig, SamplingConfig, config_from_dict, dump_config, load_config
+from ddpm.configtools import parse_with_overrides
 from ddpm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,3 +199,19 @@ def test_cli_prints_one_line_and_exits_nonzero(module):
         assert "training.lerning_rate: unknown key (did you mean training.learning_rate?)" in lines[0]
     else:
         assert "/nonexistent/ckpt.pt" in lines[0]
+
+
+def test_overrides_anywhere_among_options_and_subcommands():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)  # parse_intermixed_args cannot do subcommands
+    t = sub.add_parser("train")
+    t.add_argument("--config")
+    t.add_argument("overrides", nargs="*")
+    t.add_argument("--run-dir")
+    args = parse_with_overrides(p, ["train", "--config", "c.yaml", "a.b=1", "--run-dir", "D", "c.d=2", "e.f=[1, 2]"])
+    assert (args.config, args.run_dir, args.overrides) == ("c.yaml", "D", ["a.b=1", "c.d=2", "e.f=[1, 2]"])
+    with pytest.raises(SystemExit):
+        parse_with_overrides(p, ["train", "--config", "c.yaml", "--bogus", "x"])
+    stray = parse_with_overrides(p, ["train", "--run-dir", "D", "a.b=1", "oops"]).overrides
+    with pytest.raises(ConfigError, match="override 'oops': expected section.key=value"):
+        load_config(None, stray)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm.config import Config, DataConfig, load_config
+from ddpm.configtools import parse_with_overrides
 from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError, cli_entry
 from ddpm.train import amp_dtype, build_optimizer
@@ -309,7 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="time a few sampling steps and multiply (full DDPM-1000 on CPU takes most of an hour)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--parts", default="train,sample,data", help="which of train,sample,data to run")
-    args = p.parse_args(argv)
+    args = parse_with_overrides(p, argv)
     for name in ("batch_size", "sample_batch_size", "steps", "warmup", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "warmup" else 1):
             raise ConfigError(f"--{name.replace('_', '-')}: invalid value {getattr(args, name)}")

@@ -35,6 +35,7 @@ import psutil
 from ddpm.cluster.preflight import job_state
 from ddpm.cluster.rendezvous import first_slurm_host, rendezvous_port
 from ddpm.config import Config, dump_config, load_config
+from ddpm.configtools import parse_with_overrides
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, cli_entry
 from ddpm.runlog import read_status, stalled_for, write_status
 
@@ -250,10 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)  # overrides may also follow the options (argparse stops there)
-    if any(r.startswith("-") for r in rest):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.overrides = [*args.overrides, *rest]
+    args = parse_with_overrides(parser, argv)
     if args.config is None and args.run_dir is None:
         parser.error("train needs --config or --run-dir")
     cfg = load_config(args.config if args.config else Path(args.run_dir) / "config.yaml", args.overrides)

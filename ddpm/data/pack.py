@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ddpm.fsio import atomic_write_text
 from ddpm.config import DataConfig, load_config
+from ddpm.configtools import parse_with_overrides
 from ddpm.errors import DataError, cli_entry
 from ddpm.data.base import ImageSource
 from ddpm.data.sources import PACKED_FORMAT, build_source, preprocess_signature, sidecar_path
@@ -208,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_with_overrides(_parser(), argv)
     cfg = load_config(args.config, args.overrides).data
     if args.command == "pack":
         meta = pack_dataset(cfg, args.out, processes=args.processes, force=args.force)
