@@ -29,9 +29,9 @@ TINY = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.num_res_blo
         "training.num_iterations=200", "training.save_every=100", "training.log_every=10",
         "training.sample_every=100000", "training.ema_start=2", "ddpm.num_timesteps=50", "sampling.num_steps=10",
         "data.source=folder", "data.image_size=8", "data.center_crop=null", "data.num_workers=1",
-        "infrastructure.num_gpus=0", "infrastructure.nproc_per_node=1", "infrastructure.mixed_precision=false", "slurm.cpus_per_task=1",
-        "slurm.mem_gb=2", "slurm.time_min=10", "slurm.signal_delay_s=120", "slurm.max_restarts=2",
-        "slurm.gres=null", "slurm.setup=[export OMP_NUM_THREADS=1]"]
+        "infrastructure.num_gpus=0", "infrastructure.nproc_per_node=1", "infrastructure.mixed_precision=false",
+        "slurm.cpus_per_task=1", "slurm.mem_gb=2", "slurm.time_min=10", "slurm.signal_delay_s=120",
+        "slurm.max_restarts=2", "slurm.gres=null", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 
 
 class Report:
