@@ -118,7 +118,8 @@ def build_pair(cfg: Config, device: torch.device) -> tuple[UNet, nn.Module, floa
 
 def diffusers_loop(net: nn.Module, cfg: Config, sampler: str, num_steps: int, run_steps: int,
                    shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The first ``run_steps`` steps of diffusers' scheduler loop (as in its pipelines) around ``net``."""
+    """The first ``run_steps`` steps of diffusers' scheduler loop around ``net``: our samplers' settings
+    (tests/test_diffusers_parity.py checks that the full loops agree)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     common = dict(num_train_timesteps=cfg.ddpm.num_timesteps, beta_start=cfg.ddpm.beta_start,
@@ -131,7 +132,8 @@ def diffusers_loop(net: nn.Module, cfg: Config, sampler: str, num_steps: int, ru
     sched.set_timesteps(num_steps, device=device)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, generator=g, device=device)
-    extra = {"eta": cfg.sampling.eta} if sampler == "ddim" else {}
+    # our DDIM re-derives eps from the clipped x0 (improved-diffusion): diffusers' use_clipped_model_output=True
+    extra = {"eta": cfg.sampling.eta, "use_clipped_model_output": True} if sampler == "ddim" else {}
     with torch.no_grad():
         for t in sched.timesteps[:run_steps]:
             x = sched.step(net(x, t.reshape(1)), t, x, generator=g, **extra).prev_sample
