@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ddpm.configtools import apply_overrides, read_yaml, require, tree_from_dict
+from ddpm.configtools import apply_overrides, describe, read_yaml, require, tree_from_dict
 from ddpm.fsio import atomic_write_text
 
 Sampler = Literal["ddpm", "ddim"]
@@ -385,3 +385,7 @@ def dump_config(cfg: Config, path: str | Path | None = None) -> str:
 def choices(literal: Any) -> tuple[str, ...]:
     """The strings of a ``Literal`` alias: ``choices(Sampler) == ("ddpm", "ddim")``."""
     return typing.get_args(literal)
+
+
+if __name__ == "__main__":  # python -m ddpm.config: every key, its type, default and meaning
+    print(describe(Config))

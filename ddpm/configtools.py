@@ -184,3 +184,16 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *rest]
     return args
+
+
+def describe(cls: type) -> str:
+    """Every ``section.key`` of the tree ``cls`` with its type, default and docstring (``python -m ddpm.config``)."""
+    lines = []
+    for section in dataclasses.fields(cls):
+        sec_cls = section.default_factory  # type: ignore[misc]
+        hints, docs, default = typing.get_type_hints(sec_cls), field_docs(sec_cls), sec_cls()
+        lines.append(f"{section.name}:  # {(sec_cls.__doc__ or '').strip()}")
+        for f in dataclasses.fields(sec_cls):
+            value = yaml.safe_dump(getattr(default, f.name), default_flow_style=True).strip().removesuffix("...")
+            lines.append(f"  {f.name}: {value.strip()}  # {type_name(hints[f.name])}. {docs.get(f.name, '')}")
+    return "\n".join(lines)

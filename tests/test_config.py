@@ -215,3 +215,11 @@ def test_overrides_anywhere_among_options_and_subcommands():
     stray = parse_with_overrides(p, ["train", "--run-dir", "D", "a.b=1", "oops"]).overrides
     with pytest.raises(ConfigError, match="override 'oops': expected section.key=value"):
         load_config(None, stray)
+
+
+def test_python_m_ddpm_config_prints_a_documented_default_config():
+    out = subprocess.run([sys.executable, "-m", "ddpm.config"], capture_output=True, text=True, check=True,
+                         cwd=ROOT, timeout=60).stdout
+    assert config_from_dict(yaml.safe_load(out)) == Config()  # the listing is itself a valid config
+    assert "  num_heads: 4  # int. Attention heads; must divide the channels at every attention." in out
+    assert "  sampler: ddpm  # one of ddpm, ddim." in out
