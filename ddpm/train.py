@@ -60,7 +60,7 @@ def amp_dtype(infra: InfrastructureConfig, device: torch.device) -> torch.dtype 
 def quartile_losses(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
     """[sum_q, count_q] of the per-sample losses [B] whose t [B] lies in quarter q of [0, T): [2, 4]."""
     quarter = (t.to(losses.device) * 4 // num_timesteps).long()  # [B] in 0..3
-    sums = losses.new_zeros(4).index_add_(0, quarter, losses.float())
+    sums = losses.new_zeros(4, dtype=torch.float32).index_add_(0, quarter, losses.float())
     return torch.stack([sums, torch.bincount(quarter, minlength=4).to(sums)])
 
 

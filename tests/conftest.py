@@ -1,8 +1,19 @@
-"""Shared pytest setup: the real local SLURM cluster (tests/slurm/cluster.sh) as the ``slurm_cluster`` fixture.
+"""Shared pytest setup: the tiny training data, trainers and checkpoints, and the real local SLURM cluster.
 
-Only the SLURM fixture and generic plumbing belong here; job helpers are in tests/slurm_helpers.py.
+Fixtures (use these instead of building your own):
 
-The fixture starts the cluster (installing the Debian packages first when slurmctld is missing), and
+- ``images`` (session): 40 random 10x10 RGB PNGs from a fixed seed, the training set of
+  configs/tiny_cpu.yaml (resized to 8x8); what ``data.path`` points at in every trainer and CLI run.
+- ``make_trainer`` (per test): ``make_trainer(run_dir, *overrides, overfit=False) -> Trainer``, a real
+  ``ddpm.train.Trainer`` on tiny_cpu.yaml (CPU, world size 1) with ``section.key=value`` overrides.
+  Trainers are closed and the process's signal handlers restored when the test ends.
+- ``make_checkpoint`` (session): ``make_checkpoint(*overrides, steps=CHECKPOINT_STEPS) -> Path``, a
+  checkpoint written by ``Trainer.save()`` after real training steps (at ``CHECKPOINT_LR``, so the weights
+  are non-trivial); one per distinct call, shared by the whole session: treat its run directory as read-only.
+- ``checkpoint`` (session): ``make_checkpoint()``.
+- ``slurm_cluster`` (session): the cluster of tests/slurm/cluster.sh (SLURM job helpers: tests/slurm_helpers.py).
+
+The SLURM fixture starts the cluster (installing the Debian packages first when slurmctld is missing), and
 yields a :class:`slurm_helpers.SlurmCluster`. When the cluster cannot be started it skips the test, or
 fails it when ``DDPM_REQUIRE_SLURM=1`` or ``CI=true`` (CI must not silently skip the SLURM tests).
 The daemons keep running after the session (cheap to reuse); jobs submitted during the session and still
@@ -11,11 +22,17 @@ unfinished are cancelled at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from helpers import CHECKPOINT_LR, CHECKPOINT_STEPS, TINY_CONFIG
 from slurm_helpers import (
     CLUSTER_SH,
     PARTITION,
@@ -25,6 +42,9 @@ from slurm_helpers import (
     next_job_id,
     parse_scontrol_line,
 )
+
+if TYPE_CHECKING:
+    from ddpm.train import Trainer
 
 _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 
@@ -110,8 +130,8 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def images(tmp_path_factory: pytest.TempPathFactory):
-    """40 random 10x10 RGB PNGs: the tiny training set of configs/tiny_cpu.yaml (resized to 8x8)."""
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 random 10x10 RGB PNGs (seed 0): the tiny training set of configs/tiny_cpu.yaml (resized to 8x8)."""
     import numpy as np
     from PIL import Image
 
@@ -120,3 +140,79 @@ def images(tmp_path_factory: pytest.TempPathFactory):
     for i in range(40):
         Image.fromarray((rng.random((10, 10, 3)) * 255).astype("uint8")).save(d / f"{i:03d}.png")
     return d
+
+
+# every signal a Trainer may take over (training.stop_signal and SIGTERM)
+_TRAINER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signal_handlers_restored() -> Iterator[None]:
+    """A Trainer installs stop handlers and ``close()`` ignores those signals: give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in _TRAINER_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def _new_trainer(images: Path, run_dir: Path, *overrides: str, overfit: bool = False) -> Trainer:
+    import torch
+
+    from ddpm.config import load_config
+    from ddpm.dist import DistEnv
+    from ddpm.train import Trainer
+
+    cfg = load_config(TINY_CONFIG, [f"data.path={images}", *overrides])
+    return Trainer(cfg, Path(run_dir), DistEnv(device=torch.device("cpu")), overfit_single_batch=overfit)
+
+
+@pytest.fixture
+def make_trainer(images: Path) -> Iterator[Callable[..., Trainer]]:
+    """``make_trainer(run_dir, *overrides, overfit=False)``: a real Trainer on tiny_cpu.yaml (CPU, 1 rank)."""
+    trainers = []
+
+    def make(run_dir: Path, *overrides: str, overfit: bool = False) -> Trainer:
+        trainer = _new_trainer(images, run_dir, *overrides, overfit=overfit)
+        trainers.append(trainer)
+        return trainer
+
+    with _signal_handlers_restored():
+        yield make
+        for trainer in trainers:
+            trainer.close()
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make_checkpoint(*overrides, steps=CHECKPOINT_STEPS) -> Path``: ``Trainer.save()``'s file after
+    ``steps`` real training steps on tiny_cpu.yaml at CHECKPOINT_LR (overrides may change it, e.g.
+    ``training.seed=1`` for a second, different checkpoint). The same call returns the same file."""
+    import torch
+
+    made: dict[tuple[tuple[str, ...], int], Path] = {}
+
+    def make(*overrides: str, steps: int = CHECKPOINT_STEPS) -> Path:
+        key = (overrides, steps)
+        if key not in made:
+            run_dir = tmp_path_factory.mktemp("trained_run")
+            with _signal_handlers_restored(), torch.random.fork_rng(devices=[]):
+                trainer = _new_trainer(images, run_dir, f"training.learning_rate={CHECKPOINT_LR}", *overrides)
+                try:
+                    for _ in range(steps):
+                        trainer.train_step(*trainer.next_batch())
+                    path = trainer.save()
+                finally:
+                    trainer.close()
+            assert path is not None and path.is_file()
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
+    """The default trained checkpoint (``<run>/checkpoints/step_<CHECKPOINT_STEPS>.pt``); read-only."""
+    return make_checkpoint()

@@ -2,37 +2,52 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import CHECKPOINT_STEPS, ROOT
 from PIL import Image
-from test_sample import ROOT, make_checkpoint
 
 from ddpm import assemble as asm
 from ddpm import fid
+from ddpm.checkpoint import load_checkpoint
+from ddpm.config import SamplingConfig
 from ddpm.errors import ShardError
-from ddpm.sample import sample_shard
-
-KW = dict(num_samples=12, device="cpu", progress=False)
+from ddpm.sample import checkpoint_sampling, sample_shard
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_checkpoint(tmp_path_factory.mktemp("run_a"), 0), make_checkpoint(tmp_path_factory.mktemp("run_b"), 1)
+def ckpts(checkpoint: Path, make_checkpoint: Callable[..., Path]) -> tuple[Path, Path]:
+    """Two checkpoints real Trainers saved: A (the shared one) and B (another training seed)."""
+    return checkpoint, make_checkpoint("training.seed=1")
 
 
 @pytest.fixture(scope="module")
-def good(ckpts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def s3(checkpoint: Path) -> SamplingConfig:
+    """The checkpoint's sampling section: ddim, 10 steps, 12 samples in 3 shards."""
+    s = dataclasses.replace(checkpoint_sampling(load_checkpoint(checkpoint)), num_samples=12, num_shards=3)
+    assert (s.sampler, s.num_steps, s.eta, s.timestep_spacing) == ("ddim", 10, 0.0, "leading")
+    return s
+
+
+def shard(ckpt: Path, out: Path, k: int, s: SamplingConfig, **changes: object) -> Path:
+    return sample_shard(ckpt, out, k, dataclasses.replace(s, **changes), device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def good(ckpts: tuple[Path, Path], s3: SamplingConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """samples/shards of 3 complete shards (N=12) from checkpoint A, read-only for the tests."""
     shards = tmp_path_factory.mktemp("good") / "samples" / "shards"
     for k in range(3):
-        sample_shard(ckpts[0], shards, shard=k, num_shards=3, **KW)
+        shard(ckpts[0], shards, k, s3)
     return shards
 
 
@@ -59,7 +74,7 @@ def test_assemble_outputs(good: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(grid[2:10, 2:10], parts[0][0])
     metrics = json.loads((path.parent / "metrics.json").read_text())
     meta = json.loads((shards / "shard_0.json").read_text())
-    assert metrics["num_samples"] == 12 and metrics["step"] == 7 and metrics["fid"] is None
+    assert metrics["num_samples"] == 12 and metrics["step"] == CHECKPOINT_STEPS and metrics["fid"] is None
     assert metrics["checkpoint_sha256"] == meta["checkpoint_sha256"]
     assert metrics["sampler"] == {"sampler": "ddim", "num_steps": 10, "eta": 0.0, "timestep_spacing": "leading"}
     allpix = np.concatenate(parts).reshape(-1, 3).astype(np.float64)
@@ -70,12 +85,13 @@ def test_assemble_outputs(good: Path, tmp_path: Path) -> None:
     assert not (path.parent / "previous").exists()
 
 
-def test_different_assembly_keeps_previous(ckpts: tuple[Path, Path], good: Path, tmp_path: Path) -> None:
+def test_different_assembly_keeps_previous(ckpts: tuple[Path, Path], s3: SamplingConfig, good: Path,
+                                           tmp_path: Path) -> None:
     shards = copy_shards(good, tmp_path / "samples" / "shards")
     first = asm.assemble(tmp_path)
     old = first.read_bytes(), (tmp_path / "samples" / "metrics.json").read_text()
     for k in range(3):  # the same run re-sampled with other seeds: a different sample set
-        sample_shard(ckpts[0], shards, shard=k, num_shards=3, seed_base=1000, **KW)
+        shard(ckpts[0], shards, k, s3, seed_base=1000)
     asm.assemble(tmp_path)
     (kept,) = (tmp_path / "samples" / "previous").iterdir()
     assert (kept / first.name).read_bytes() == old[0] and (kept / "metrics.json").read_text() == old[1]
@@ -115,13 +131,14 @@ def test_overlap_refused(good: Path, tmp_path: Path) -> None:
         asm.assemble(shards)
 
 
-def test_inconsistent_shards_refused(ckpts: tuple[Path, Path], good: Path, tmp_path: Path) -> None:
+def test_inconsistent_shards_refused(ckpts: tuple[Path, Path], s3: SamplingConfig, good: Path,
+                                    tmp_path: Path) -> None:
     other_ckpt = copy_shards(good, tmp_path / "ckpt", range(2))
-    sample_shard(ckpts[1], other_ckpt, shard=2, num_shards=3, **KW)
+    shard(ckpts[1], other_ckpt, 2, s3)
     with pytest.raises(ShardError, match=r"shard 2 inconsistent with shard 0: checkpoint_sha256"):
         asm.assemble(other_ckpt)
     other_sampler = copy_shards(good, tmp_path / "sampler", range(0, 3, 2))
-    sample_shard(ckpts[0], other_sampler, shard=1, num_shards=3, num_steps=5, **KW)
+    shard(ckpts[0], other_sampler, 1, s3, num_steps=5)
     with pytest.raises(ShardError, match=r"shard 1 inconsistent with shard 0: num_steps 5 vs 10"):
         asm.assemble(other_sampler)
     tampered = copy_shards(good, tmp_path / "tampered")
@@ -131,19 +148,18 @@ def test_inconsistent_shards_refused(ckpts: tuple[Path, Path], good: Path, tmp_p
         asm.assemble(tampered)
 
 
-def test_fid_from_merged_shard_stats(ckpts: tuple[Path, Path], tmp_path: Path,
+def test_fid_from_merged_shard_stats(ckpts: tuple[Path, Path], s3: SamplingConfig, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     weights = tmp_path / fid.WEIGHTS_NAME
     torch.save(fid.FIDInceptionV3().state_dict(), weights)  # random init: right keys and shapes
     shards = tmp_path / "run" / "samples" / "shards"
-    sample_shard(ckpts[0], shards, shard=0, num_shards=2, num_samples=4, fid=False, device="cpu", progress=False)
-    sample_shard(ckpts[0], shards, shard=1, num_shards=2, num_samples=4, fid=True, fid_weights=str(weights),
-                 device="cpu", progress=False)
+    s2 = dataclasses.replace(s3, num_shards=2, num_samples=4)
+    shard(ckpts[0], shards, 0, s2, fid=False)
+    shard(ckpts[0], shards, 1, s2, fid=True, fid_weights=str(weights))
     # Shard 0 was complete without statistics: adding them must not resample (same pixels, stats added).
     before = np.load(shards / "shard_0.npz")["arr_0"]
-    sample_shard(ckpts[0], shards, shard=0, num_shards=2, num_samples=4, fid=True, fid_weights=str(weights),
-                 device="cpu", progress=False)
+    shard(ckpts[0], shards, 0, s2, fid=True, fid_weights=str(weights))
     with np.load(shards / "shard_0.npz") as d:
         np.testing.assert_array_equal(d["arr_0"], before)
         assert int(d["fid_n"]) == 2

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +350,31 @@ def test_digits_export(tmp_path: Path) -> None:
     assert len(source) == 1797
     zero = np.asarray(Image.open(tmp_path / "digits" / "0" / "0000.png"))
     assert zero.shape == (16, 16) and zero.max() > 200 and zero[8, 8] < 60  # a white ring around black
+
+
+def test_pack_worker_killed_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    """SLURM signals every process of a step; a pack worker that dies must end the command, not hang it."""
+    import psutil
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1500):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    config = _write_config(tmp_path / "c.yaml", {"source": "folder", "path": folder, "image_size": 16,
+                                                 "center_crop": None})
+    out = tmp_path / "packed.npy"
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm.data", "pack", "--config", str(config), "--out", str(out),
+                             "--processes", "2", "model.attention_resolutions=[4]"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    parent, workers = psutil.Process(proc.pid), []
+    deadline = time.monotonic() + 60
+    while not workers and proc.poll() is None and time.monotonic() < deadline:
+        workers = parent.children()
+    assert workers, "pack finished or failed before it started a worker"
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)  # before the fix: blocked forever on the dead worker's chunk
+    assert proc.returncode == 2, err
+    assert err.count("error: pack: a worker process died (killed by a signal or out of memory); nothing was "
+                     "written: run the command again") == 1 and "Traceback" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".packed.npy.tmp*"))

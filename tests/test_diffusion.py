@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import randomize
 from torch import nn
 
 from ddpm.config import DDPMConfig
@@ -191,11 +192,7 @@ def test_oracle_sampling(sampler: str, steps: int, eta: float, variance: str, st
 
 def tiny_unet() -> UNet:
     torch.manual_seed(0)
-    model = UNet(3, 16, [1, 2], 1, [8], 2, 0.0, True, image_size=16)
-    with torch.no_grad():  # the zero-initialised output layers would make eps identically 0
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return randomize(UNet(3, 16, [1, 2], 1, [8], 2, 0.0, True, image_size=16))  # eps not identically 0
 
 
 @pytest.mark.parametrize("sampler,steps,eta", [("ddpm", 4, 0.0), ("ddim", 4, 1.0)])

@@ -1,5 +1,8 @@
 """Trainer: exact resume after a real signal (1 process and torchrun x2), DDP equivalence,
-kill -9 during a checkpoint write, non-finite steps skipped, overfit-single-batch."""
+kill -9 during a checkpoint write, non-finite steps skipped, overfit-single-batch, per-quarter losses.
+
+In-process trainers come from the ``make_trainer`` fixture (tests/conftest.py); the command-line runs use
+configs/tiny_cpu.yaml on the shared ``images`` fixture."""
 
 from __future__ import annotations
 
@@ -13,15 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
+from helpers import TINY_CONFIG as TINY
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from ddpm.config import load_config
-from ddpm.dist import DistEnv
 from ddpm.errors import EXIT_REQUEUE
-from ddpm.train import Trainer
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
+from ddpm.train import quartile_losses
 
 
 def overrides(images: Path, run_root: Path, *extra: str) -> list[str]:
@@ -75,12 +76,18 @@ def assert_tensors_equal(a, b, path="") -> None:
         assert a == b, path
 
 
-def tb_steps(run_dir: Path, tag: str = "loss/loss") -> list[int]:
+def tb_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every TensorBoard scalar of a run: tag -> {step: value} (a step written twice would show as a repeat)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
-    return [e.step for e in acc.Scalars(tag)]
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        out[tag] = {e.step: e.value for e in events}
+        assert len(out[tag]) == len(events), f"{tag}: a step logged twice"
+    return out
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -106,7 +113,10 @@ def test_exact_resume_after_signal(images, tmp_path, nproc):
     assert sa["step"] == sb["step"] == n
     for key in ("model", "ema", "optimizer", "data"):
         assert_tensors_equal(sa[key], sb[key], key)
-    assert tb_steps(run_b) == list(range(1, n + 1))  # one point per step, none duplicated
+    scalars = tb_scalars(run_b)
+    assert sorted(scalars["loss/loss"]) == list(range(1, n + 1))  # one point per step, none duplicated
+    quarters = [scalars.get(f"loss/loss_q{q}", {}) for q in range(4)]
+    assert sorted({s for points in quarters for s in points}) == list(range(1, n + 1))  # reduced over the ranks
 
 
 def test_ddp_matches_single_process(images, tmp_path):
@@ -177,13 +187,8 @@ def test_corrupt_newest_checkpoint_is_skipped(images, tmp_path):
     assert "resumed from" in again.stdout and "step_00000005.pt" in again.stdout
 
 
-def make_trainer(images: Path, run_root: Path, *extra: str, overfit: bool = False) -> Trainer:
-    cfg = load_config(TINY, overrides(images, run_root, *extra))
-    return Trainer(cfg, cfg.run_dir, DistEnv(), overfit_single_batch=overfit)
-
-
-def test_nan_loss_is_skipped_and_counted(images, tmp_path):
-    trainer = make_trainer(images, tmp_path)
+def test_nan_loss_is_skipped_and_counted(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path)
     trainer.train_step(*trainer.next_batch())
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in trainer.ema.state_dict()["shadow"].items()}
@@ -207,12 +212,54 @@ def test_nan_loss_is_skipped_and_counted(images, tmp_path):
     trainer.close()
 
 
-def test_overfit_single_batch_loss_goes_to_zero(images, tmp_path):
-    trainer = make_trainer(images, tmp_path, "training.learning_rate=3e-3", "training.gradient_clip_norm=0",
-                           overfit=True)
+def test_overfit_single_batch_loss_goes_to_zero(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path, "training.learning_rate=3e-3", "training.gradient_clip_norm=0", overfit=True)
     losses = [float(trainer.train_step(*trainer.next_batch())["loss"]) for _ in range(150)]
     assert losses[-1] < 0.05 * losses[0] and losses[-1] < 0.05, losses[::10]
-    trainer.close()
+
+
+def test_quartile_losses_known_values():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    t = torch.tensor([0, 10, 300, 999, 260, 20])  # T = 1000: q0 = samples 0, 1, 5; q1 = 2, 4; q2 none; q3 = 3
+    got = quartile_losses(losses, t, 1000)
+    assert got.shape == (2, 4) and got.dtype == torch.float32
+    assert got.tolist() == [[1 + 2 + 6, 3 + 5, 0, 4], [3, 2, 0, 1]]  # row 0: sums, row 1: counts
+    # quarter q is [q T / 4, (q + 1) T / 4): the edges, and a T that 4 does not divide (tiny_cpu's 50)
+    edges = torch.tensor([249, 250, 499, 500, 749, 750])
+    assert quartile_losses(torch.ones(6), edges, 1000)[1].tolist() == [1, 2, 2, 1]
+    assert quartile_losses(torch.ones(4), torch.tensor([12, 13, 37, 38]), 50)[1].tolist() == [1, 1, 1, 1]
+
+
+def test_quarter_losses_in_tensorboard_on_log_steps_only(make_trainer, tmp_path):
+    """A real run (7 steps, log every 3): loss/loss_q<q> at steps 3 and 6 only, each the mean per-sample
+    loss of that step's samples whose t is in quarter q, and absent for a quarter without samples."""
+    trainer = make_trainer(tmp_path, "training.num_iterations=7", "training.log_every=3")
+    steps, real_step = {}, trainer.train_step
+
+    def recording_step(x0, t, noise):
+        metrics = real_step(x0, t, noise)
+        steps[trainer.step] = (metrics["losses"].clone(), t.clone())
+        return metrics
+
+    trainer.train_step = recording_step
+    assert trainer.fit() == "done"
+    trainer.close()  # flushes TensorBoard
+    assert sorted(steps) == list(range(1, 8))
+    scalars = tb_scalars(tmp_path)
+    assert sorted(scalars["loss/loss"]) == [3, 6]
+    quarter_tags = sorted(tag for tag in scalars if tag.startswith("loss/loss_q"))
+    assert quarter_tags and set(quarter_tags) <= {f"loss/loss_q{q}" for q in range(4)}
+    for step in (3, 6):
+        losses, t = steps[step]
+        assert scalars["loss/loss"][step] == pytest.approx(float(losses.mean()), rel=1e-5)
+        quarter = t * 4 // trainer.ddpm.num_timesteps
+        for q in range(4):
+            logged = scalars.get(f"loss/loss_q{q}", {})
+            if (quarter == q).any():
+                assert logged[step] == pytest.approx(float(losses[quarter == q].mean()), rel=1e-5), (step, q)
+            else:
+                assert step not in logged, (step, q)
+    assert {s for tag in quarter_tags for s in scalars[tag]} == {3, 6}  # nothing on the other steps
 
 
 def test_provenance_and_config_written(images, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import randomize
 
 from ddpm.config import ModelConfig
 from ddpm.diffusion import DDPM
@@ -15,14 +16,6 @@ def tiny(image_size: int = 32, **overrides: object) -> UNet:
                                  attention_resolutions=[8], num_heads=2, dropout=0.0, use_scale_shift_norm=True)
     kw.update(overrides)
     return UNet(image_size=image_size, **kw)  # type: ignore[arg-type]
-
-
-def randomize(model: UNet) -> UNet:
-    """Perturb every weight: the zero-initialised output layers would make every output 0."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 @pytest.mark.parametrize("image_size,mult,attn,scale_shift",

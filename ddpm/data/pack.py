@@ -21,6 +21,8 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -75,12 +77,15 @@ def _decoded_chunks(source: ImageSource, n: int, processes: int) -> Iterator[tup
         for start, stop in spans:
             yield _decode_chunk(start, stop, source)
         return
-    with get_context().Pool(min(processes, len(spans)), _init_worker, (source,)) as pool:
-        yield from pool.imap_unordered(_star_decode, spans)
-
-
-def _star_decode(span: tuple[int, int]) -> tuple[int, np.ndarray, list[str]]:
-    return _decode_chunk(*span)
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a signal, the OOM killer) breaks the
+    # pool with an error instead of leaving the parent waiting for its chunk forever
+    with ProcessPoolExecutor(min(processes, len(spans)), mp_context=get_context("fork"),
+                             initializer=_init_worker, initargs=(source,)) as pool:
+        try:
+            yield from (f.result() for f in as_completed([pool.submit(_decode_chunk, *s) for s in spans]))
+        except BrokenProcessPool:
+            raise DataError("pack: a worker process died (killed by a signal or out of memory); nothing was "
+                            "written: run the command again") from None
 
 
 def _atomic_json(path: Path, payload: dict[str, Any]) -> None:
