@@ -157,7 +157,8 @@ def _signal_handlers_restored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def _new_trainer(images: Path, run_dir: Path, *overrides: str, overfit: bool = False) -> Trainer:
+def _new_trainer(images: Path, run_dir: Path, *overrides: str, overfit: bool = False,
+                 device: str = "cpu") -> Trainer:
     import torch
 
     from ddpm.config import load_config
@@ -165,16 +166,16 @@ def _new_trainer(images: Path, run_dir: Path, *overrides: str, overfit: bool = F
     from ddpm.train import Trainer
 
     cfg = load_config(TINY_CONFIG, [f"data.path={images}", *overrides])
-    return Trainer(cfg, Path(run_dir), DistEnv(device=torch.device("cpu")), overfit_single_batch=overfit)
+    return Trainer(cfg, Path(run_dir), DistEnv(device=torch.device(device)), overfit_single_batch=overfit)
 
 
 @pytest.fixture
 def make_trainer(images: Path) -> Iterator[Callable[..., Trainer]]:
-    """``make_trainer(run_dir, *overrides, overfit=False)``: a real Trainer on tiny_cpu.yaml (CPU, 1 rank)."""
+    """``make_trainer(run_dir, *overrides, overfit=False, device="cpu")``: a real Trainer on tiny_cpu.yaml (1 rank)."""
     trainers = []
 
-    def make(run_dir: Path, *overrides: str, overfit: bool = False) -> Trainer:
-        trainer = _new_trainer(images, run_dir, *overrides, overfit=overfit)
+    def make(run_dir: Path, *overrides: str, overfit: bool = False, device: str = "cpu") -> Trainer:
+        trainer = _new_trainer(images, run_dir, *overrides, overfit=overfit, device=device)
         trainers.append(trainer)
         return trainer
 

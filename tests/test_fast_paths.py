@@ -27,11 +27,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import load_config
-from ddpm.dist import DistEnv
 from ddpm.train import Trainer, amp_dtype
 from ddpm.unet import UNet
 
@@ -39,21 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
 STEPS = 4
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """24 random 10x10 RGB PNGs (the loader resizes them to 8x8)."""
-    d = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        Image.fromarray((rng.random((10, 10, 3)) * 255).astype("uint8")).save(d / f"{i:03d}.png")
-    return d
-
-
-def make_trainer(images: Path, run_root: Path, *extra: str, device: str = "cpu") -> Trainer:
-    cfg = load_config(TINY, [f"data.path={images}", f"run.root={run_root}", *extra])
-    return Trainer(cfg, cfg.run_dir, DistEnv(device=torch.device(device)))
 
 
 def train(trainer: Trainer, steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -113,21 +96,21 @@ def test_channels_last_forward_and_gradients_match_contiguous():
         assert_close(grads_b[name], grad, 1e-5, f"grad of {name}")
 
 
-def test_channels_last_training_matches_contiguous(images, tmp_path):
-    plain = make_trainer(images, tmp_path / "plain")
-    fast = make_trainer(images, tmp_path / "fast", "infrastructure.channels_last=true")
+def test_channels_last_training_matches_contiguous(make_trainer, tmp_path):
+    plain = make_trainer(tmp_path / "plain")
+    fast = make_trainer(tmp_path / "fast", "infrastructure.channels_last=true")
     assert fast.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert_same_training(train(plain), train(fast), rtol=1e-5)
 
 
-def test_compile_matches_eager_and_checkpoints_have_plain_keys(images, tmp_path, monkeypatch):
+def test_compile_matches_eager_and_checkpoints_have_plain_keys(make_trainer, tmp_path, monkeypatch):
     backend = os.environ.get("DDPM_TEST_COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
     torch._dynamo.reset()
     try:
-        eager = make_trainer(images, tmp_path / "eager")
+        eager = make_trainer(tmp_path / "eager")
         reference = train(eager)
-        compiled = make_trainer(images, tmp_path / "compiled", "infrastructure.compile=true")
+        compiled = make_trainer(tmp_path / "compiled", "infrastructure.compile=true")
         assert isinstance(compiled.ddpm.model, torch._dynamo.eval_frame.OptimizedModule)  # the path is taken
         losses, weights = train(compiled)
         assert_same_training(reference, (losses, weights), rtol=1e-5)
@@ -154,7 +137,7 @@ def record_forward_precision(trainer: Trainer) -> list[tuple[bool, torch.dtype, 
     return seen
 
 
-def test_bf16_autocast_on_cpu_differs_from_fp32_but_stays_close(images, tmp_path):
+def test_bf16_autocast_on_cpu_differs_from_fp32_but_stays_close(make_trainer, tmp_path):
     """mixed_precision_on_cpu: the training forward really runs in bf16 autocast, so from the same (random)
     weights and batches the losses are not fp32's (each step differs by more than 1e-6 relative, ~10 fp32
     ulps; measured 1e-5 to 8e-5) but stay within 1e-3 relative (measured <= 8e-5); the trained networks differ
@@ -165,8 +148,8 @@ def test_bf16_autocast_on_cpu_differs_from_fp32_but_stays_close(images, tmp_path
     assert amp_dtype(dataclasses.replace(infra, mixed_precision=True, mixed_precision_on_cpu=True),
                      cpu) == torch.bfloat16
 
-    fp32 = make_trainer(images, tmp_path / "fp32")
-    bf16 = make_trainer(images, tmp_path / "bf16", "infrastructure.mixed_precision=true",
+    fp32 = make_trainer(tmp_path / "fp32")
+    bf16 = make_trainer(tmp_path / "bf16", "infrastructure.mixed_precision=true",
                         "infrastructure.mixed_precision_on_cpu=true")
     weights = random_tiny_unet().state_dict()  # a fresh network's eps is exactly 0 in any precision
     for trainer in (fp32, bf16):
@@ -196,12 +179,12 @@ def test_bf16_autocast_on_cpu_differs_from_fp32_but_stays_close(images, tmp_path
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_fused_adamw_matches_unfused(images, tmp_path, device):
+def test_fused_adamw_matches_unfused(make_trainer, tmp_path, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device: the CUDA variant runs on a GPU machine (the CPU variant ran)")
     common = (f"infrastructure.num_gpus={int(device == 'cuda')}", "infrastructure.mixed_precision=false",
               "infrastructure.tf32=false")
-    plain = make_trainer(images, tmp_path / "plain", *common, "infrastructure.fused_adam=false", device=device)
-    fused = make_trainer(images, tmp_path / "fused", *common, "infrastructure.fused_adam=true", device=device)
+    plain = make_trainer(tmp_path / "plain", *common, "infrastructure.fused_adam=false", device=device)
+    fused = make_trainer(tmp_path / "fused", *common, "infrastructure.fused_adam=true", device=device)
     assert fused.optimizer.defaults["fused"] and not plain.optimizer.defaults["fused"]
     assert_same_training(train(plain), train(fused), rtol=1e-5)
