@@ -1,0 +1,57 @@
+"""Image helpers shared by training grids, sampling and assembly: value ranges, uint8, grids, PNGs.
+
+Tensors in the model's range are float [-1, 1] ``[N, C, H, W]``; stored images are np.uint8 ``[N, H, W, C]``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddpm.fsio import atomic_write_bytes
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1], any shape."""
+    return x * 2.0 - 1.0
+
+
+def unnormalize(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped, any shape."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] (or [C, H, W]) in [-1, 1] -> np.uint8 [N, H, W, C] (or [H, W, C]), rounded."""
+    y = ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return y.movedim(-3, -1).cpu().numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
+              pad_value: float = -1.0) -> torch.Tensor:
+    """[N, C, H, W] in [-1, 1] -> one image [C, H', W'] with ``nrow`` images a row (ceil(sqrt(N)))."""
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    n, c, h, w = images.shape
+    nrow = max(1, min(nrow or math.ceil(math.sqrt(n)), n))
+    rows = math.ceil(n / nrow)
+    grid = images.new_full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
+    for i in range(n):
+        top, left = (i // nrow) * (h + padding) + padding, (i % nrow) * (w + padding) + padding
+        grid[:, top:top + h, left:left + w] = images[i]
+    return grid
+
+
+def save_image(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write [C, H, W] or a batch [N, C, H, W] (as a grid) in [-1, 1] to a PNG, atomically."""
+    if images.dim() == 4:
+        images = make_grid(images, nrow)
+    pixels = to_uint8(images)
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    path = Path(path)
+    atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
+    return path
