@@ -26,8 +26,8 @@ from typing import Any
 from PIL import Image
 
 from ddpm.config import DataConfig
-from ddpm.errors import DataError
 from ddpm.data.base import ImageSource, image_from_value, require_path
+from ddpm.errors import DataError
 
 _SPLIT_TOKENS = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
                  "test": "test"}

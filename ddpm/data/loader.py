@@ -26,34 +26,19 @@ a source once into a memory-mapped uint8 file; ``bench`` measures images/second 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import signal
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
-from ddpm.fsio import atomic_write_bytes
 from ddpm.config import DataConfig
-from ddpm.errors import DataError
 from ddpm.data.base import ImageSource
 from ddpm.data.sources import build_source
-
-
-
-
-
-
-
-
-
-
-
+from ddpm.errors import DataError
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ddpm.fsio import atomic_write_text
 from ddpm.config import DataConfig, load_config
 from ddpm.configtools import parse_with_overrides
-from ddpm.errors import DataError, cli_entry
 from ddpm.data.base import ImageSource
 from ddpm.data.sources import PACKED_FORMAT, build_source, preprocess_signature, sidecar_path
+from ddpm.errors import DataError, cli_entry
+from ddpm.fsio import atomic_write_text
 
 _CHUNK = 64
 _WORKER_SOURCE: ImageSource | None = None
