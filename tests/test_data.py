@@ -367,12 +367,18 @@ def test_pack_worker_killed_is_one_line_not_a_hang(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "ddpm.data", "pack", "--config", str(config), "--out", str(out),
                              "--processes", "2", "model.attention_resolutions=[4]"],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    parent, workers = psutil.Process(proc.pid), []
-    deadline = time.monotonic() + 60
-    while not workers and proc.poll() is None and time.monotonic() < deadline:
-        workers = parent.children()
-    assert workers, "pack finished or failed before it started a worker"
-    workers[0].send_signal(signal.SIGKILL)
+    parent = psutil.Process(proc.pid)
+    killed, deadline = None, time.monotonic() + 60
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        for child in parent.children():  # a forked pool worker has the parent's command line
+            try:
+                if child.cmdline() == parent.cmdline():
+                    child.send_signal(signal.SIGKILL)
+                    killed = child.pid
+                    break
+            except psutil.NoSuchProcess:  # a short-lived helper process, or a worker already gone
+                continue
+    assert killed is not None, "pack finished or failed before it started a worker"
     _, err = proc.communicate(timeout=60)  # before the fix: blocked forever on the dead worker's chunk
     assert proc.returncode == 2, err
     assert err.count("error: pack: a worker process died (killed by a signal or out of memory); nothing was "
