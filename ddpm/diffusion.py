@@ -1,4 +1,5 @@
-"""DDPM math (Ho et al. 2020) and its samplers: ancestral (respaced) and DDIM (Song et al. 2021).
+"""DDPM math (Ho et al. 2020) and its samplers: ancestral (respaced), DDIM (Song et al. 2021) and
+DPM-Solver++(2M) (Lu et al. 2022).
 
 ``DDPM`` is not an ``nn.Module``: it takes the network as an argument
 (improved-diffusion's ``GaussianDiffusion``), so the schedule is never part of
@@ -270,10 +271,12 @@ class DDPM:
 
         sampler "ddpm": ancestral sampling (Algorithm 2), respaced to ``num_steps`` (default T) timesteps;
         "ddim": Song et al. eq. 12 with ``eta`` (0: deterministic; 1: ancestral variance), the last step
-        going to abar = 1 (the x0 prediction). Timesteps are picked by ``timestep_spacing`` ("leading" or
-        "trailing", as in diffusers). With ``seeds`` (one int per image) image i uses its own
-        ``torch.Generator`` for its initial noise and every step's noise, so it depends on seeds[i] only.
-        ``x_T`` [B, *image_shape] replaces the initial noise (the generators still draw and drop it).
+        going to abar = 1 (the x0 prediction); "dpmpp_2m": DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2),
+        deterministic (``eta`` unused), its last step also to abar = 1 (diffusers' final_sigmas_type="zero").
+        Timesteps are picked by ``timestep_spacing`` ("leading" or "trailing", as in diffusers). With ``seeds``
+        (one int per image) image i uses its own ``torch.Generator`` for its initial noise and every step's
+        noise, so it depends on seeds[i] only. ``x_T`` [B, *image_shape] replaces the initial noise (the
+        generators still draw and drop it). ``clip_denoised`` clamps every x0 prediction to [-1, 1].
         The model runs in eval mode under no_grad, on its parameters' device; its mode is restored. It is
         called as ``model(x [B, ...], t [1])``: one timestep broadcast over the batch, so the time embedding
         is computed once and each image's result does not depend on the batch size.
@@ -299,8 +302,10 @@ class DDPM:
         try:
             if sampler == "ddpm":
                 x = self._sample_ddpm(x, timesteps, gens, clip_denoised, progress)
-            else:
+            elif sampler == "ddim":
                 x = self._sample_ddim(x, timesteps, eta, gens, clip_denoised, progress)
+            else:
+                x = self._sample_dpmpp_2m(x, timesteps, gens, clip_denoised, progress)
         finally:
             self.model.train(was_training)
         return x
@@ -325,4 +330,36 @@ class DDPM:
             t_model = torch.full((1,), int(timesteps[i]), device=x.device, dtype=torch.long)
             noise = draw_noise(gens, tuple(x.shape), x.device) if (eta > 0 and i > 0) else None
             x = self._ddim_step(ac, ac_prev, x, t_model, eta, noise, clip_denoised)
+        return x
+
+    def _sample_dpmpp_2m(self, x: torch.Tensor, timesteps: np.ndarray, gens: list[torch.Generator] | None,
+                         clip_denoised: bool, progress: bool) -> torch.Tensor:
+        """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: x_T [B, ...] -> x0 [B, ...]; timesteps ascending [S].
+
+        Deterministic: ``gens`` drew x_T and nothing more. alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t);
+        coefficients in float64 (the schedule), cast to x's dtype. The first step has no history and the last
+        one (to sigma = 0, abar = 1, h = inf) is first order (diffusers' lower_order_final): it returns x0.
+        """
+        ts = timesteps[::-1]  # descending: t_0 = the noisiest, as in the paper
+        ac = self.alphas_cumprod[torch.as_tensor(ts.copy())]
+        alpha, sigma = ac.sqrt(), (1.0 - ac).sqrt()
+        lam = torch.log(alpha / sigma)  # lambda_t = log(alpha_t / sigma_t), the half log-SNR
+        x0_prev, h_prev = None, None
+        for i in tqdm(range(len(ts)), disable=not progress, desc="dpmpp_2m", leave=False):
+            t_model = torch.full((1,), int(ts[i]), device=x.device, dtype=torch.long)
+            eps = self.model(x, t_model).to(x.dtype)
+            # the data prediction, Ho eq. 15 solved for x0: x0 = (x_t - sigma_t eps) / alpha_t
+            x0 = (x - sigma[i].to(x.dtype) * eps) / alpha[i].to(x.dtype)
+            if clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+            if i == len(ts) - 1:  # to sigma = 0: sigma_next / sigma_i = 0, e^{-h} = 0, alpha_next = 1
+                return x0
+            h = lam[i + 1] - lam[i]  # h_i = lambda_{t_{i+1}} - lambda_{t_i} > 0
+            d = x0  # first order: DPM-Solver++(1), which is DDIM with eta = 0
+            if x0_prev is not None:  # 2M: D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1} / h_i
+                c = h / (2.0 * h_prev)  # 1 / (2r)
+                d = (1.0 + c).to(x.dtype) * x0 - c.to(x.dtype) * x0_prev
+            # x_{t_{i+1}} = (sigma_{t_{i+1}} / sigma_{t_i}) x_{t_i} - alpha_{t_{i+1}} (e^{-h_i} - 1) D
+            x = (sigma[i + 1] / sigma[i]).to(x.dtype) * x - (alpha[i + 1] * torch.expm1(-h)).to(x.dtype) * d
+            x0_prev, h_prev = x0, h
         return x

@@ -87,7 +87,7 @@ def test_env_vars_in_paths_expand(tmp_path, monkeypatch):
     (["model.channel_mult=[1,x]"], "model.channel_mult[1]: invalid value 'x' (expected int)"),
     (["model.dropout=1.0"], "model.dropout: invalid value 1.0 (expected a float in [0, 1))"),
     (["model.use_scale_shift_norm=maybe"], "model.use_scale_shift_norm: invalid value 'maybe' (expected bool)"),
-    (["sampling.sampler=euler"], "sampling.sampler: invalid value 'euler' (expected one of ddpm, ddim)"),
+    (["sampling.sampler=euler"], "sampling.sampler: invalid value 'euler' (expected one of ddpm, ddim, dpmpp_2m)"),
     (["sampling.timestep_spacing=linspace"], "sampling.timestep_spacing: invalid value 'linspace'"),
     (["data.source=s3"], "data.source: invalid value 's3'"),
     (["data.crop_center=[89]"], "data.crop_center: invalid value [89] (expected null or [x, y]"),
@@ -222,4 +222,4 @@ def test_python_m_ddpm_config_prints_a_documented_default_config():
                          cwd=ROOT, timeout=60).stdout
     assert config_from_dict(yaml.safe_load(out)) == Config()  # the listing is itself a valid config
     assert "  num_heads: 4  # int. Attention heads; must divide the channels at every attention." in out
-    assert "  sampler: ddpm  # one of ddpm, ddim." in out
+    assert "  sampler: ddpm  # one of ddpm, ddim, dpmpp_2m." in out

@@ -76,7 +76,7 @@ def test_checkpoint_sampling_and_rebuild(checkpoint: Path) -> None:
         build_from_checkpoint(bad)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddpm", 50)])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddpm", 50), ("dpmpp_2m", 10)])
 def test_shard_and_batch_invariance(checkpoint: Path, base: SamplingConfig, tmp_path: Path, sampler: str,
                                     steps: int) -> None:
     s = dataclasses.replace(base, num_samples=12, sampler=sampler, num_steps=steps, seed_base=100)
