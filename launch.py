@@ -100,7 +100,8 @@ def submit(cfg: Config, run_dir: Path, cluster: str, stages: list[str], dry_run:
             job = ex.submit(TrainTask(run_dir))
             jobs["train"] = job.job_id
         elif stage == "sample":
-            array = ex.map_array(SampleTask(run_dir, cfg), list(range(k)))
+            share = k if cluster == "local" else 1  # the local executor starts every task at once
+            array = ex.map_array(SampleTask(run_dir, cfg, cpu_share=share), list(range(k)))
             job = array
             jobs["sample"] = array[0].job_id.split("_")[0]
             jobs["sample_tasks"] = [j.job_id for j in array]

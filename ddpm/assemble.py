@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.data import save_image
 from ddpm.errors import ShardError, cli_entry
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, new_dir
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.expect_shards is not None and args.expect_shards < 1:
         raise ShardError(f"--expect-shards must be >= 1, got {args.expect_shards}")
+    apply_cpu_budget(cpu_budget("assemble"))
     assemble(args.dir, args.expect_shards, args.fid_reference, max(args.grid_size, 1))
     return 0
 

@@ -21,33 +21,16 @@ from typing import Any, Literal
 
 import yaml
 
+from ddpm.architecture import architecture_problem
 from ddpm.configtools import apply_overrides, describe, read_yaml, require, tree_from_dict
 from ddpm.fsio import atomic_write_text
 
-Sampler = Literal["ddpm", "ddim"]
+Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 Spacing = Literal["leading", "trailing"]
 Variance = Literal["fixed_small", "fixed_large"]
 Source = Literal["folder", "celeba", "hf", "packed"]
 StopSignal = Literal["USR1", "USR2", "TERM", "INT"]
 PATH = {"path": True}  # field metadata: "~" and "$VAR" are expanded on the machine that loads the config
-
-
-def architecture_problem(image_size: int, channel_mult: list[int], attention_resolutions: list[int],
-                         base_channels: int, num_heads: int) -> tuple[str, object, str] | None:
-    """(key, value, expected) of the first reason the U-Net cannot be built for ``image_size``, or None."""
-    levels = len(channel_mult)
-    if image_size % 2 ** (levels - 1):
-        return "data.image_size", image_size, f"divisible by 2^(len(model.channel_mult)-1) = {2 ** (levels - 1)}"
-    resolutions = [image_size // 2**i for i in range(levels)]
-    for r in attention_resolutions:
-        if r not in resolutions:
-            return "model.attention_resolutions", attention_resolutions, (
-                f"resolutions the U-Net has for data.image_size={image_size}: a subset of {resolutions}")
-    for i, r in enumerate(resolutions):  # attention at each listed resolution, and always in the middle
-        ch = channel_mult[i] * base_channels
-        if (r in attention_resolutions or i == levels - 1) and ch % num_heads:
-            return "model.num_heads", num_heads, f"a divisor of the {ch} channels of the attention at resolution {r}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -165,7 +148,7 @@ class SamplingConfig:
     num_steps: int = field(default=1000, metadata={"pixels": True})
     """Denoising steps (<= ddpm.num_timesteps); fewer steps respace the schedule."""
     sampler: Sampler = field(default="ddpm", metadata={"pixels": True})
-    """ddpm (ancestral, Ho et al. Algorithm 2) or ddim (Song et al. 2021)."""
+    """ddpm (ancestral, Ho et al. Algorithm 2), ddim (Song et al. 2021) or dpmpp_2m (DPM-Solver++(2M), Lu 2022)."""
     eta: float = field(default=0.0, metadata={"pixels": True})
     """DDIM stochasticity: 0 deterministic, 1 matches DDPM's variance."""
     timestep_spacing: Spacing = field(default="leading", metadata={"pixels": True})
@@ -258,7 +241,7 @@ class DataConfig:
     random_flip: bool = True
     """Random horizontal flips (a pure function of seed, epoch and image)."""
     num_workers: int | None = None
-    """Loader worker processes; null = SLURM_CPUS_PER_TASK (0 outside SLURM)."""
+    """Loader worker processes; null = the CPU budget's (ddpm.cpus: 1 on CPU, CPUs - 2 up to 8 on a GPU)."""
     skip_bad_images: bool = False
     """Drop unreadable images with a warning instead of stopping."""
 
@@ -298,6 +281,20 @@ class SlurmConfig:
     """Requeues per job (preemptions, time limits, watchdog kills) before giving up."""
     array_parallelism: int = 4
     """Sampling tasks running at once."""
+    sample_cpus_per_task: int | None = None
+    """CPUs of each sampling task; null = min(cpus_per_task, 4) (no loader: the sampler's threads only)."""
+    sample_mem_gb: int | None = None
+    """Memory of each sampling task; null = min(mem_gb, 16) (the network, a batch, one shard's images)."""
+    sample_time_min: int | None = None
+    """Time limit of each sampling task; null = min(time_min, 240) (a stopped shard resumes where it was)."""
+    sample_gpus: int | None = None
+    """GPUs of each sampling task; null = 1 when infrastructure.num_gpus > 0, else 0."""
+    assemble_cpus_per_task: int | None = None
+    """CPUs of the assembly job; null = min(cpus_per_task, 4)."""
+    assemble_mem_gb: int | None = None
+    """Memory of the assembly job; null = 2 GB plus 3x the npz, at most mem_gb."""
+    assemble_time_min: int | None = None
+    """Time limit of the assembly job; null = min(time_min, 30)."""
     additional: dict[str, str] = field(default_factory=dict)
     """Extra sbatch options, e.g. {constraint: A6000}."""
     setup: list[str] = field(default_factory=list)
@@ -306,6 +303,11 @@ class SlurmConfig:
     def __post_init__(self) -> None:
         for key in ("cpus_per_task", "mem_gb", "time_min", "array_parallelism"):
             require(getattr(self, key) >= 1, f"slurm.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("sample_cpus_per_task", "sample_mem_gb", "sample_time_min", "sample_gpus",
+                    "assemble_cpus_per_task", "assemble_mem_gb", "assemble_time_min"):
+            low = 0 if key == "sample_gpus" else 1
+            require(getattr(self, key) is None or getattr(self, key) >= low, f"slurm.{key}", getattr(self, key),
+                    f"null or an integer >= {low}")
         require(self.signal_delay_s >= 30, "slurm.signal_delay_s", self.signal_delay_s,
                 "an integer >= 30 (seconds before the time limit)")
         # Slurm may send the --signal up to 60 s before the requested time (sbatch(1), --signal): a limit
@@ -383,7 +385,7 @@ def dump_config(cfg: Config, path: str | Path | None = None) -> str:
 
 
 def choices(literal: Any) -> tuple[str, ...]:
-    """The strings of a ``Literal`` alias: ``choices(Sampler) == ("ddpm", "ddim")``."""
+    """The strings of a ``Literal`` alias: ``choices(Spacing) == ("leading", "trailing")``."""
     return typing.get_args(literal)
 
 

@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_images is not None and args.max_images < 2:
         raise FIDError(f"--max-images must be >= 2, got {args.max_images}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ddpm.cpus import apply_cpu_budget, cpu_budget
+
+    print(f"fid: {apply_cpu_budget(cpu_budget('fid', device))}", flush=True)
     model = load_inception(args.weights or cfg.sampling.fid_weights, device)
     stats = reference_stats(cfg.data, model, args.max_images, max(args.batch_size, 1))
     if stats.n < 2:

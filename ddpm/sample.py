@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ddpm.checkpoint import load_resolved
 from ddpm.config import Sampler, SamplingConfig, Spacing, choices
+from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.data import to_uint8
 from ddpm.diffusion import DDPM
 from ddpm.errors import CheckpointError, ConfigError, ShardError, cli_entry
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    print(f"sample: {apply_cpu_budget(cpu_budget('sample', args['device']))}", flush=True)
     ckpt, state = load_resolved(args["checkpoint"], map_location="cpu")  # read once
     given = {k: args[k] for k in FLAGS if args[k] is not None}
     try:  # one validation, in SamplingConfig.__post_init__

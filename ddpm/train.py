@@ -32,6 +32,7 @@ from ddpm import dist
 from ddpm.checkpoint import FORMAT, load_latest, save_checkpoint
 from ddpm.config import Config, InfrastructureConfig, TrainingConfig, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
+from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.data import create_dataloader_from_config, save_image
 from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
@@ -75,6 +76,7 @@ class Trainer:
                               f"{env.world_size}")
         self.local_batch = tc.batch_size // env.world_size
         self.device, cuda = env.device, env.device.type == "cuda"
+        self.budget = apply_cpu_budget(cpu_budget("train", self.device, cfg.data.num_workers))  # per rank
         torch.manual_seed(tc.seed + env.rank)  # dropout; overwritten by the checkpoint on resume
         if cuda and infra.tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -251,7 +253,7 @@ class Trainer:
             write_status(self.run_dir, "running", self.step, self.skipped_steps)  # a crash leaves this
         self._print(f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on "
                     f"{self.env.world_size} x {self.device.type}, global batch {tc.batch_size}, "
-                    f"step {self.step}/{tc.num_iterations}, run dir {self.run_dir}")
+                    f"step {self.step}/{tc.num_iterations}, run dir {self.run_dir}; each rank: {self.budget}")
         while self.step < tc.num_iterations and not self.stop_now:
             x0, t, noise = self.next_batch()
             metrics = self.train_step(x0, t, noise)
@@ -354,10 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception) -> None:
-    """``status.json`` says failed, with the one-line error, for the wrapper and ``launch.py status``.
-
-    Best effort: on a full disk even this small file may not fit.
-    """
+    """``status.json`` says failed, with the one-line error, for the wrapper and ``launch.py status`` (best
+    effort: on a full disk even this small file may not fit)."""
     if env.is_main:
         try:
             write_status(run_dir, "failed", step, 0, error=str(err))

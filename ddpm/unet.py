@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.config import ModelConfig, architecture_problem
+from ddpm.architecture import architecture_problem
+from ddpm.config import ModelConfig
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:

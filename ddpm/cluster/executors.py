@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import signal
 import sys
 import time
@@ -41,13 +43,19 @@ class SampleTask:
     holds every finished batch. The task is then requeued (or SLURM is already requeuing it) and resumes there.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: Config):
+    def __init__(self, run_dir: str | Path, cfg: Config, cpu_share: int = 1):
         self.run_dir, self.sampling, self.max_restarts = Path(run_dir), cfg.sampling, cfg.slurm.max_restarts
+        self.cpu_share = cpu_share  # tasks the local executor runs at once on this machine (1 on SLURM)
 
     def __call__(self, shard: int) -> str:
         import torch
 
+        from ddpm.cpus import SHARE_ENV, apply_cpu_budget, cpu_budget
         from ddpm.sample import sample_shard
+
+        if self.cpu_share > 1:
+            os.environ[SHARE_ENV] = str(self.cpu_share)
+        print(f"shard {shard}: {apply_cpu_budget(cpu_budget('sample'))}", flush=True)
 
         def stop(signum: int, _frame: Any) -> None:
             for sig in (signal.SIGTERM, signal.SIGUSR2):  # SLURM's later SIGTERM must not interrupt the requeue
@@ -82,24 +90,49 @@ class AssembleTask:
         return str(self.run_dir / "samples")
 
 
+def stage_resources(cfg: Config, stage: str) -> dict[str, int]:
+    """{cpus_per_task, mem_gb, time_min, gpus} of one ``stage``'s SLURM job (a sampling task, for "sample").
+
+    Training takes the slurm section as written. Sampling and assembly take their own keys, or (null) a size
+    from what they need, never more than training asks: a short, small job starts sooner (backfill).
+    """
+    sc, infra = cfg.slurm, cfg.infrastructure
+    if stage == "train":
+        return {"cpus_per_task": sc.cpus_per_task, "mem_gb": sc.mem_gb, "time_min": sc.time_min,
+                "gpus": infra.num_gpus}
+    floor_min = math.ceil((sc.signal_delay_s + 60) / 60) + 1  # the stop signal must not arrive at the start
+    if stage == "sample":
+        return {"cpus_per_task": sc.sample_cpus_per_task or min(sc.cpus_per_task, 4),
+                "mem_gb": sc.sample_mem_gb or min(sc.mem_gb, 16),
+                "time_min": sc.sample_time_min or max(min(sc.time_min, 240), floor_min),
+                "gpus": sc.sample_gpus if sc.sample_gpus is not None else int(infra.num_gpus > 0)}
+    s, channels = cfg.data.image_size, cfg.model.in_channels
+    npz_gb = cfg.sampling.num_samples * s * s * channels / 2**30
+    return {"cpus_per_task": sc.assemble_cpus_per_task or min(sc.cpus_per_task, 4),
+            "mem_gb": sc.assemble_mem_gb or min(sc.mem_gb, 2 + math.ceil(3 * npz_gb)),
+            "time_min": sc.assemble_time_min or max(min(sc.time_min, 30), floor_min), "gpus": 0}
+
+
 def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependency: str | None = None) -> Any:
     """A submitit executor for ``stage`` (train | sample | assemble), logging to ``run_dir/logs``."""
     import submitit
 
     sc, infra = cfg.slurm, cfg.infrastructure
+    res = stage_resources(cfg, stage)
     folder = run_dir / "logs" / "%j"
     if cluster == "local":
         ex = submitit.LocalExecutor(folder=folder)
-        ex.update_parameters(timeout_min=sc.time_min, signal_delay_s=sc.signal_delay_s)
+        ex.update_parameters(timeout_min=res["time_min"], signal_delay_s=sc.signal_delay_s)
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=sc.max_restarts)
     additional: dict[str, Any] = dict(sc.additional)
     if dependency:
         additional["dependency"] = dependency
     params: dict[str, Any] = dict(
-        job_name=f"{cfg.run.name}-{stage}", partition=sc.partition, time=sc.time_min, nodes=1, ntasks_per_node=1,
-        cpus_per_task=sc.cpus_per_task, mem=f"{sc.mem_gb}GB", signal_delay_s=sc.signal_delay_s,
-        setup=list(sc.setup), array_parallelism=sc.array_parallelism, stderr_to_stdout=True,
+        job_name=f"{cfg.run.name}-{stage}", partition=sc.partition, time=res["time_min"], nodes=1,
+        ntasks_per_node=1, cpus_per_task=res["cpus_per_task"], mem=f"{res['mem_gb']}GB",
+        signal_delay_s=sc.signal_delay_s, setup=list(sc.setup), array_parallelism=sc.array_parallelism,
+        stderr_to_stdout=True,
     )
     if sc.account:
         params["account"] = sc.account
@@ -107,15 +140,11 @@ def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependen
         params["qos"] = sc.qos
     if stage == "train":
         params["nodes"] = infra.num_nodes
+    if stage in ("train", "sample"):
         additional["requeue"] = True
-        if infra.num_gpus > 0:
-            params["gres"] = sc.gres or f"gpu:{infra.num_gpus}"
-    elif stage == "sample":
-        additional["requeue"] = True
-        if infra.num_gpus > 0:
-            params["gres"] = sc.gres.rsplit(":", 1)[0] + ":1" if sc.gres else "gpu:1"
-    if stage == "assemble":
-        params["cpus_per_task"] = min(sc.cpus_per_task, 4)
+    if res["gpus"] > 0:  # slurm.gres names the type for training; a sampling task asks its own count of it
+        kind = sc.gres.rsplit(":", 1)[0] if sc.gres else "gpu"
+        params["gres"] = sc.gres if stage == "train" and sc.gres else f"{kind}:{res['gpus']}"
     params["additional_parameters"] = additional
     ex.update_parameters(**params)
     return ex

@@ -26,7 +26,6 @@ a source once into a memory-mapped uint8 file; ``bench`` measures images/second 
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ddpm.config import DataConfig
+from ddpm.cpus import cpu_budget
 from ddpm.data.base import ImageSource
 from ddpm.data.sources import build_source
 from ddpm.errors import DataError
@@ -214,12 +214,9 @@ def create_dataloader(dataset: ImageSource, batch_size: int, rank: int = 0, worl
                           persistent_workers=pin_memory and num_workers > 0)
 
 
-def default_num_workers(configured: int | None) -> int:
-    """``data.num_workers``, or SLURM_CPUS_PER_TASK - 1 (at least 0) when null, or 0 outside SLURM."""
-    if configured is not None:
-        return configured
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return max(int(cpus) - 1, 0) if cpus.isdigit() else 0
+def default_num_workers(configured: int | None, device: torch.device | str | None = None) -> int:
+    """``data.num_workers``, or (null) the CPU budget's workers for training on ``device`` (ddpm.cpus)."""
+    return cpu_budget("train", device, configured).workers
 
 
 def create_dataloader_from_config(data_cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -228,5 +225,5 @@ def create_dataloader_from_config(data_cfg: DataConfig, batch_size: int, rank: i
     source = build_source(data_cfg)
     cuda = device is not None and torch.device(device).type == "cuda"
     return create_dataloader(source, batch_size, rank, world_size, seed,
-                             num_workers=default_num_workers(data_cfg.num_workers),
+                             num_workers=default_num_workers(data_cfg.num_workers, device),
                              random_flip=data_cfg.random_flip, pin_memory=cuda)
