@@ -128,8 +128,8 @@ def print_summary(cfg: Config, run_dir: Path, jobs: dict[str, Any]) -> None:
     print(f"logs:         {run_dir}/logs/<job id>/")
     print(f"tensorboard:  tensorboard --logdir {run_dir}/tb")
     print(f"status:       python launch.py status {run_dir}")
-    n, s = cfg.sampling.num_samples, cfg.data.image_size
-    print(f"outputs:      {run_dir}/samples/samples_{n}x{s}x{s}x3.npz, grid.png, metrics.json")
+    n, s, c = cfg.sampling.num_samples, cfg.data.image_size, cfg.model.in_channels
+    print(f"outputs:      {run_dir}/samples/samples_{n}x{s}x{s}x{c}.npz, grid.png, metrics.json")
 
 
 def status(run_dir: Path) -> int:

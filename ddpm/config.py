@@ -28,6 +28,7 @@ from ddpm.fsio import atomic_write_text
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 Spacing = Literal["leading", "trailing"]
 Variance = Literal["fixed_small", "fixed_large"]
+Precision = Literal["fp32", "bf16"]
 Source = Literal["folder", "celeba", "hf", "packed"]
 StopSignal = Literal["USR1", "USR2", "TERM", "INT"]
 PATH = {"path": True}  # field metadata: "~" and "$VAR" are expanded on the machine that loads the config
@@ -38,7 +39,7 @@ class ModelConfig:
     """U-Net architecture (improved-diffusion's UNetModel hyperparameters)."""
 
     in_channels: int = 3
-    """Image channels: 3 for RGB, 1 for greyscale data."""
+    """Image channels: 3 for RGB, 1 to train on greyscale (the mean of the RGB channels the loader reads)."""
     base_channels: int = 128
     """Width of the first level; level i has channel_mult[i] * base_channels."""
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
@@ -55,7 +56,8 @@ class ModelConfig:
     """FiLM-style time conditioning: GroupNorm(h) * (1 + scale) + shift (improved-diffusion)."""
 
     def __post_init__(self) -> None:
-        for key in ("in_channels", "base_channels", "num_res_blocks", "num_heads"):
+        require(self.in_channels in (1, 3), "model.in_channels", self.in_channels, "1 (greyscale) or 3 (RGB)")
+        for key in ("base_channels", "num_res_blocks", "num_heads"):
             require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
         require(bool(self.channel_mult) and min(self.channel_mult) >= 1, "model.channel_mult",
                 self.channel_mult, "a non-empty list of integers >= 1")
@@ -163,6 +165,10 @@ class SamplingConfig:
     """Image i is drawn with seed seed_base + i, whatever the shard count or batch size."""
     use_ema: bool = field(default=True, metadata={"pixels": True})
     """Sample with the EMA weights (else the raw weights)."""
+    precision: Precision = field(default="fp32", metadata={"pixels": True})
+    """bf16: autocast of the network on CUDA (and CPU); the sampler's arithmetic stays fp32/fp64."""
+    compile: bool = False
+    """torch.compile the network for the fixed sampling shape (mode reduce-overhead on CUDA: CUDA graphs)."""
     fid: bool = False
     """Store Inception statistics with each shard and compute FID at assembly."""
     fid_weights: str | None = field(default=None, metadata=PATH)

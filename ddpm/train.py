@@ -187,11 +187,9 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------
     def _noise_for_step(self, step: int, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """t [B] and eps [B,C,H,W] for this rank's slice of the global batch of ``step``.
-
-        Drawn for the whole global batch from a generator seeded by (seed, step), so
-        they do not depend on the world size (Algorithm 1: t ~ U{1..T}, eps ~ N(0, I)).
-        """
+        """t [B] and eps [B,C,H,W] for this rank's slice of the global batch of ``step``: drawn for the whole
+        global batch from a generator seeded by (seed, step), so they do not depend on the world size
+        (Algorithm 1: t ~ U{1..T}, eps ~ N(0, I))."""
         g = torch.Generator(device=self.device).manual_seed(self.cfg.training.seed * 1_000_003 + step)
         n, lo = self.cfg.training.batch_size, self.env.rank * self.local_batch
         t = torch.randint(0, self.ddpm.num_timesteps, (n,), generator=g, device=self.device)
@@ -204,6 +202,7 @@ class Trainer:
             return self._fixed
         with torch.random.fork_rng(devices=[]):  # a new loader iterator draws a worker seed from the CPU RNG:
             x0 = next(self._iter)  # keep it from shifting dropout's RNG, so resume stays exact
+        x0 = x0.mean(dim=1, keepdim=True) if self.cfg.model.in_channels == 1 else x0  # greyscale [B, 1, S, S]
         x0 = x0.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         t, noise = self._noise_for_step(0 if self.overfit else self.step, x0)
         if self.overfit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from ddpm.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 BABEL = ROOT / "configs" / "ddpm_babel.yaml"
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
 MODAL = ROOT / "configs" / "ddpm_modal.yaml"
 
 
@@ -223,3 +225,39 @@ def test_python_m_ddpm_config_prints_a_documented_default_config():
     assert config_from_dict(yaml.safe_load(out)) == Config()  # the listing is itself a valid config
     assert "  num_heads: 4  # int. Attention heads; must divide the channels at every attention." in out
     assert "  sampler: ddpm  # one of ddpm, ddim, dpmpp_2m." in out
+
+
+def test_dry_run_sizes_each_stage(images):
+    """The reference config's dry run: training as configured; sampling tasks and assembly sized to their need."""
+    proc = subprocess.run([sys.executable, "launch.py", "--config", str(BABEL), "--dry-run", "--cluster", "local",
+                           "data.source=folder", f"data.path={images}", "data.center_crop=null"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    jobs = dict(re.findall(r"# ---- (\w+) job ----\n(.*?)(?=# ---- |\Z)", proc.stdout, re.S))
+    assert set(jobs) == {"train", "sample", "assemble"}
+
+    def sbatch(stage: str, option: str) -> str:
+        return re.search(rf"#SBATCH --{option}=(\S+)", jobs[stage]).group(1)
+
+    assert [sbatch("train", o) for o in ("time", "mem", "cpus-per-task", "gres")] == ["1440", "64GB", "8", "gpu:1"]
+    assert [sbatch("sample", o) for o in ("time", "mem", "cpus-per-task", "gres")] == ["240", "16GB", "4", "gpu:1"]
+    assert [sbatch("assemble", o) for o in ("time", "mem", "cpus-per-task")] == ["30", "3GB", "4"]
+    assert "--gres" not in jobs["assemble"] and "#SBATCH --array=0-7%4" in jobs["sample"]
+
+
+def test_stage_resources_keys_and_caps():
+    from ddpm.cluster.executors import stage_resources
+
+    small = load_config(TINY, ["slurm.mem_gb=1", "slurm.cpus_per_task=1"])  # never more than training asks
+    assert stage_resources(small, "sample") == {"cpus_per_task": 1, "mem_gb": 1, "time_min": 30, "gpus": 0}
+    assert stage_resources(small, "assemble")["mem_gb"] == 1
+    mine = load_config(BABEL, ["slurm.sample_mem_gb=24", "slurm.sample_gpus=2", "slurm.assemble_time_min=90",
+                               "slurm.gres=gpu:a100:4", "sampling.num_samples=50000"])
+    assert stage_resources(mine, "sample")["mem_gb"] == 24 and stage_resources(mine, "assemble")["time_min"] == 90
+    assert stage_resources(mine, "assemble")["mem_gb"] == 2 + 2  # 50k x 64 x 64 x 3 bytes = 0.57 GiB, x3
+    from ddpm.cluster.executors import make_executor
+
+    ex = make_executor(mine, Path("/tmp/r"), "sample", "slurm")
+    assert ex.parameters["gres"] == "gpu:a100:2" and ex.parameters["mem"] == "24GB"
+    with pytest.raises(ConfigError, match="slurm.sample_gpus: invalid value -1"):
+        load_config(BABEL, ["slurm.sample_gpus=-1"])

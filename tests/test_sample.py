@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import CHECKPOINT_STEPS, ROOT, TINY_CONFIG
+from PIL import Image
 
 from ddpm import sample as sample_mod
 from ddpm.checkpoint import load_checkpoint
@@ -260,3 +261,19 @@ def test_fid_without_weights_fails_before_sampling(checkpoint: Path, base: Sampl
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "FID Inception weights not found" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_greyscale_model_end_to_end(make_checkpoint, tmp_path):
+    """model.in_channels=1: the trainer feeds the grey mean of the RGB batch, shards hold [N, S, S, 1] images,
+    and assembly writes a grey npz and grid (no tint: one channel cannot drift from the others)."""
+    from ddpm.assemble import assemble
+
+    ckpt = make_checkpoint("model.in_channels=1")
+    sampling = dataclasses.replace(checkpoint_sampling(torch.load(ckpt, weights_only=True)), num_shards=1,
+                                   num_samples=4)
+    sample_shard(ckpt, tmp_path / "samples" / "shards", 0, sampling, progress=False)
+    assemble(tmp_path / "samples", expect_shards=1)
+    npz = np.load(next((tmp_path / "samples").glob("samples_*.npz")))["arr_0"]
+    assert npz.shape == (4, 8, 8, 1) and npz.dtype == np.uint8 and npz.std() > 0
+    grid = np.asarray(Image.open(tmp_path / "samples" / "grid.png").convert("RGB")).astype(int)
+    assert (grid[..., 0] == grid[..., 1]).all() and (grid[..., 1] == grid[..., 2]).all()

@@ -1,0 +1,94 @@
+"""``python -m tools.sampler_table CHECKPOINT``: sample quality per sampler and step count, on the digits.
+
+    python -m tools.sampler_table runs/quickstart_digits/checkpoints/step_00000800.pt [--n 256] [--steps 10,20,50]
+
+For a checkpoint trained on the digits (``make quickstart``), draws ``--n`` images (seeds 0..n-1, the EMA
+weights, the checkpoint's clipping) with each sampler (DDPM ancestral, DDIM, DPM-Solver++(2M)) at each
+step count, and scores them with ``tools.digit_score``: the Frechet distance in the feature space of a small
+classifier trained on the real digits (lower is better; only comparable at equal n), its mean confidence,
+and how many of the 10 classes appear. Prints a markdown table, with the same score of n real digits (the
+floor at this n) and of noise (the ceiling), and the seconds each row took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpm.checkpoint import load_resolved
+from ddpm.config import Sampler, Spacing, choices
+from ddpm.cpus import apply_cpu_budget, cpu_budget
+from ddpm.data import to_uint8
+from ddpm.errors import ConfigError, cli_entry
+from ddpm.sample import build_from_checkpoint
+from tools.digit_score import load_scorer, noise_score, real_digits_score
+
+
+def sample_images(ckpt: str | Path, sampler: str, steps: int, n: int, spacing: str = "trailing",
+                  batch_size: int = 128) -> np.ndarray:
+    """uint8 [n, S, S, C] drawn from ``ckpt``'s EMA weights with seeds 0..n-1."""
+    _, state = load_resolved(ckpt, map_location="cpu")
+    _, diffusion = build_from_checkpoint(state, use_ema=True)
+    mc, size = state["model_config"], state["config"]["data"]["image_size"]
+    out = []
+    for lo in range(0, n, batch_size):
+        seeds = list(range(lo, min(lo + batch_size, n)))
+        x = diffusion.sample(len(seeds), (mc["in_channels"], size, size), num_steps=steps, sampler=sampler,
+                             timestep_spacing=spacing, seeds=seeds, progress=False)  # [B, C, S, S] in [-1, 1]
+        out.append(to_uint8(x))
+    return np.concatenate(out)
+
+
+def table(ckpt: str | Path, n: int, steps: list[int], samplers: list[str], spacing: str) -> str:
+    """The markdown table (one row per sampler and step count, then the real-digit and noise anchors)."""
+    size = int(load_resolved(ckpt)[1]["config"]["data"]["image_size"])
+    scorer = load_scorer(size)  # train or load the classifier before timing anything
+    rows = ["| sampler | steps | FD (lower is better) | confidence | classes | seconds |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for sampler in samplers:
+        for s in steps:
+            begin = time.perf_counter()
+            images = sample_images(ckpt, sampler, s, n, spacing)
+            took = time.perf_counter() - begin
+            sc = scorer.score(images)
+            rows.append(f"| {sampler} | {s} | {sc['fd']:.1f} | {sc['confidence']:.3f} | {sc['classes']}/10 | "
+                        f"{took:.0f} |")
+            print(rows[-1], flush=True)
+    real, noise = real_digits_score(n, size=size), noise_score(n, size=size)
+    rows.append(f"| real digits | - | {real['fd']:.1f} | {real['confidence']:.3f} | {real['classes']}/10 | - |")
+    rows.append(f"| uniform noise | - | {noise['fd']:.1f} | {noise['confidence']:.3f} | {noise['classes']}/10 | - |")
+    return "\n".join(rows)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.sampler_table", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a checkpoint (or run directory) trained on the digits")
+    p.add_argument("--n", type=int, default=256, help="images per row (default 256)")
+    p.add_argument("--steps", default="10,20,50", help="comma list of step counts (default 10,20,50)")
+    p.add_argument("--samplers", default=",".join(choices(Sampler)), help="comma list (default: all)")
+    p.add_argument("--spacing", choices=choices(Spacing), default="trailing", help="timestep spacing")
+    args = p.parse_args(argv)
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        raise ConfigError(f"--steps: {args.steps!r} is not a comma list of integers") from None
+    samplers = args.samplers.split(",")
+    if bad := [s for s in samplers if s not in choices(Sampler)]:
+        raise ConfigError(f"--samplers: unknown {', '.join(bad)} (expected some of {', '.join(choices(Sampler))})")
+    if args.n < 2 or min(steps) < 1:
+        raise ConfigError("--n must be >= 2 and every --steps value >= 1")
+    print(f"sampler_table: {apply_cpu_budget(cpu_budget('sample'))}; {args.checkpoint}, n={args.n}, "
+          f"{args.spacing} spacing", flush=True)
+    torch.manual_seed(0)
+    print(table(args.checkpoint, args.n, steps, samplers, args.spacing))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
