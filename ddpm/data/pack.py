@@ -3,7 +3,7 @@
     python -m ddpm.data pack --config configs/ddpm_babel.yaml --out /data/celeba64_train.npy
     python -m ddpm.data bench --config configs/ddpm_babel.yaml [data.num_workers=7] [--seconds 10]
 
-``pack`` decodes, crops and resizes every image of the configured source once (on every available CPU)
+``pack`` decodes, crops and resizes every image of the configured source once (on every allocated CPU, ddpm.cpus)
 into a ``.npy`` np.uint8 [N, S, S, 3] file plus its ``<file>.json`` sidecar; training then only flips
 and normalizes (``data.source=packed data.path=<file>``). Both files are written to temporary names and
 renamed, and an existing ``--out`` is never replaced without ``--force``. ``bench`` prints the
@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ddpm.config import DataConfig, load_config
 from ddpm.configtools import parse_with_overrides
+from ddpm.cpus import allocated_cpus
 from ddpm.data.base import ImageSource
 from ddpm.data.sources import PACKED_FORMAT, build_source, preprocess_signature, sidecar_path
 from ddpm.errors import DataError, cli_entry
@@ -39,14 +40,6 @@ from ddpm.fsio import atomic_write_text
 
 _CHUNK = 64
 _WORKER_SOURCE: ImageSource | None = None
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the SLURM allocation, not the whole node)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _init_worker(source: ImageSource) -> None:
@@ -110,7 +103,7 @@ def pack_dataset(cfg: DataConfig, out: str | Path, processes: int | None = None,
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         bar = tqdm(total=n, desc=f"pack {cfg.source}", unit="img", disable=not progress, mininterval=2.0)
-        for start, pixels, bad in _decoded_chunks(source, n, processes or available_cpus()):
+        for start, pixels, bad in _decoded_chunks(source, n, processes or allocated_cpus()[0]):
             array[start:start + len(pixels)] = pixels
             for line in bad:
                 good[int(line.split("\t", 1)[0])] = False
@@ -173,7 +166,7 @@ def bench(cfg: DataConfig, seconds: float = 5.0, batch_size: int = 64, device: s
 
     workers = default_num_workers(cfg.num_workers)
     print(f"bench: data.source={cfg.source} data.path={cfg.path} image_size={cfg.image_size} "
-          f"batch={batch_size} workers={workers} device={device} ({available_cpus()} CPUs)", file=out)
+          f"batch={batch_size} workers={workers} device={device} ({allocated_cpus()[0]} CPUs)", file=out)
     rates = {}
     rate, batches, elapsed = measure(cfg, seconds, batch_size, device)
     rates[cfg.source] = rate
