@@ -58,7 +58,7 @@ def table(ckpt: str | Path, n: int, steps: list[int], samplers: list[str], spaci
             sc = scorer.score(images)
             rows.append(f"| {sampler} | {s} | {sc['fd']:.1f} | {sc['confidence']:.3f} | {sc['classes']}/10 | "
                         f"{took:.0f} |")
-            print(rows[-1], flush=True)
+            print(rows[-1], file=sys.stderr, flush=True)  # progress; the table goes to stdout at the end
     real, noise = real_digits_score(n, size=size), noise_score(n, size=size)
     rows.append(f"| real digits | - | {real['fd']:.1f} | {real['confidence']:.3f} | {real['classes']}/10 | - |")
     rows.append(f"| uniform noise | - | {noise['fd']:.1f} | {noise['confidence']:.3f} | {noise['classes']}/10 | - |")

@@ -1,0 +1,45 @@
+"""The benchmark tools run end to end on the tiny config and print their figures (no timing is asserted:
+figures are for the README, a noisy 2-core machine must not fail the suite)."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+
+from helpers import ROOT, TINY_CONFIG
+
+from ddpm.config import load_config
+
+
+def test_parallel_shards_and_loader_figures():
+    from tools.throughput import report_loader, report_shards
+
+    cfg = load_config(TINY_CONFIG, ["training.batch_size=16"])
+    out = io.StringIO()
+    shards = report_shards(cfg, images=8, steps=2, out=out)
+    assert 0 < shards["efficiency"] < 10 and 0 < shards["default_efficiency"] < 10 and shards["one_s"] > 0
+    loader = report_loader(cfg, windows=2, repeats=1, out=out)
+    assert loader["rate_0"] > 0 and loader["rate_workers"] > 0 and loader["stall"] >= 0
+    text = out.getvalue()
+    assert re.search(r"parallel-shard efficiency \d+\.\d\d \(target >= 0\.9\)", text), text
+    assert re.search(r"loader-worker ratio \d+\.\d\d \(target >= 0\.95\)", text), text
+
+
+def test_sampler_table_scores_each_row(checkpoint, tmp_path, monkeypatch):
+    """Every sampler at every step count gets a row with a finite FD, plus the real-digit and noise anchors."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the classifier for 8x8 digits is trained here
+    proc = subprocess.run([sys.executable, "-m", "tools.sampler_table", str(checkpoint), "--n", "16",
+                           "--steps", "2,3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = re.findall(r"^\| (ddpm|ddim|dpmpp_2m) \| (\d+) \| (\d+\.\d) \| (0\.\d+|1\.000) \| (\d+)/10 \|", proc.stdout,
+                      re.M)
+    assert [(r[0], r[1]) for r in rows] == [(s, n) for s in ("ddpm", "ddim", "dpmpp_2m") for n in ("2", "3")]
+    real = re.search(r"^\| real digits \| - \| (\d+\.\d)", proc.stdout, re.M)
+    noise = re.search(r"^\| uniform noise \| - \| (\d+\.\d)", proc.stdout, re.M)
+    assert real and noise and float(real.group(1)) < float(noise.group(1)), proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "tools.sampler_table", str(checkpoint), "--samplers", "euler"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --samplers: unknown euler (expected some of ddpm, ddim, dpmpp_2m)")
