@@ -15,7 +15,7 @@ float64 and cast to the data's dtype/device at use.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,19 @@ def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a parameterless model)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def autocast_call(model: nn.Module, dtype: torch.dtype | None) -> Callable[..., torch.Tensor]:
+    """``model`` itself, or (``dtype`` set) a callable running it under ``torch.autocast(device, dtype)``."""
+    if dtype is None:
+        return model
+    device_type = model_device(model).type
+
+    def call(*args: Any) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=dtype):
+            return model(*args)
+
+    return call
 
 
 def make_generators(seeds: Sequence[int] | None, batch_size: int,
@@ -214,10 +227,10 @@ class DDPM:
 
     # ---- one reverse step -----------------------------------------------------------------------
 
-    def _ddpm_step(self, s: Schedule, x: torch.Tensor, i: torch.Tensor, t_model: torch.Tensor,
+    def _ddpm_step(self, net: Callable, s: Schedule, x: torch.Tensor, i: torch.Tensor, t_model: torch.Tensor,
                    noise: torch.Tensor | None, clip_denoised: bool) -> torch.Tensor:
         """x_{t-1} ~ p(x_{t-1} | x_t) at schedule index i and model timestep t_model (both [B] or [1])."""
-        eps = self.model(x, t_model).to(x.dtype)
+        eps = net(x, t_model).to(x.dtype)
         # Ho eq. 15 solved for x0: x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps.
         x0 = _at(s.sqrt_recip_alphas_cumprod, i, x) * x - _at(s.sqrt_recipm1_alphas_cumprod, i, x) * eps
         if clip_denoised:
@@ -242,12 +255,12 @@ class DDPM:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.long).reshape(-1).expand(x_t.shape[0])
         if noise is None:
             noise = torch.randn_like(x_t)
-        return self._ddpm_step(self._sched(x_t.device), x_t, t, t, noise, clip_denoised)
+        return self._ddpm_step(self.model, self._sched(x_t.device), x_t, t, t, noise, clip_denoised)
 
-    def _ddim_step(self, ac: torch.Tensor, ac_prev: torch.Tensor, x: torch.Tensor, t_model: torch.Tensor,
+    def _ddim_step(self, net: Callable, ac: torch.Tensor, ac_prev: torch.Tensor, x: torch.Tensor, t_model: torch.Tensor,
                    eta: float, noise: torch.Tensor | None, clip_denoised: bool) -> torch.Tensor:
         """Song et al. 2021 eq. 12 from abar_t (ac) to abar_prev (ac_prev), both 0-dim float64."""
-        eps = self.model(x, t_model).to(x.dtype)
+        eps = net(x, t_model).to(x.dtype)
         x0 = ((1.0 / ac).sqrt().to(x.dtype)) * x - ((1.0 / ac - 1.0).sqrt().to(x.dtype)) * eps
         if clip_denoised:  # re-derive eps from the clipped x0 (improved-diffusion, diffusers DDIM)
             x0 = x0.clamp(-1.0, 1.0)
@@ -266,7 +279,7 @@ class DDPM:
     def sample(self, batch_size: int, image_shape: Sequence[int], num_steps: int | None = None,
                sampler: str = "ddpm", eta: float = 0.0, timestep_spacing: str = "leading",
                seeds: Sequence[int] | None = None, x_T: torch.Tensor | None = None, progress: bool = True,
-               clip_denoised: bool = True) -> torch.Tensor:
+               clip_denoised: bool = True, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Draw ``batch_size`` images [B, *image_shape] in [-1, 1] (when ``clip_denoised``) from x_T ~ N(0, I).
 
         sampler "ddpm": ancestral sampling (Algorithm 2), respaced to ``num_steps`` (default T) timesteps;
@@ -279,7 +292,8 @@ class DDPM:
         generators still draw and drop it). ``clip_denoised`` clamps every x0 prediction to [-1, 1].
         The model runs in eval mode under no_grad, on its parameters' device; its mode is restored. It is
         called as ``model(x [B, ...], t [1])``: one timestep broadcast over the batch, so the time embedding
-        is computed once and each image's result does not depend on the batch size.
+        is computed once and each image's result does not depend on the batch size. ``autocast_dtype`` (e.g.
+        torch.bfloat16) runs each model call under ``torch.autocast``; its output and all else stay x's dtype.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
@@ -299,18 +313,19 @@ class DDPM:
             x = x_T.to(device=device, dtype=torch.float32)
         was_training = self.model.training
         self.model.eval()
+        net = autocast_call(self.model, autocast_dtype)
         try:
             if sampler == "ddpm":
-                x = self._sample_ddpm(x, timesteps, gens, clip_denoised, progress)
+                x = self._sample_ddpm(net, x, timesteps, gens, clip_denoised, progress)
             elif sampler == "ddim":
-                x = self._sample_ddim(x, timesteps, eta, gens, clip_denoised, progress)
+                x = self._sample_ddim(net, x, timesteps, eta, gens, clip_denoised, progress)
             else:
-                x = self._sample_dpmpp_2m(x, timesteps, gens, clip_denoised, progress)
+                x = self._sample_dpmpp_2m(net, x, timesteps, gens, clip_denoised, progress)
         finally:
             self.model.train(was_training)
         return x
 
-    def _sample_ddpm(self, x: torch.Tensor, timesteps: np.ndarray, gens: list[torch.Generator] | None,
+    def _sample_ddpm(self, net: Callable, x: torch.Tensor, timesteps: np.ndarray, gens: list[torch.Generator] | None,
                      clip_denoised: bool, progress: bool) -> torch.Tensor:
         full = len(timesteps) == self.num_timesteps
         s = self._sched(x.device, None if full else timesteps)
@@ -318,10 +333,10 @@ class DDPM:
             idx = torch.full((1,), i, device=x.device, dtype=torch.long)
             t_model = torch.full((1,), int(timesteps[i]), device=x.device, dtype=torch.long)
             noise = draw_noise(gens, tuple(x.shape), x.device) if i > 0 else None
-            x = self._ddpm_step(s, x, idx, t_model, noise, clip_denoised)
+            x = self._ddpm_step(net, s, x, idx, t_model, noise, clip_denoised)
         return x
 
-    def _sample_ddim(self, x: torch.Tensor, timesteps: np.ndarray, eta: float,
+    def _sample_ddim(self, net: Callable, x: torch.Tensor, timesteps: np.ndarray, eta: float,
                      gens: list[torch.Generator] | None, clip_denoised: bool, progress: bool) -> torch.Tensor:
         ac_all = self.alphas_cumprod
         for i in tqdm(range(len(timesteps) - 1, -1, -1), disable=not progress, desc="ddim", leave=False):
@@ -329,11 +344,11 @@ class DDPM:
             ac_prev = ac_all[int(timesteps[i - 1])] if i > 0 else torch.ones((), dtype=torch.float64)
             t_model = torch.full((1,), int(timesteps[i]), device=x.device, dtype=torch.long)
             noise = draw_noise(gens, tuple(x.shape), x.device) if (eta > 0 and i > 0) else None
-            x = self._ddim_step(ac, ac_prev, x, t_model, eta, noise, clip_denoised)
+            x = self._ddim_step(net, ac, ac_prev, x, t_model, eta, noise, clip_denoised)
         return x
 
-    def _sample_dpmpp_2m(self, x: torch.Tensor, timesteps: np.ndarray, gens: list[torch.Generator] | None,
-                         clip_denoised: bool, progress: bool) -> torch.Tensor:
+    def _sample_dpmpp_2m(self, net: Callable, x: torch.Tensor, timesteps: np.ndarray,
+                         gens: list[torch.Generator] | None, clip_denoised: bool, progress: bool) -> torch.Tensor:
         """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: x_T [B, ...] -> x0 [B, ...]; timesteps ascending [S].
 
         Deterministic: ``gens`` drew x_T and nothing more. alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t);
@@ -347,7 +362,7 @@ class DDPM:
         x0_prev, h_prev = None, None
         for i in tqdm(range(len(ts)), disable=not progress, desc="dpmpp_2m", leave=False):
             t_model = torch.full((1,), int(ts[i]), device=x.device, dtype=torch.long)
-            eps = self.model(x, t_model).to(x.dtype)
+            eps = net(x, t_model).to(x.dtype)
             # the data prediction, Ho eq. 15 solved for x0: x0 = (x_t - sigma_t eps) / alpha_t
             x0 = (x - sigma[i].to(x.dtype) * eps) / alpha[i].to(x.dtype)
             if clip_denoised:

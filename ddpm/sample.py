@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from ddpm.checkpoint import load_resolved
-from ddpm.config import Sampler, SamplingConfig, Spacing, choices
+from ddpm.config import Precision, Sampler, SamplingConfig, Spacing, choices
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.data import to_uint8
 from ddpm.diffusion import DDPM
@@ -149,13 +149,14 @@ def _generate(diffusion: Any, images: np.ndarray, settings: dict[str, Any], batc
     done = [images]
     n = len(images)
     settings_json = np.array(json.dumps(settings, sort_keys=True))
+    autocast = torch.bfloat16 if settings["precision"] == "bf16" else None  # the network only (DDPM.sample)
     batches = range(start + n, stop, batch_size)
     for b0 in tqdm(batches, desc=f"shard {settings['shard']}", unit="batch", disable=not progress):
         b1 = min(b0 + batch_size, stop)
         seeds = [settings["seed_base"] + i for i in range(b0, b1)]  # image i <- seed_base + i
         x = diffusion.sample(b1 - b0, (c, h, w), num_steps=settings["num_steps"], sampler=settings["sampler"],
                              eta=settings["eta"], timestep_spacing=settings["timestep_spacing"], seeds=seeds,
-                             progress=False)
+                             progress=False, autocast_dtype=autocast)
         done.append(to_uint8(x))
         payload = _npz_bytes(arr_0=np.concatenate(done), settings_json=settings_json)
         atomic_write_bytes(partial, lambda f, data=payload: f.write(data))
@@ -185,6 +186,12 @@ def build_from_checkpoint(state: dict[str, Any], use_ema: bool = True,
         raise CheckpointError(f"checkpoint weights do not match its model_config ({err})") from None
     model.to(device).eval()
     return model, DDPM(model, **state["ddpm"])
+
+
+def compiled_for_sampling(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """``torch.compile`` for one fixed shape; on CUDA mode reduce-overhead: CUDA graphs replayed step after step."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 def checkpoint_sampling(state: dict[str, Any]) -> SamplingConfig:
@@ -249,6 +256,8 @@ def _sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None
     n_before, t0 = len(images), time.perf_counter()
     if n_before < stop - start:
         model, diffusion = build_from_checkpoint(state, use_ema=s.use_ema, device=device)
+        if s.compile:  # one graph for [batch_size, C, H, W]; a smaller last batch of the shard compiles another
+            diffusion.model = compiled_for_sampling(model, device)
         with torch.no_grad():
             images = _generate(diffusion, images, settings, s.batch_size, paths["partial"], progress)
         del model, diffusion
@@ -277,7 +286,8 @@ def _sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None
 # command-line flag -> SamplingConfig field; a flag given replaces the checkpoint's value
 FLAGS = {"num_samples": "--num-samples", "num_shards": "--num-shards", "sampler": "--sampler",
          "num_steps": "--steps", "eta": "--eta", "timestep_spacing": "--spacing", "seed_base": "--seed-base",
-         "batch_size": "--batch-size", "use_ema": "--no-ema", "fid": "--fid", "fid_weights": "--fid-weights"}
+         "batch_size": "--batch-size", "use_ema": "--no-ema", "fid": "--fid", "fid_weights": "--fid-weights",
+         "precision": "--precision", "compile": "--compile"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-base", type=int, dest="seed_base")
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--no-ema", action="store_const", const=False, dest="use_ema", help="raw (non-EMA) weights")
+    p.add_argument("--precision", choices=choices(Precision), help="bf16: the network under autocast")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the network")
     p.add_argument("--fid", action="store_const", const=True, help="store Inception statistics")
     p.add_argument("--fid-weights", dest="fid_weights", help="default: sampling.fid_weights or the torch hub cache")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

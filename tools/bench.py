@@ -11,9 +11,10 @@ Prints, in one run, side by side:
    printed), at the same precision (fp32 on CPU, bf16 autocast on CUDA) and memory format; with the
    ratio ours/diffusers, FLOPs per step (``FlopCounterMode``) and, on CUDA, the model FLOP utilisation
    against the bf16 matmul peak measured on the device;
-2. sampling throughput of ``DDPM.sample`` (DDPM-1000 and DDIM-50) against a diffusers scheduler loop
-   (``DDPMScheduler`` / ``DDIMScheduler.step``) over the same network (ours), fp32 as ``ddpm.sample`` runs;
-   with ``--quick`` a few steps are timed and the per-step time is multiplied by the step count;
+2. sampling throughput of ``DDPM.sample`` per sampler (DDPM-1000, DDIM-50, DPM-Solver++(2M)-20) and batch
+   size, at ``sampling.precision`` (bf16 on CUDA when unset) and ``sampling.compile``, with FLOPs per call
+   and MFU on CUDA; and DDPM-1000 / DDIM-50 against a diffusers scheduler loop over the same network, fp32
+   (``tools/bench_sampling.py``); with ``--quick`` a few steps are timed and multiplied by the step count;
 3. the data loader (``ddpm.data.pack.bench``) on the configured source when its data is there, else on
    a synthetic folder of CelebA-sized JPEGs made in a temporary directory (the header says which).
 
@@ -51,7 +52,7 @@ from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError, cli_entry
 from ddpm.train import amp_dtype, build_optimizer
 from ddpm.unet import UNet
-from tools.diffusers_twin import build_pair, diffusers_loop, sample_of
+from tools.diffusers_twin import build_pair, sample_of
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ddpm_babel.yaml"
 GLIBC_KEEP = "glibc.malloc.trim_threshold=17179869184:glibc.malloc.mmap_threshold=33554432"
@@ -175,27 +176,7 @@ def bench_training(loops: dict[str, TrainLoop], batch_size: int, warmup: int, st
     return rates, faults
 
 
-# ---- 2. sampling --------------------------------------------------------------------------------------
-def bench_sampling(net: UNet, cfg: Config, batch_size: int, device: torch.device, quick_steps: int | None,
-                   repeats: int) -> list[tuple[str, int, float, float]]:
-    """(sampler, steps, ours s/step, diffusers s/step) for DDPM-T and DDIM-50, medians of alternating runs."""
-    ddpm = DDPM.from_config(cfg.ddpm, net)
-    shape = (batch_size, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
-    net.eval()
-    ddpm.sample(batch_size, shape[1:], num_steps=1, sampler="ddim", progress=False)  # warmup
-    rows = []
-    for sampler, total in (("ddpm", cfg.ddpm.num_timesteps), ("ddim", 50)):
-        run = min(quick_steps or total, total)
-        ours, theirs = [], []
-        for _ in range(repeats):  # ours: a whole sampler call, respaced to `run` steps when quick (same work/step)
-            ours.append(timed(lambda s=sampler, r=run: ddpm.sample(
-                batch_size, shape[1:], num_steps=r, sampler=s, eta=cfg.sampling.eta, seeds=range(batch_size),
-                progress=False), device) / run)
-            theirs.append(timed(lambda s=sampler, n=total, r=run: diffusers_loop(net, cfg, s, n, r, shape, device),
-                                device) / run)
-        rows.append((sampler, total, statistics.median(ours), statistics.median(theirs)))
-    net.train()
-    return rows
+# ---- 2. sampling: tools/bench_sampling.py -------------------------------------------------------------
 
 
 # ---- 3. data ------------------------------------------------------------------------------------------
@@ -268,23 +249,6 @@ def report_training(cfg: Config, ours: UNet, theirs: nn.Module, device: torch.de
     return statistics.median(rates["ours"])
 
 
-def report_sampling(cfg: Config, ours: UNet, device: torch.device, args: argparse.Namespace) -> None:
-    quick_steps = (10 if device.type == "cuda" else 2) if args.quick else None
-    batch = args.sample_batch_size
-    print(f"\n2. sampling: batch {batch}, fp32 with per-image seeds (as ddpm.sample runs), our network in both loops; "
-          + (f"QUICK: median of {args.repeats} runs of {quick_steps} steps, per-step time x steps"
-             if quick_steps else "one full run each"))
-    with Pressure() as pressure:
-        rows = bench_sampling(ours, cfg, batch, device, quick_steps, args.repeats if quick_steps else 1)
-    print(f"   {'sampler':<10} {'ours img/s':>11} {'diffusers img/s':>16} {'ours/diffusers':>15} "
-          f"{'ours ms/step':>13} {'diffusers ms/step':>18}")
-    for sampler, total, s_ours, s_theirs in rows:
-        print(f"   {f'{sampler.upper()}-{total}':<10} {batch / (s_ours * total):>11.4f} "
-              f"{batch / (s_theirs * total):>16.4f} {s_theirs / s_ours:>14.3f}x "
-              f"{1e3 * s_ours:>13.1f} {1e3 * s_theirs:>18.1f}")
-    print(f"   ({pressure})")
-
-
 def report_data(cfg: Config, device: torch.device, args: argparse.Namespace, train_rate: float | None) -> None:
     what, rates, lines = bench_data(cfg.data, args.batch_size, device.type, args.quick)
     print(f"\n3. data loader (ddpm.data.pack.bench, batch {args.batch_size}): {what}")
@@ -295,14 +259,22 @@ def report_data(cfg: Config, device: torch.device, args: argparse.Namespace, tra
               + ", ".join(f"{source} {rate / train_rate:.0f}x" for source, rate in rates.items()))
 
 
+def batch_sizes(text: str) -> list[int]:
+    """``"64,256"`` -> [64, 256]; anything else is argparse's usage error (ValueError)."""
+    sizes = [int(b) for b in text.split(",")]
+    if min(sizes) < 1:
+        raise ValueError(text)
+    return sizes
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (model, ddpm, data sections)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. infrastructure.channels_last=true")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: 8 CPU, 64 CUDA)")
-    p.add_argument("--sample-batch-size", type=int, default=None,
-                   help="sampling batch (default: the training batch on CPU, sampling.batch_size on CUDA)")
+    p.add_argument("--sample-batch-sizes", type=batch_sizes, default=None,
+                   help="comma list of sampling batches (default: 64,256 on CUDA, the training batch on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per run")
     p.add_argument("--warmup", type=int, default=None, help="untimed training steps per network")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per network (the median is reported)")
@@ -311,7 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--parts", default="train,sample,data", help="which of train,sample,data to run")
     args = parse_with_overrides(p, argv)
-    for name in ("batch_size", "sample_batch_size", "steps", "warmup", "threads"):
+    for name in ("batch_size", "steps", "warmup", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "warmup" else 1):
             raise ConfigError(f"--{name.replace('_', '-')}: invalid value {getattr(args, name)}")
     if args.repeats < 1 or not set(args.parts.split(",")) <= {"train", "sample", "data"}:
@@ -334,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch_size = args.batch_size or (64 if cuda else 8)
-    args.sample_batch_size = args.sample_batch_size or (cfg.sampling.batch_size if cuda else args.batch_size)
+    args.sample_batch_sizes = args.sample_batch_sizes or ([64, 256] if cuda else [args.batch_size])
     args.steps = args.steps or ((10 if args.quick else 20) if cuda else (1 if args.quick else 2))
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if cuda and infra.tf32:
@@ -364,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         train_rate = report_training(cfg, ours, theirs, device, args, amp, mf, precision)
     del theirs
     if "sample" in parts:
+        from tools.bench_sampling import report_sampling  # here: it imports this module's timing helpers
+
         report_sampling(cfg, ours, device, args)
     if "data" in parts:
         report_data(cfg, device, args, train_rate)
