@@ -16,7 +16,9 @@ Prints, in one run, side by side:
    and MFU on CUDA; and DDPM-1000 / DDIM-50 against a diffusers scheduler loop over the same network, fp32
    (``tools/bench_sampling.py``); with ``--quick`` a few steps are timed and multiplied by the step count;
 3. the data loader (``ddpm.data.pack.bench``) on the configured source when its data is there, else on
-   a synthetic folder of CelebA-sized JPEGs made in a temporary directory (the header says which).
+   a synthetic folder of CelebA-sized JPEGs made in a temporary directory (the header says which);
+4. on CPU, the CPU budget's figures (``tools.throughput``): parallel-shard efficiency, loader-worker ratio
+   and the spread of per-window training img/s.
 
 Timing: warmup steps, then ``--repeats`` runs of ``--steps`` steps each (``time.perf_counter``, CUDA
 synchronized), our model and diffusers' alternating so drifting load on a shared machine hits both;
@@ -48,6 +50,7 @@ from torch import nn
 
 from ddpm.config import Config, DataConfig, load_config
 from ddpm.configtools import parse_with_overrides
+from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError, cli_entry
 from ddpm.train import amp_dtype, build_optimizer
@@ -280,14 +283,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per network (the median is reported)")
     p.add_argument("--quick", action="store_true",
                    help="time a few sampling steps and multiply (full DDPM-1000 on CPU takes most of an hour)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--parts", default="train,sample,data", help="which of train,sample,data to run")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPU budget)")
+    p.add_argument("--parts", default="train,sample,data,cpu",
+                   help="which of train,sample,data,cpu to run (cpu: tools.throughput on configs/quickstart_digits)")
     args = parse_with_overrides(p, argv)
     for name in ("batch_size", "steps", "warmup", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "warmup" else 1):
             raise ConfigError(f"--{name.replace('_', '-')}: invalid value {getattr(args, name)}")
-    if args.repeats < 1 or not set(args.parts.split(",")) <= {"train", "sample", "data"}:
-        raise ConfigError("--repeats must be >= 1 and --parts a comma list of train, sample, data")
+    if args.repeats < 1 or not set(args.parts.split(",")) <= {"train", "sample", "data", "cpu"}:
+        raise ConfigError("--repeats must be >= 1 and --parts a comma list of train, sample, data, cpu")
     return args
 
 
@@ -305,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda, infra, parts = device.type == "cuda", cfg.infrastructure, args.parts.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
+    else:
+        print(f"threads: {apply_cpu_budget(cpu_budget('bench'))}")
     args.batch_size = args.batch_size or (64 if cuda else 8)
     args.sample_batch_sizes = args.sample_batch_sizes or ([64, 256] if cuda else [args.batch_size])
     args.steps = args.steps or ((10 if args.quick else 20) if cuda else (1 if args.quick else 2))
@@ -341,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         report_sampling(cfg, ours, device, args)
     if "data" in parts:
         report_data(cfg, device, args, train_rate)
+    if "cpu" in parts and not cuda:  # the CPU budget's figures (ddpm.cpus), on the quickstart's small model
+        from tools.throughput import QUICKSTART, report
+
+        report(load_config(QUICKSTART), args.quick)
     return 0
 
 
