@@ -5,6 +5,7 @@
 #   bash tests/slurm/cluster.sh start     # write /etc/slurm/slurm.conf, start munged+slurmctld+slurmd, wait idle
 #   bash tests/slurm/cluster.sh status    # daemons, sinfo, squeue; exit 0 only when healthy
 #   bash tests/slurm/cluster.sh stop      # scancel everything, stop the daemons (packages stay installed)
+#   bash tests/slurm/cluster.sh start --nodes 2   # two slurmd in network namespaces on a bridge (multinode.sh)
 #
 # Debian 12 / Slurm 22.05, run as root. No cgroups and no systemd are needed: proctrack/linuxproc, task/none,
 # daemons started directly and detached (setsid, stdio to log files) so they outlive the caller (e.g. pytest).
@@ -420,11 +421,21 @@ lock() {
     flock -w 120 9 || die "timed out (120 s) waiting for /run/ddpm-slurm-test.lock"
 }
 
+MULTINODE=$(dirname "${BASH_SOURCE[0]}")/multinode.sh
+multinode_up() { ip link show ddpmbr0 >/dev/null 2>&1; }
+
 case ${1:-} in
     install) cmd_install ;;
-    start) lock; cmd_start ;;
-    stop) lock; cmd_stop ;;
-    status) cmd_status ;;
+    start)
+        lock
+        if [[ ${2:-} == --nodes && ${3:-1} != 1 ]]; then
+            exec bash "$MULTINODE" start --nodes "$3"  # namespaces on a bridge (tests/slurm/multinode.sh)
+        fi
+        if multinode_up; then bash "$MULTINODE" stop; fi
+        cmd_start ;;
+    stop) lock; if multinode_up; then bash "$MULTINODE" stop; fi; cmd_stop ;;
+    status) if multinode_up; then bash "$MULTINODE" status; else cmd_status; fi ;;
     restart) lock; cmd_stop; cmd_start ;;
-    *) echo "usage: $0 install|start|stop|status|restart" >&2; exit 2 ;;
+    munge) need_root; mkdir -p "$LOG_DIR"; start_munge ;;  # used by multinode.sh
+    *) echo "usage: $0 install|start [--nodes N]|stop|status|restart" >&2; exit 2 ;;
 esac
