@@ -12,7 +12,8 @@ process stalls the whole region.
 The allocation is, in order: the affinity mask (what the kernel lets this process run on; SLURM's
 task/affinity and cgroup plugins set it), narrowed to ``SLURM_CPUS_PER_TASK`` where the mask is wider (a
 cluster without CPU binding), divided between the ranks torchrun starts on the node (``LOCAL_WORLD_SIZE``)
-and between the local-executor tasks that run at once (``DDPM_CPU_SHARE``, set by ``launch.py``).
+and between the local-executor tasks that run at once (``DDPM_CPU_SHARE``, set by ``launch.py``). An
+``OMP_NUM_THREADS`` the user exported (e.g. in ``slurm.setup``) caps the torch threads: it is never raised.
 """
 
 from __future__ import annotations
@@ -101,26 +102,29 @@ def cpu_budget(stage: str, device: torch.device | str | None = None, workers: in
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
+    env = os.environ if env is None else env
     cpus, source = allocated_cpus(env, affinity)
+    omp = _positive_int(env, "OMP_NUM_THREADS")  # set by the user (slurm.setup): a cap, never raised
+    cap = min(cpus, omp) if omp is not None else cpus
+    if cap < cpus:
+        source = f"{source}, OMP_NUM_THREADS={omp}"
     if stage != "train":
-        return CpuBudget(cpus, source, threads=cpus, interop_threads=1, workers=0)
+        return CpuBudget(cpus, source, threads=cap, interop_threads=1, workers=0)
     n_workers = default_workers(cpus, device) if workers is None else workers
     cuda = device is not None and torch.device(device).type == "cuda"
-    threads = max(1, cpus - n_workers) if cuda else cpus
+    threads = min(cap, max(1, cpus - n_workers)) if cuda else cap
     return CpuBudget(cpus, source, threads=threads, interop_threads=1, workers=n_workers)
 
 
 def apply_cpu_budget(budget: CpuBudget) -> CpuBudget:
-    """Set this process's torch threads (and OMP_NUM_THREADS for the processes it starts); returns ``budget``.
-
-    The inter-op pool can be sized only before its first use; later calls leave it as it is.
-    """
+    """Set this process's torch threads; returns ``budget``. The inter-op pool can be sized only before its
+    first use; later calls leave it as it is. OMP_NUM_THREADS is left as the user set it (a child process
+    computes its own budget)."""
     torch.set_num_threads(budget.threads)
     try:
         torch.set_num_interop_threads(budget.interop_threads)
     except RuntimeError:  # already started (a second stage in the same process)
         pass
-    os.environ["OMP_NUM_THREADS"] = str(budget.threads)
     return budget
 
 

@@ -112,7 +112,7 @@ cmd_install() {
 render_config() {
     local node cpus mem real_mem def_mem hw topo=""
     node=$(node_name)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # not OMP_NUM_THREADS: GNU nproc honours it
     hw=$(slurmd -C 2>/dev/null | head -1 | tr ' ' '\n')
     # the detected topology, when it matches the usable CPUs (else slurmd "reconfigures" the node)
     if [[ $(sed -n 's/^CPUs=//p' <<<"$hw") == "$cpus" ]]; then
@@ -364,7 +364,7 @@ cmd_start() {
     spawn slurmd /usr/sbin/slurmd -D -f "$CONF"
     wait_node_idle "$ctld" "$SPAWNED_PID"
     log "cluster up in $((SECONDS - t0))s: node $(node_name) $(node_state), partition $PARTITION," \
-        "cpus $(nproc), logs in $LOG_DIR"
+        "cpus $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc), logs in $LOG_DIR"
     sinfo
 }
 

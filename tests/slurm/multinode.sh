@@ -37,7 +37,7 @@ configured_nodes() { sed -n 's/^NodeName=\(node[0-9]*\) .*/\1/p' "$CONF" 2>/dev/
 
 render_config() {  # render_config N
     local n=$1 cpus mem nodes
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     mem=$(( $(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo) * 9 / 10 / n ))
     nodes=$(node_names "$n" | paste -sd, -)
     cat <<EOF
