@@ -42,8 +42,6 @@ class CpuBudget:
     """torch inter-op threads (``torch.set_num_interop_threads``)."""
     workers: int
     """DataLoader worker processes (training only)."""
-    worker_threads: int = 1
-    """torch threads inside each loader worker."""
 
     def __str__(self) -> str:
         loader = f", {self.workers} loader worker{'s' if self.workers != 1 else ''}" if self.workers else ""
@@ -127,7 +125,3 @@ def apply_cpu_budget(budget: CpuBudget) -> CpuBudget:
         pass
     return budget
 
-
-def worker_threads_init(threads: int = 1) -> None:
-    """In a loader worker: its torch threads (the budget's ``worker_threads``)."""
-    torch.set_num_threads(threads)

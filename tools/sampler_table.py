@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +30,9 @@ from ddpm.sample import build_from_checkpoint
 from tools.digit_score import load_scorer, noise_score, real_digits_score
 
 
-def sample_images(ckpt: str | Path, sampler: str, steps: int, n: int, spacing: str = "trailing",
+def sample_images(state: dict[str, Any], sampler: str, steps: int, n: int, spacing: str = "trailing",
                   batch_size: int = 128) -> np.ndarray:
-    """uint8 [n, S, S, C] drawn from ``ckpt``'s EMA weights with seeds 0..n-1."""
-    _, state = load_resolved(ckpt, map_location="cpu")
+    """uint8 [n, S, S, C] drawn from a loaded checkpoint's EMA weights with seeds 0..n-1."""
     _, diffusion = build_from_checkpoint(state, use_ema=True)
     mc, size = state["model_config"], state["config"]["data"]["image_size"]
     out = []
@@ -46,14 +46,15 @@ def sample_images(ckpt: str | Path, sampler: str, steps: int, n: int, spacing: s
 
 def table(ckpt: str | Path, n: int, steps: list[int], samplers: list[str], spacing: str) -> str:
     """The markdown table (one row per sampler and step count, then the real-digit and noise anchors)."""
-    size = int(load_resolved(ckpt)[1]["config"]["data"]["image_size"])
+    _, state = load_resolved(ckpt, map_location="cpu")  # read once, outside the timed rows
+    size = int(state["config"]["data"]["image_size"])
     scorer = load_scorer(size)  # train or load the classifier before timing anything
     rows = ["| sampler | steps | FD (lower is better) | confidence | classes | seconds |",
             "|---|---:|---:|---:|---:|---:|"]
     for sampler in samplers:
         for s in steps:
             begin = time.perf_counter()
-            images = sample_images(ckpt, sampler, s, n, spacing)
+            images = sample_images(state, sampler, s, n, spacing)
             took = time.perf_counter() - begin
             sc = scorer.score(images)
             rows.append(f"| {sampler} | {s} | {sc['fd']:.1f} | {sc['confidence']:.3f} | {sc['classes']}/10 | "
