@@ -67,6 +67,20 @@ def init_distributed(use_cuda: bool = True, timeout_s: int = 1800) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+# what gloo and the c10d store say when the process at the other end of a connection is gone
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """True when a collective failed because another rank went away (its process or its node died).
+
+    A killed process's kernel resets its connections, so the other ranks learn it at once. A node that
+    vanishes without a reset (power, network) blocks the collective instead: the wrapper's heartbeat
+    watchdog (``training.watchdog_s``) ends that, and the process-group timeout is the backstop.
+    """
+    return isinstance(err, dist.DistNetworkError) or any(s in str(err) for s in _PEER_GONE)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -6,16 +6,16 @@ save) -> stop at the end or on a signal. Resume is exact: the noise and timestep
 function of (seed, s) drawn for the global batch, the data position is saved, and every rank's RNG state
 is restored, so a stopped-and-resumed run ends with the same weights as one never stopped.
 
-Outcome: ``status.json`` in the run directory says ``done`` or ``stopped``
-(a stop signal arrived; the checkpoint is durable; requeue me). A single process
-exits 0 when done and 3 (``EXIT_REQUEUE``) when stopped; under torchrun, which
-reports any non-zero worker exit as a failure, workers exit 0 and the launcher
-reads ``status.json``.
+Outcome: ``status.json`` in the run directory says ``done``, ``stopped`` (a stop signal arrived; the
+checkpoint is durable; requeue me) or ``lost`` (another rank died mid-collective; requeue me). A single process
+exits 0 when done and 3 (``EXIT_REQUEUE``) when stopped; under torchrun, which reports any non-zero worker exit
+as a failure, workers exit 0 and the launcher reads ``status.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -36,7 +36,7 @@ from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.data import create_dataloader_from_config, save_image
 from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
-from ddpm.errors import EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, cli_entry
+from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, cli_entry
 from ddpm.runlog import RunLogger, write_provenance, write_status
 from ddpm.unet import UNet
 
@@ -72,8 +72,7 @@ class Trainer:
         self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
         tc, infra = cfg.training, cfg.infrastructure
         if tc.batch_size % env.world_size:
-            raise ConfigError(f"training.batch_size: {tc.batch_size} is not divisible by the world size "
-                              f"{env.world_size}")
+            raise ConfigError(f"training.batch_size: {tc.batch_size} is not divisible by world size {env.world_size}")
         self.local_batch = tc.batch_size // env.world_size
         self.device, cuda = env.device, env.device.type == "cuda"
         self.budget = apply_cpu_budget(cpu_budget("train", self.device, cfg.data.num_workers))  # per rank
@@ -260,16 +259,16 @@ class Trainer:
                 self.log(metrics, t)
             self.heartbeat()
             # a grid can take minutes: not after a stop signal (it uses no global RNG, so resume stays exact)
-            if self.step % tc.sample_every == 0 and not (self.stop_now or self.stop_requested):
+            if grid := self.step % tc.sample_every == 0 and not (self.stop_now or self.stop_requested):
                 self.sample_grid()
-                self.heartbeat(force=True)
-            if self.stop_now or self.step % tc.save_every == 0 or self.step == tc.num_iterations:
+            if save := self.stop_now or self.step % tc.save_every == 0 or self.step == tc.num_iterations:
                 self.save()
-                self.heartbeat(force=True)
+            self.heartbeat(force=grid or save)
         state = "done" if self.step >= tc.num_iterations else "stopped"
         if self.env.is_main:
             write_status(self.run_dir, state, self.step, self.skipped_steps, last_save_s=self._last_save_s)
-        self._print(f"{state} at step {self.step} ({self.skipped_steps} non-finite steps skipped)")
+        print(f"[rank {self.env.rank}] {state} at step {self.step} ({self.skipped_steps} non-finite steps skipped)",
+              flush=True)  # every rank: they agree on the step
         dist.barrier()
         return state
 
@@ -341,6 +340,7 @@ class Trainer:
         """Flush the logs; ignore later stop signals (nothing is left to save; frees the handlers' self)."""
         for name in {self.cfg.training.stop_signal, "TERM"}:
             signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_IGN)
+        self.loader.close()
         self.logger.close()
 
 
@@ -354,14 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception) -> None:
-    """``status.json`` says failed, with the one-line error, for the wrapper and ``launch.py status`` (best
-    effort: on a full disk even this small file may not fit)."""
-    if env.is_main:
-        try:
-            write_status(run_dir, "failed", step, 0, error=str(err))
-        except OSError:
-            pass
+def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception, state: str = "failed") -> None:
+    """``status.json`` says ``state`` (failed; lost: a peer died), with the one-line error, for the wrapper and
+    ``launch.py status`` (best effort: on a full disk even this small file may not fit)."""
+    line = str(err).partition("\n")[0]
+    if state == "lost":
+        print(f"[rank {env.rank}] lost a peer after step {step}: {line}", flush=True)
+    with contextlib.suppress(OSError):
+        if env.is_main:
+            write_status(run_dir, state, step, 0, error=line)
 
 
 @cli_entry
@@ -370,9 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)  # exits with one line on a config error
     run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
     # collectives time out at twice the watchdog bound: the wrapper's watchdog acts first, this is the backstop
-    watchdog = cfg.training.watchdog_s
-    env = dist.init_distributed(use_cuda=cfg.infrastructure.num_gpus > 0,
-                                timeout_s=2 * watchdog if watchdog else 1800)
+    env = dist.init_distributed(use_cuda=cfg.infrastructure.num_gpus > 0, timeout_s=2 * cfg.training.watchdog_s or 1800)
     write_provenance(run_dir, cfg, env)  # collective: gathers every rank's host
     try:
         trainer = Trainer(cfg, run_dir, env, overfit_single_batch=args.overfit_single_batch)
@@ -385,13 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:  # a full disk
         _record_failure(run_dir, env, trainer.step, err)
         raise
+    except RuntimeError as err:  # another rank died mid-collective (its node or process): the wrapper requeues
+        if not dist.peer_lost(err):
+            raise
+        _record_failure(run_dir, env, trainer.step, err, state="lost")
+        return EXIT_FAILURE
     finally:
         trainer.close()
         del trainer  # free the DDP wrapper before the process group goes (see dist.cleanup)
         dist.cleanup()
-    if state == "stopped" and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return EXIT_REQUEUE
-    return EXIT_OK
+    return EXIT_REQUEUE if state == "stopped" and "TORCHELASTIC_RUN_ID" not in os.environ else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Fixtures (use these instead of building your own):
   checkpoint written by ``Trainer.save()`` after real training steps (at ``CHECKPOINT_LR``, so the weights
   are non-trivial); one per distinct call, shared by the whole session: treat its run directory as read-only.
 - ``checkpoint`` (session): ``make_checkpoint()``.
+- ``reference`` (module): ``reference(*overrides) -> Reference``, an uninterrupted ``python -m ddpm.cluster
+  train`` of tiny_cpu.yaml on ``images``, started in the background once per distinct overrides; ``.state()``
+  waits for it and returns its last checkpoint (tests/slurm_helpers.py).
 - ``slurm_cluster`` (session): the cluster of tests/slurm/cluster.sh (SLURM job helpers: tests/slurm_helpers.py).
 
 The SLURM fixture starts the cluster (installing the Debian packages first when slurmctld is missing), and
@@ -36,6 +39,7 @@ from helpers import CHECKPOINT_LR, CHECKPOINT_STEPS, TINY_CONFIG
 from slurm_helpers import (
     CLUSTER_SH,
     PARTITION,
+    Reference,
     SlurmCluster,
     SlurmError,
     cancel_jobs_since,
@@ -217,3 +221,19 @@ def make_checkpoint(images: Path, tmp_path_factory: pytest.TempPathFactory) -> C
 def checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
     """The default trained checkpoint (``<run>/checkpoints/step_<CHECKPOINT_STEPS>.pt``); read-only."""
     return make_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory):
+    """Uninterrupted references keyed by their overrides, each started once and shared by the tests."""
+    started: dict[tuple[str, ...], Reference] = {}
+
+    def get(*overrides: str) -> Reference:
+        key = tuple(overrides)
+        if key not in started:
+            started[key] = Reference(tmp_path_factory.mktemp("ref"), [f"data.path={images}", *overrides])
+        return started[key]
+
+    yield get
+    for ref in started.values():
+        ref.kill()

@@ -10,8 +10,10 @@ The test cluster has no accounting (accounting_storage/none), so ``sacct`` fails
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SH = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
+TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 PARTITION = "debug"
 
 # JobState values after which a job never runs again on its own
@@ -347,3 +350,35 @@ def assert_same_training_state(a: dict, b: dict) -> None:
     for i in sa:
         for m in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(sa[i][m], sb[i][m]), f"optimizer.state[{i}].{m} differs"
+
+
+class Reference:
+    """An uninterrupted run of the same config (same code path: the wrapper, torchrun, one thread per rank),
+    started in the background so it trains while the faulted job does."""
+
+    def __init__(self, root: Path, overrides: list[str]):
+        self.run_dir = root / "tiny"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ddpm.cluster", "train", "--config", str(TINY_CONFIG), *overrides,
+             f"run.root={root}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def state(self) -> dict:
+        from ddpm.checkpoint import load_latest
+
+        out, _ = self.proc.communicate(timeout=600)
+        assert self.proc.returncode == 0, out
+        return load_latest(self.run_dir)[1]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def template_without_gres(tmp_path: Path, name: str) -> Path:
+    """The sbatch template minus its GPU request (the test cluster has no GPUs)."""
+    text = (REPO_ROOT / "slurm" / name).read_text().replace("#SBATCH --gres=gpu:1\n", "")
+    out = tmp_path / name
+    out.write_text(text)
+    return out

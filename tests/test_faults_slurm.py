@@ -52,40 +52,6 @@ def launch(*args: str) -> subprocess.CompletedProcess:
                            "train", "--only", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-class Reference:
-    """An uninterrupted run of the same config (same code path: the wrapper, torchrun, one thread per rank),
-    started in the background so it trains while the faulted job does."""
-
-    def __init__(self, root: Path, overrides: list[str]):
-        self.run_dir = root / "tiny"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ddpm.cluster", "train", "--config", str(TINY), *overrides, f"run.root={root}"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-    def state(self) -> dict:
-        out, _ = self.proc.communicate(timeout=600)
-        assert self.proc.returncode == 0, out
-        return load_latest(self.run_dir)[1]
-
-
-@pytest.fixture(scope="module")
-def reference(images, tmp_path_factory):
-    """Uninterrupted references keyed by their overrides, each started once and shared by the tests."""
-    started: dict[tuple[str, ...], Reference] = {}
-
-    def get(*overrides: str) -> Reference:
-        key = tuple(overrides)
-        if key not in started:
-            started[key] = Reference(tmp_path_factory.mktemp("ref"), [f"data.path={images}", *overrides])
-        return started[key]
-
-    yield get
-    for ref in started.values():
-        ref.proc.kill()
-        ref.proc.wait()
-
-
 def start_training(images: Path, root: Path, *overrides: str) -> tuple[Path, str, Path]:
     """launch.py --stage train on the local SLURM; (run dir, job id, job log) once the job runs."""
     proc = launch(f"data.path={images}", f"run.root={root}", *overrides)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from slurm_helpers import next_job_id, sbatch, show_job, wait_for_job, wait_for_state
+from slurm_helpers import next_job_id, sbatch, show_job, template_without_gres, wait_for_job, wait_for_state
 
 from ddpm.checkpoint import load_latest
 
@@ -119,14 +119,6 @@ def test_failed_array_task_rerun_alone(pipeline, images, tmp_path):
                          cwd=ROOT, timeout=120)
     assert asm.returncode == 0, asm.stderr
     assert np.load(run_dir / "samples" / "samples_12x8x8x3.npz")["arr_0"].shape == (12, 8, 8, 3)
-
-
-def template_without_gres(tmp_path: Path, name: str) -> Path:
-    """The sbatch template minus its GPU request (the test cluster has no GPUs)."""
-    text = (ROOT / "slurm" / name).read_text().replace("#SBATCH --gres=gpu:1\n", "")
-    out = tmp_path / name
-    out.write_text(text)
-    return out
 
 
 @pytest.mark.parametrize("override, message", [

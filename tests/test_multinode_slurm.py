@@ -1,24 +1,58 @@
-"""A real two-node SLURM cluster (tests/slurm/multinode.sh): two slurmd, each in a network namespace of its
-own on a bridge, one slurmctld; the single-node cluster of the other SLURM tests is restored afterwards.
+"""Multi-node training on a real two-node SLURM cluster (tests/slurm/multinode.sh): two slurmd, each in a
+network namespace of its own on a bridge, one slurmctld; the single-node cluster of the other SLURM tests is
+restored afterwards.
 
-What runs here: a 2-node job step reaches both nodes, each at its own address, and the nodes reach each
-other by name over the bridge (the path torchrun's c10d rendezvous takes).
+- a 2-node job step reaches both namespaces, and the nodes reach each other by name over the bridge;
+- two 2-node training jobs at once on the same two nodes, one from ``launch.py`` (train -> sampling array ->
+  assembly, the shards on both nodes) and one from ``slurm/train.sbatch --nodes=2``: no rendezvous collision,
+  ``provenance.json`` names both hosts, and each ends bitwise equal to one node with two processes;
+- a preemption of a 2-node job: every rank on both nodes stops at the same step, one checkpoint, one requeue,
+  an exact resume;
+- a node lost mid-run (its slurmd and every process there SIGKILLed): the rank on the other node exits within
+  the bound, the job is requeued once and resumes from the last durable checkpoint when the node is back.
+
+Every training run has loader workers on (``data.num_workers=1``) and one torch thread per rank. A 2-node run
+and its one-node reference run the same world (2 ranks, gloo, the same global ranks and data shards), so they
+are compared bitwise; each faulted run is compared with the same reference, so it also equals the
+uninterrupted 2-node runs of the first test.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import ROOT
-from slurm_helpers import CLUSTER_SH, sbatch, wait_for_job
+from slurm_helpers import (
+    CLUSTER_SH,
+    TINY_CONFIG,
+    assert_same_training_state,
+    job_state,
+    preempt,
+    restarts,
+    sbatch,
+    template_without_gres,
+    wait_for_job,
+    wait_for_restart,
+    wait_for_state,
+    wait_for_step,
+)
+
+from ddpm.checkpoint import load_latest
+from ddpm.cluster.rendezvous import rendezvous_port
 
 MULTINODE_SH = ROOT / "tests" / "slurm" / "multinode.sh"
 pytestmark = pytest.mark.slurm
+N = 400  # steps of each run
+COMMON = ["data.num_workers=1", "training.log_every=10", "training.save_every=100", f"training.num_iterations={N}"]
+TWO_NODES = [*COMMON, "infrastructure.num_nodes=2", "slurm.cpus_per_task=1", "slurm.setup=[export OMP_NUM_THREADS=1]"]
+ONE_NODE = [*COMMON, "infrastructure.nproc_per_node=2"]  # the reference: torchrun --nproc-per-node 2, no SLURM
 
 
 def _run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -38,6 +72,36 @@ def two_nodes(slurm_cluster) -> Iterator[list[str]]:
         down = _run(str(CLUSTER_SH), "start")  # tears the namespaces and the bridge down, single node again
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
         assert subprocess.run(["ip", "link", "show", "ddpmbr0"], capture_output=True).returncode != 0
+
+
+def launch(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY_CONFIG), "--cluster", "slurm", *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def start_training(images: Path, root: Path, *overrides: str) -> tuple[Path, str, Path]:
+    """A 2-node training job from launch.py; (run dir, job id, log of node 0's task) once it runs."""
+    proc = launch("--stage", "train", "--only", f"data.path={images}", f"run.root={root}", *TWO_NODES, *overrides)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = root / "tiny"
+    job = json.loads((run_dir / "jobs.json").read_text())["train"]
+    assert wait_for_state(job, {"RUNNING"}, timeout=120) == "RUNNING"
+    return run_dir, job, run_dir / "logs" / job / f"{job}_0_log.out"
+
+
+def finish(job: str, log: Path, timeout: float = 400, clean_from: str = "") -> str:
+    """Wait until the (requeued) job completes; the log text of node 0's task, with no traceback after the
+    first ``clean_from`` (torchrun prints its ChildFailedError when a rank exits on a lost peer)."""
+    state = wait_for_job(job, timeout=timeout, release=True)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-3000:]
+    rest = text[text.index(clean_from):]
+    assert "DataLoader worker" not in text and "Traceback" not in rest, rest[-3000:]
+    return text
+
+
+def hosts(run_dir: Path) -> list[list[str]]:
+    return [s["hosts"] for s in json.loads((run_dir / "provenance.json").read_text())["starts"]]
 
 
 def test_two_node_step_reaches_both_namespaces(two_nodes, tmp_path: Path) -> None:
@@ -63,10 +127,102 @@ wait
     assert "node1 got hello from 10.231.0.12" in lines, lines
 
 
-def test_status_and_kill_node(two_nodes) -> None:
+def test_status_kill_and_revive_node(two_nodes) -> None:
     status = _run(str(CLUSTER_SH), "status")
     assert status.returncode == 0 and "node2: slurmd running in ddpm-node2" in status.stdout, status.stdout
     assert _run(str(MULTINODE_SH), "kill-node", "node2").returncode == 0
     status = _run(str(CLUSTER_SH), "status")
     assert status.returncode != 0 and "node2: slurmd NOT running" in status.stdout, status.stdout
-    assert _run(str(CLUSTER_SH), "start", "--nodes", "2").returncode == 0  # back to two healthy nodes
+    assert _run(str(MULTINODE_SH), "revive", "node2").returncode == 0
+    status = _run(str(CLUSTER_SH), "status")
+    assert status.returncode == 0 and "node2: slurmd running in ddpm-node2" in status.stdout, status.stdout
+
+
+def test_two_jobs_at_once_launch_and_sbatch(two_nodes, images, tmp_path, reference):
+    """Job A (launch.py: train -> 2 sampling tasks of 2 CPUs, one per node -> assembly) and job B
+    (slurm/train.sbatch --nodes=2) train at once on the same nodes, each with its own rendezvous port."""
+    ref = reference(*ONE_NODE)
+    proc = launch(f"data.path={images}", f"run.root={tmp_path / 'a'}", *TWO_NODES, "sampling.num_shards=2",
+                  "slurm.sample_cpus_per_task=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_a = tmp_path / "a" / "tiny"
+    jobs = json.loads((run_a / "jobs.json").read_text())
+    job_a, run_b = jobs["train"], tmp_path / "b" / "tiny"
+    job_b = sbatch("--nodes=2", "--cpus-per-task=1", "--mem=1G", "--partition=debug",
+                   f"--output={tmp_path}/b-%j.out",
+                   f"--export=ALL,OMP_NUM_THREADS=1,PATH={Path(sys.executable).parent}:{os.environ['PATH']}",
+                   str(template_without_gres(tmp_path, "train.sbatch")), str(TINY_CONFIG), f"data.path={images}",
+                   f"run.root={tmp_path / 'b'}", *TWO_NODES, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not (job_state(job_a) == "RUNNING" and job_state(job_b) == "RUNNING"):
+        assert time.monotonic() < deadline, (job_state(job_a), job_state(job_b))
+        time.sleep(0.2)
+
+    assert wait_for_job(job_b, timeout=400) == "COMPLETED", (tmp_path / f"b-{job_b}.out").read_text()[-3000:]
+    assert wait_for_job(jobs["assemble"], timeout=400) == "COMPLETED"
+    logs = {job_a: (run_a / "logs" / job_a / f"{job_a}_0_log.out").read_text(),
+            job_b: (run_b / "logs" / f"train-{job_b}-0.out").read_text()}
+    for job, text in logs.items():
+        assert f"--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=node1:{rendezvous_port(job)}" in text, text[-3000:]
+        assert "training done at step 400" in text and "Traceback" not in text, text[-3000:]
+    assert rendezvous_port(job_a) != rendezvous_port(job_b)
+    assert hosts(run_a) == [["node1", "node2"]] and hosts(run_b) == [["node1", "node2"]]
+    shard_hosts = {line.split("hostname=")[1].split(",")[0] for p in (run_a / "logs").glob("*_*/*_log.out")
+                   for line in p.read_text().splitlines() if "Starting with JobEnvironment" in line}
+    assert shard_hosts == {"node1", "node2"}  # the two sampling tasks ran on different nodes
+    shown = subprocess.run([sys.executable, "launch.py", "status", str(run_a)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60).stdout
+    assert "training: done at step 400/400" in shown and "sampling: 2/2 shards complete" in shown, shown
+    assert "assembly: " in shown and "samples_12x8x8x3.npz" in shown, shown
+    expected = ref.state()
+    assert_same_training_state(expected, load_latest(run_a)[1])
+    assert_same_training_state(expected, load_latest(run_b)[1])
+
+
+def test_preemption_of_a_two_node_job(two_nodes, images, tmp_path, reference):
+    """A higher-priority job takes a whole node: SIGTERM to every process of the job on both nodes; every rank
+    stops at the same step, rank 0 writes one checkpoint, the job is requeued once and resumes exactly."""
+    ref = reference(*ONE_NODE)
+    run_dir, job, log = start_training(images, tmp_path)
+    wait_for_step(log, 150)
+    preempt(cpus=2)  # all of one node's CPUs: SLURM must preempt the 2-node job (1 CPU on each node)
+    wait_for_restart(job, 1)
+    stopped = load_latest(run_dir)[1]["step"]
+    assert 150 <= stopped < N
+    text = finish(job, log)
+    node2 = (log.parent / f"{job}_1_log.out").read_text()  # node 1's task: rank 1
+    assert "[rank 0] received SIGTERM" in text and "[rank 1] received SIGTERM" in node2, node2[-3000:]
+    assert f"[rank 0] stopped at step {stopped} " in text and f"[rank 1] stopped at step {stopped} " in node2
+    assert text.count(f"step_{stopped:08d}.pt in") == 1 and "stop: checkpoint durable" in text
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d}.pt" in text
+    assert restarts(job) == 1
+    assert hosts(run_dir) == [["node1", "node2"], ["node1", "node2"]]
+    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+
+
+def test_node_lost_mid_run(two_nodes, images, tmp_path, reference):
+    """node2 dies (slurmd, slurmstepd, torchrun, the rank and its loader worker: SIGKILL). Rank 0 on node1 sees
+    its connections reset and exits at once: the job is requeued within the bound, waits for two nodes, and
+    resumes from the last durable checkpoint when node2 is back."""
+    bound = 30  # training.watchdog_s: the bound when a node vanishes without resetting its connections
+    ref = reference(*ONE_NODE)
+    run_dir, job, log = start_training(images, tmp_path, f"training.watchdog_s={bound}")
+    wait_for_step(log, 250)
+    t0 = time.monotonic()
+    assert _run(str(MULTINODE_SH), "kill-node", "node2").returncode == 0
+    durable = load_latest(run_dir)[1]["step"]
+    try:
+        wait_for_restart(job, 1, timeout=bound + 30)
+        requeued_after = time.monotonic() - t0
+    finally:
+        assert _run(str(MULTINODE_SH), "revive", "node2").returncode == 0
+    print(f"node lost: job requeued {requeued_after:.1f} s after node2 was killed (bound {bound} s)")
+    assert requeued_after < bound
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] in ("lost", "running"), status  # "running" again once the requeued job has started
+    text = finish(job, log, clean_from="resumed from")
+    assert "[rank 0] lost a peer after step" in text and "Connection reset by peer" in text
+    assert f"requeuing job {job} (restart 1/3)" in text
+    assert f"resumed from {run_dir}/checkpoints/step_{durable:08d}.pt" in text
+    assert restarts(job) == 1
+    assert_same_training_state(ref.state(), load_latest(run_dir)[1])

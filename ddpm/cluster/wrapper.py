@@ -12,8 +12,9 @@ starts torchrun around ``python -m ddpm.train`` and owns the requeue policy:
 * submitit's own USR2 handler (``scontrol requeue`` at once, which kills the step
   before the checkpoint is written) is replaced while training runs;
 * when torchrun exits, ``status.json`` says ``done`` (success), ``stopped`` (the
-  checkpoint is durable: requeue, up to ``slurm.max_restarts``) or anything else (failure,
-  with the trainer's one-line ``error`` when it wrote one).
+  checkpoint is durable: requeue, up to ``slurm.max_restarts``), ``lost`` (a rank's process or
+  node died, the others saw its connections reset: requeue from the last checkpoint) or anything
+  else (failure, with the trainer's one-line ``error`` when it wrote one).
 
 The same wrapper is the sbatch route: ``srun python -m ddpm.cluster train --run-dir D``.
 """
@@ -176,7 +177,7 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     """Run torchrun for this node; return "done", or requeue / raise. Blocks until torchrun exits.
 
     Requeued (up to ``slurm.max_restarts``) when the trainer stopped on a signal with a durable checkpoint, and
-    when the watchdog ended a hung run (it resumes from the last checkpoint).
+    when the watchdog ended a hung run or a rank was lost (both resume from the last checkpoint).
     """
     cmd = torchrun_command(cfg, run_dir)
     node = int(os.environ.get("SLURM_NODEID", "0"))
@@ -214,6 +215,9 @@ def run_training(run_dir: Path, cfg: Config) -> str:
             write_status(run_dir, "stalled", int(step or 0), int(status.get("skipped_steps") or 0),
                          error=f"no heartbeat for {cfg.training.watchdog_s} s (training.watchdog_s)")
         print(f"training stalled after step {step}; resuming from the last checkpoint", flush=True)
+    elif state == "lost":  # a rank of another node died mid-collective; SLURM brings the job back with all nodes
+        print(f"training lost a rank after step {step} ({status.get('error')}); resuming from the last "
+              "checkpoint", flush=True)
     elif state == "stopped":
         took = f" {time.monotonic() - signals[0][1]:.1f} s after {signals[0][0]}" if signals else ""
         print(f"training stopped at step {step}; checkpoint is durable{took}", flush=True)

@@ -191,7 +191,14 @@ class InfiniteLoader:
         self._iterator = None
 
     def close(self) -> None:
-        """Stop the worker processes (a later ``next`` starts them again)."""
+        """Stop the worker processes now (a later ``next`` starts them again).
+
+        Dropping the iterator is not enough after an exception: its traceback may still hold it, and at exit
+        ``multiprocessing`` would SIGTERM the workers, which ignore it, then wait for them forever.
+        """
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)  # torch's multiprocess iterator
+        if shutdown is not None:
+            shutdown()
         self._iterator = None
         self._loader = None
 

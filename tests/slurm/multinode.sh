@@ -5,6 +5,7 @@
 #   bash tests/slurm/multinode.sh status              # exit 0 only when every node answers
 #   bash tests/slurm/multinode.sh stop                # scancel, stop the daemons, remove namespaces and bridge
 #   bash tests/slurm/multinode.sh kill-node NODE      # SIGKILL NODE's slurmd and every process in its namespace
+#   bash tests/slurm/multinode.sh revive NODE         # NODE's slurmd again; back in service
 #
 # The bridge ddpmbr0 holds 10.231.0.1/24 (slurmctld); node i lives in namespace ddpm-node<i>
 # with 10.231.0.(10+i) on a veth into the bridge (name node<i>) and its own UTS hostname, so slurmd, the
@@ -207,6 +208,18 @@ cmd_kill_node() {  # the node dies: its slurmd and every process of its namespac
     log "killed every process of $node"
 }
 
+cmd_revive() {  # the node comes back: its slurmd again, in its namespace; SLURM returns it to service
+    local node=${1:?usage: multinode.sh revive NODE} t0=$SECONDS
+    ip netns pids "ddpm-$node" | xargs -r kill -KILL 2>/dev/null || true
+    start_slurmd "$node"
+    until sinfo -h -N -n "$node" -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; do
+        (( SECONDS - t0 < START_TIMEOUT )) || die "$node not back after ${START_TIMEOUT}s"
+        scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
+        sleep 0.5
+    done
+    log "$node back in $((SECONDS - t0))s"
+}
+
 cmd_status() {
     local node ok=0
     for node in $(configured_nodes); do
@@ -224,5 +237,6 @@ case ${1:-} in
     stop) cmd_stop ;;
     status) cmd_status ;;
     kill-node) cmd_kill_node "${2:-}" ;;
-    *) echo "usage: $0 start [--nodes N] | status | stop | kill-node NODE" >&2; exit 2 ;;
+    revive) cmd_revive "${2:-}" ;;
+    *) echo "usage: $0 start [--nodes N] | status | stop | kill-node NODE | revive NODE" >&2; exit 2 ;;
 esac
