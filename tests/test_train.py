@@ -291,3 +291,33 @@ def test_wrapper_does_not_take_an_earlier_stop_for_this_attempt(images, tmp_path
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "training failed" in proc.stderr and "training stopped" not in proc.stdout
     assert f"{tmp_path}/missing" in proc.stdout + proc.stderr  # the trainer's own one-line error
+
+
+def test_close_stops_loader_workers_that_an_exception_still_holds(make_trainer, tmp_path):
+    """After an exception its traceback keeps the loader iterator alive; at exit multiprocessing would SIGTERM
+    the workers (they ignore it: the stop belongs to the trainer) and wait for them forever. ``close`` (the
+    trainer's ``finally``) stops them itself."""
+    import psutil
+
+    trainer = make_trainer(tmp_path, "data.num_workers=1")
+    trainer.train_step(*trainer.next_batch())
+    held = trainer.loader._iterator  # what a traceback's frames would hold
+    workers = psutil.Process().children()
+    assert held is not None and len(workers) == 1
+    trainer.close()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"loader worker {alive} still running after Trainer.close()"
+
+
+@pytest.mark.parametrize("err, lost", [
+    (RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [10.231.0.12]:58576: Connection reset by peer."), True),
+    (RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection closed by peer [10.0.0.2]:4321"), True),
+    (torch.distributed.DistNetworkError("failed to recv, got 0 bytes"), True),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x4)"), False),
+])
+def test_peer_lost_tells_a_dead_rank_from_a_bug(err, lost):
+    """Only a collective whose peer went away makes the trainer write ``lost`` (the wrapper requeues that)."""
+    from ddpm.dist import peer_lost
+
+    assert peer_lost(err) is lost
