@@ -293,6 +293,16 @@ def test_wrapper_does_not_take_an_earlier_stop_for_this_attempt(images, tmp_path
     assert f"{tmp_path}/missing" in proc.stdout + proc.stderr  # the trainer's own one-line error
 
 
+def test_wrapper_refuses_a_node_count_the_config_does_not_say(images, tmp_path):
+    """``sbatch --nodes=2 slurm/train.sbatch CONFIG`` without ``infrastructure.num_nodes=2``: one line, exit 2."""
+    proc = subprocess.run(train_cmd(overrides(images, tmp_path), torchrun=1), capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**os.environ, "SLURM_NNODES": "2"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: infrastructure.num_nodes: the config says 1, this job has 2 nodes (SLURM_NNODES); pass "
+        "infrastructure.num_nodes=2 or sbatch --nodes=1"], proc.stdout + proc.stderr
+    assert not (tmp_path / "tiny" / "checkpoints").exists()
+
+
 def test_close_stops_loader_workers_that_an_exception_still_holds(make_trainer, tmp_path):
     """After an exception its traceback keeps the loader iterator alive; at exit multiprocessing would SIGTERM
     the workers (they ignore it: the stop belongs to the trainer) and wait for them forever. ``close`` (the

@@ -37,7 +37,7 @@ from ddpm.cluster.preflight import job_state
 from ddpm.cluster.rendezvous import first_slurm_host, rendezvous_port
 from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
-from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, cli_entry
+from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, ConfigError, cli_entry
 from ddpm.runlog import read_status, stalled_for, write_status
 
 
@@ -179,6 +179,11 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     Requeued (up to ``slurm.max_restarts``) when the trainer stopped on a signal with a durable checkpoint, and
     when the watchdog ended a hung run or a rank was lost (both resume from the last checkpoint).
     """
+    nodes = int(os.environ.get("SLURM_NNODES", cfg.infrastructure.num_nodes))
+    if nodes != cfg.infrastructure.num_nodes:  # the sbatch route: --nodes and the config disagree
+        raise ConfigError(f"infrastructure.num_nodes: the config says {cfg.infrastructure.num_nodes}, this job has "
+                          f"{nodes} nodes (SLURM_NNODES); pass infrastructure.num_nodes={nodes} or sbatch "
+                          f"--nodes={cfg.infrastructure.num_nodes}")
     cmd = torchrun_command(cfg, run_dir)
     node = int(os.environ.get("SLURM_NODEID", "0"))
     if node == 0:  # a crash before the trainer's first write must not read as an earlier attempt's "stopped"
