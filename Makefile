@@ -13,14 +13,14 @@ venv: $(VENV)/.installed
 
 # uv installs the 5.5 GB torch build in about 40 s (pip: 90 s), from the indexes pip is configured with
 # (tools/pip_index_args.py); without uv (no network to fetch it) pip does the same.
-INSTALL = if [ -x $(VENV)/bin/uv ]; then $(VENV)/bin/uv pip install -q --python $(PY) \
-	--index-strategy unsafe-best-match $$($(PYTHON) tools/pip_index_args.py); else $(PY) -m pip install -q; fi
+UV_INSTALL = $(VENV)/bin/uv pip install -q --python $(PY) --index-strategy unsafe-best-match
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv || echo "uv not available: installing with pip"
-	$(INSTALL) $(TORCH_SPEC)
-	$(INSTALL) -e '.[test]'
+	if [ -x $(VENV)/bin/uv ]; then install="$(UV_INSTALL) $$($(PYTHON) tools/pip_index_args.py)"; \
+	else install="$(PY) -m pip install -q"; fi; \
+	$$install $(TORCH_SPEC) && $$install -e '.[test]'
 	touch $@
 
 quickstart: venv
