@@ -40,6 +40,10 @@ class ShardError(DDPMError):
     """A missing, overlapping or inconsistent sample shard."""
 
 
+class FIDError(DDPMError):
+    """Missing or mismatched Inception weights, or statistics that cannot be compared."""
+
+
 def cli_entry(main: F) -> Callable[..., int]:
     """Wrap a ``main(argv) -> exit code`` so a :class:`DDPMError` prints one line and exits 2."""
 

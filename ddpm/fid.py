@@ -11,39 +11,35 @@ with its weights file ``pt_inception-2015-12-05-6726825d.pth`` read from a local
 never downloaded; other weights are never substituted.
 
     python -m ddpm.fid ref --config configs/ddpm_babel.yaml --out runs/celeba_ref.npz
+
+The network half (pytorch-fid, torchvision: seconds to import) is in :mod:`ddpm.inception`, imported only by
+what runs Inception, so merging and comparing statistics (assembly) stays light.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pytorch_fid import inception as pfi
 from scipy import linalg
-from torch import nn
-from torchvision.models import Inception3
 
 from ddpm.config import DataConfig
 from ddpm.configtools import parse_with_overrides
-from ddpm.errors import DDPMError, cli_entry
+from ddpm.errors import FIDError, cli_entry
 from ddpm.fsio import atomic_write_bytes
 
-WEIGHTS_URL = pfi.FID_WEIGHTS_URL  # pytorch-fid's own file: the numbers papers cite
-WEIGHTS_NAME = WEIGHTS_URL.rsplit("/", 1)[-1]  # pt_inception-2015-12-05-6726825d.pth
-FEATURE_DIM = 2048
+if TYPE_CHECKING:
+    from ddpm.inception import FIDFeatures
+
+FEATURE_DIM = 2048  # the pool3 width of ddpm.inception (not imported here: torchvision takes seconds)
 # Identifies the feature pipeline (network + input transform); stats from another pipeline never compare.
 PIPELINE = "pt_inception-2015-12-05/pool3/uint8-bilinear299-[-1,1]"
-
-
-class FIDError(DDPMError):
-    """Missing or mismatched Inception weights, or statistics that cannot be compared."""
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -160,106 +156,6 @@ def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
     return frechet_distance(*a.mean_cov(), *b.mean_cov())
 
 
-# ----------------------------------------------------------------------------- network
-
-
-def FIDInceptionV3() -> Inception3:
-    """pytorch-fid's ``fid_inception_v3()`` network, randomly initialised instead of downloaded.
-
-    Built as pytorch-fid builds it: torchvision's Inception3 (1008-way ``fc``, no auxiliary head)
-    with pytorch-fid's TF-graph blocks in Mixed_5b-5d, 6b-6e, 7b, 7c. Its state dict has the keys
-    and shapes of ``pt_inception-2015-12-05-6726825d.pth``; the ``fc`` logits are unused for FID.
-    """
-    net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
-    net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = pfi.FIDInceptionE_1(1280)
-    net.Mixed_7c = pfi.FIDInceptionE_2(2048)
-    return net
-
-
-class FIDFeatures(pfi.InceptionV3):
-    """pytorch-fid's ``InceptionV3([3], resize_input=True, normalize_input=True)`` around local weights.
-
-    ``InceptionV3.__init__`` fetches the weights from their URL, so this sets up the same
-    attributes and the same four blocks from ``net`` (a :func:`FIDInceptionV3` holding the weights).
-    ``forward`` is pytorch-fid's own: x [N, 3, H, W] float in [0, 1] -> bilinear resize to 299x299
-    (align_corners=False) -> 2x - 1 -> blocks -> ``[pool3 [N, 2048, 1, 1]]``.
-    """
-
-    def __init__(self, net: Inception3) -> None:
-        nn.Module.__init__(self)  # not InceptionV3.__init__: it would download
-        self.resize_input, self.normalize_input = True, True
-        self.output_blocks = [pfi.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]]
-        self.last_needed_block = self.output_blocks[0]
-        self.blocks = nn.ModuleList([
-            nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3,
-                          nn.MaxPool2d(kernel_size=3, stride=2)),
-            nn.Sequential(net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, nn.MaxPool2d(kernel_size=3, stride=2)),
-            nn.Sequential(net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b,
-                          net.Mixed_6c, net.Mixed_6d, net.Mixed_6e),
-            nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1))),
-        ])
-        self.requires_grad_(False)
-
-
-def resolve_weights(path: str | Path | None = None) -> Path:
-    """The weights file: ``path`` if given, else the torch hub cache; one-line error when absent."""
-    if path is not None:
-        p = Path(os.path.expanduser(str(path)))
-        if not p.is_file():
-            raise FIDError(f"FID Inception weights not found: {p} (download: curl -L -o {p} {WEIGHTS_URL})")
-        return p
-    p = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
-    if not p.is_file():
-        raise FIDError(f"FID Inception weights not found at {p}; download them once on the login node: "
-                       f"mkdir -p {p.parent} && curl -L -o {p} {WEIGHTS_URL} "
-                       f"(or set sampling.fid_weights / --weights to a copy)")
-    return p
-
-
-def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> FIDFeatures:
-    """pytorch-fid's FID Inception with the weights of :func:`resolve_weights` (eval mode, no grad)."""
-    p = resolve_weights(path)
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise FIDError(f"{p}: unreadable Inception weights ({type(err).__name__})") from None
-    net = FIDInceptionV3()
-    expected = {k: v.shape for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    if not isinstance(state, dict):
-        raise FIDError(f"{p}: not a state dict of the FID Inception ({WEIGHTS_NAME})")
-    got = {k: getattr(v, "shape", None) for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    bad = sorted(set(expected) ^ set(got)) + sorted(k for k in expected if k in got and got[k] != expected[k])
-    if bad:
-        raise FIDError(f"{p}: weights do not match the FID Inception ({len(bad)} keys differ, e.g. "
-                       f"{', '.join(bad[:3])}); expected {WEIGHTS_NAME}")
-    net.load_state_dict(state, strict=False)  # only num_batches_tracked may be absent (unused in eval)
-    return FIDFeatures(net).to(device).eval()
-
-
-@torch.no_grad()
-def inception_features(model: FIDFeatures, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
-    """uint8 images [N, H, W, 3] -> pool3 features [N, 2048] float64 (computed in float32).
-
-    pytorch-fid's path (``fid_score.get_activations``): ToTensor's x / 255 as float32 [B, 3, H, W],
-    then the model's own bilinear resize to 299x299 (align_corners=False) and 2x - 1.
-    """
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).contiguous().float().div(255)
-        out.append(model(x)[0].flatten(1).double().cpu().numpy())  # [B, 2048, 1, 1] -> [B, 2048]
-    return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))
-
-
 # ----------------------------------------------------------------------------- reference statistics
 
 
@@ -277,6 +173,7 @@ def reference_stats(data_cfg: DataConfig, model: FIDFeatures, max_images: int | 
     from tqdm import tqdm
 
     from ddpm.data import build_source
+    from ddpm.inception import inception_features
 
     source = build_source(data_cfg)
     n = len(source) if max_images is None else min(max_images, len(source))
@@ -308,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         raise FIDError(f"--max-images must be >= 2, got {args.max_images}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from ddpm.cpus import apply_cpu_budget, cpu_budget
+    from ddpm.inception import load_inception
 
     print(f"fid: {apply_cpu_budget(cpu_budget('fid', device))}", flush=True)
     model = load_inception(args.weights or cfg.sampling.fid_weights, device)

@@ -241,7 +241,9 @@ def _sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None
     inception, fid_signature = None, None
     if s.fid:  # fail on missing/mismatched Inception weights before any sampling
         from ddpm import fid as fidlib
-        inception = fidlib.load_inception(s.fid_weights, device)
+        from ddpm.inception import inception_features, load_inception
+
+        inception = load_inception(s.fid_weights, device)
         fid_signature = fidlib.stats_signature(state["config"]["data"])
 
     paths = shard_paths(out, shard)
@@ -266,7 +268,7 @@ def _sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None
     arrays: dict[str, np.ndarray] = {"arr_0": images}
     if inception is not None:
         from ddpm import fid as fidlib
-        stats = fidlib.FIDStats(signature=fid_signature).update(fidlib.inception_features(inception, images))
+        stats = fidlib.FIDStats(signature=fid_signature).update(inception_features(inception, images))
         arrays.update(stats.to_arrays())
     payload = _npz_bytes(**arrays)
     atomic_write_bytes(paths["npz"], lambda f: f.write(payload))

@@ -17,7 +17,7 @@ from helpers import CHECKPOINT_STEPS, ROOT
 from PIL import Image
 
 from ddpm import assemble as asm
-from ddpm import fid
+from ddpm import fid, inception
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import SamplingConfig
 from ddpm.errors import ShardError
@@ -151,8 +151,8 @@ def test_inconsistent_shards_refused(ckpts: tuple[Path, Path], s3: SamplingConfi
 def test_fid_from_merged_shard_stats(ckpts: tuple[Path, Path], s3: SamplingConfig, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    weights = tmp_path / fid.WEIGHTS_NAME
-    torch.save(fid.FIDInceptionV3().state_dict(), weights)  # random init: right keys and shapes
+    weights = tmp_path / inception.WEIGHTS_NAME
+    torch.save(inception.FIDInceptionV3().state_dict(), weights)  # random init: right keys and shapes
     shards = tmp_path / "run" / "samples" / "shards"
     s2 = dataclasses.replace(s3, num_shards=2, num_samples=4)
     shard(ckpts[0], shards, 0, s2, fid=False)
@@ -182,7 +182,7 @@ def test_fid_from_merged_shard_stats(ckpts: tuple[Path, Path], s3: SamplingConfi
     assert metrics["fid_num_samples"] == 4 and metrics["fid"] == pytest.approx(fake_frechet(*seen[0]))
     # What reached the distance is the single-pass mean/covariance of all assembled images' features.
     images = np.load(tmp_path / "run" / "samples" / "samples_4x8x8x3.npz")["arr_0"]
-    feats = fid.inception_features(fid.load_inception(weights), images)
+    feats = inception.inception_features(inception.load_inception(weights), images)
     mu, cov = seen[0][0], seen[0][1]
     np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(cov, np.cov(feats, rowvar=False), rtol=1e-6, atol=1e-6 * np.abs(cov).max())

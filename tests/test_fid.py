@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import fid
+from ddpm import fid, inception
 from ddpm.fid import FIDError, FIDStats, frechet_distance
 
 
@@ -95,7 +95,7 @@ def test_refuses_stats_with_different_preprocessing() -> None:
 def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The network's own state dict with random (well-scaled) values, saved like the real file."""
     torch.manual_seed(0)
-    state = fid.FIDInceptionV3().state_dict()
+    state = inception.FIDInceptionV3().state_dict()
     for key, t in state.items():
         if key.endswith("num_batches_tracked"):
             continue
@@ -106,7 +106,7 @@ def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             t.normal_(1.0 if key.endswith("bn.weight") else 0.0, 0.1)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # as the 2015 file
-    path = tmp_path_factory.mktemp("weights") / fid.WEIGHTS_NAME
+    path = tmp_path_factory.mktemp("weights") / inception.WEIGHTS_NAME
     torch.save(state, path)
     return path
 
@@ -120,7 +120,7 @@ def test_inception_features_from_weights_file(weights_file: Path, monkeypatch: p
 
     monkeypatch.setattr(pfi, "load_state_dict_from_url", _no_download)  # the local file only
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
-    model = fid.load_inception(weights_file)
+    model = inception.load_inception(weights_file)
     assert isinstance(model, pfi.InceptionV3) and not model.training
     assert not any(t.requires_grad for t in model.parameters())
     ref = torch.load(weights_file, weights_only=True)
@@ -129,12 +129,12 @@ def test_inception_features_from_weights_file(weights_file: Path, monkeypatch: p
     assert torch.equal(mixed_7c.branch_pool.conv.weight, ref["Mixed_7c.branch_pool.conv.weight"])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
-    feats = fid.inception_features(model, images, batch_size=2)
+    feats = inception.inception_features(model, images, batch_size=2)
     assert feats.shape == (3, 2048) and feats.dtype == np.float64
     assert np.isfinite(feats).all() and feats.std() > 0
     assert not np.allclose(feats[0], feats[1])
     # Batch composition does not matter (up to float rounding).
-    np.testing.assert_allclose(fid.inception_features(model, images[2:], batch_size=1)[0], feats[2],
+    np.testing.assert_allclose(inception.inception_features(model, images[2:], batch_size=1)[0], feats[2],
                                rtol=1e-4, atol=1e-5)
 
 
@@ -152,7 +152,8 @@ def test_features_equal_pytorch_fid(weights_file: Path, tmp_path: Path, monkeypa
     state = torch.load(weights_file, weights_only=True)
 
     def local_weights(url: str, **kwargs: object) -> dict[str, torch.Tensor]:
-        assert url == fid.WEIGHTS_URL == pfi.FID_WEIGHTS_URL
+        assert url == inception.WEIGHTS_URL == pfi.FID_WEIGHTS_URL
+        assert fid.FEATURE_DIM == inception.FEATURE_DIM == 2048  # fid.py keeps its own copy (stays light)
         return state
 
     monkeypatch.setattr(pfi, "load_state_dict_from_url", local_weights)
@@ -165,7 +166,7 @@ def test_features_equal_pytorch_fid(weights_file: Path, tmp_path: Path, monkeypa
         Image.fromarray(image).save(tmp_path / f"{i}.png")
         files.append(tmp_path / f"{i}.png")
     want = fid_score.get_activations(files, theirs, batch_size=2, dims=2048, device="cpu", num_workers=0)
-    got = fid.inception_features(fid.load_inception(weights_file), images, batch_size=2)
+    got = inception.inception_features(inception.load_inception(weights_file), images, batch_size=2)
     assert got.shape == want.shape == (3, 2048) and want.std() > 0.1
     torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(want), rtol=1e-6, atol=1e-6)
 
@@ -173,22 +174,22 @@ def test_features_equal_pytorch_fid(weights_file: Path, tmp_path: Path, monkeypa
 def test_weights_errors(tmp_path: Path, weights_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FIDError) as err:
-        fid.resolve_weights(None)
+        inception.resolve_weights(None)
     msg = str(err.value)
-    assert fid.WEIGHTS_URL in msg and "curl" in msg and "\n" not in msg
-    assert str(tmp_path / "torch" / "hub" / "checkpoints" / fid.WEIGHTS_NAME) in msg
+    assert inception.WEIGHTS_URL in msg and "curl" in msg and "\n" not in msg
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / inception.WEIGHTS_NAME) in msg
     with pytest.raises(FIDError, match="not found"):
-        fid.load_inception(tmp_path / "nope.pth")
+        inception.load_inception(tmp_path / "nope.pth")
     state = torch.load(weights_file, weights_only=True)
     state["fc.weight"] = torch.zeros(1000, 2048)  # torchvision's ImageNet head, not the FID graph
     torch.save(state, tmp_path / "wrong.pth")
     with pytest.raises(FIDError, match="do not match the FID Inception"):
-        fid.load_inception(tmp_path / "wrong.pth")
+        inception.load_inception(tmp_path / "wrong.pth")
     # Found in the hub cache when no path is given.
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    (hub / fid.WEIGHTS_NAME).symlink_to(weights_file)
-    assert fid.resolve_weights(None) == hub / fid.WEIGHTS_NAME
+    (hub / inception.WEIGHTS_NAME).symlink_to(weights_file)
+    assert inception.resolve_weights(None) == hub / inception.WEIGHTS_NAME
 
 
 def test_reference_cli(tmp_path: Path, weights_file: Path) -> None:
@@ -214,6 +215,6 @@ def test_parameter_names_match_torchvision_inception3_layout() -> None:
     """The weights file is a state dict of torchvision's Inception3 (1008 classes, no aux head)."""
     from torchvision.models.inception import Inception3
 
-    ours = {k: v.shape for k, v in fid.FIDInceptionV3().state_dict().items()}
+    ours = {k: v.shape for k, v in inception.FIDInceptionV3().state_dict().items()}
     tv = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
     assert ours == {k: v.shape for k, v in tv.state_dict().items()}
