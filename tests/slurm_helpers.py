@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from helpers import TINY_CONFIG
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SH = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
-TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 PARTITION = "debug"
 
 # JobState values after which a job never runs again on its own

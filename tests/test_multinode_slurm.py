@@ -28,10 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, TINY_CONFIG
 from slurm_helpers import (
     CLUSTER_SH,
-    TINY_CONFIG,
     assert_same_training_state,
     job_state,
     preempt,
@@ -89,10 +88,11 @@ def start_training(images: Path, root: Path, *overrides: str) -> tuple[Path, str
     return run_dir, job, run_dir / "logs" / job / f"{job}_0_log.out"
 
 
-def finish(job: str, log: Path, timeout: float = 400, clean_from: str = "") -> str:
+def finish(job: str, log: Path, timeout: float = 400, clean_from: str = "", release: bool = True) -> str:
     """Wait until the (requeued) job completes; the log text of node 0's task, with no traceback after the
-    first ``clean_from`` (torchrun prints its ChildFailedError when a rank exits on a lost peer)."""
-    state = wait_for_job(job, timeout=timeout, release=True)
+    first ``clean_from`` (torchrun prints its ChildFailedError when a rank exits on a lost peer).
+    ``release``: start the requeued job before SLURM's BeginTime delay (see ``release_requeued``)."""
+    state = wait_for_job(job, timeout=timeout, release=release)
     text = log.read_text()
     assert state == "COMPLETED", text[-3000:]
     rest = text[text.index(clean_from):]
@@ -220,7 +220,9 @@ def test_node_lost_mid_run(two_nodes, images, tmp_path, reference):
     assert requeued_after < bound
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] in ("lost", "running"), status  # "running" again once the requeued job has started
-    text = finish(job, log, clean_from="resumed from")
+    # no early release: SLURM's BeginTime delay lets the old attempt's srun, stuck on the dead node's step,
+    # die first; started 2 s after the requeue, the new attempt's step (the same id, 0) was cancelled by it
+    text = finish(job, log, clean_from="resumed from", release=False)
     assert "[rank 0] lost a peer after step" in text and "Connection reset by peer" in text
     assert f"requeuing job {job} (restart 1/3)" in text
     assert f"resumed from {run_dir}/checkpoints/step_{durable:08d}.pt" in text

@@ -149,11 +149,22 @@ start_slurmd() {  # start_slurmd NODE: in its namespace, with its own hostname, 
     disown $! 2>/dev/null || true
 }
 
-nodes_idle() {  # every configured node idle/mixed/allocated
-    local states
-    states=$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u) || return 1
+nodes_idle() {  # nodes_idle [NODE...]: every configured node (or each NODE) idle/mixed/allocated
+    local states only=()
+    (( $# == 0 )) || only=(-n "$(IFS=,; echo "$*")")
+    states=$(sinfo -h -N "${only[@]}" -o '%N %T' 2>/dev/null | sort -u) || return 1
     [[ -n $states ]] || return 1
     ! grep -qvE ' (idle|mixed|allocated)$' <<<"$states"
+}
+
+wait_nodes_up() {  # wait_nodes_up T0 NODE...: every node in service (RESUMEd as it registers), or die at START_TIMEOUT
+    local t0=$1 node; shift
+    while ! nodes_idle "$@"; do
+        (( SECONDS - t0 < START_TIMEOUT )) || { sinfo -N >&2 || true; tail -n 20 "$LOG_DIR"/slurmd-node*.log >&2 || true
+                                              die "nodes not idle after ${START_TIMEOUT}s"; }
+        for node in "$@"; do scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true; done
+        sleep 0.5
+    done
 }
 
 stop_daemons() {
@@ -182,12 +193,7 @@ cmd_start() {
     disown $! 2>/dev/null || true
     for _ in $(seq 1 150); do scontrol ping 2>/dev/null | grep -q "is UP" && break; sleep 0.2; done
     for node in $(node_names "$n"); do start_slurmd "$node"; done
-    while ! nodes_idle; do
-        (( SECONDS - t0 < START_TIMEOUT )) || { sinfo -N >&2 || true; tail -n 20 "$LOG_DIR"/slurmd-node*.log >&2 || true
-                                              die "nodes not idle after ${START_TIMEOUT}s"; }
-        for node in $(node_names "$n"); do scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true; done
-        sleep 0.5
-    done
+    wait_nodes_up "$t0" $(node_names "$n")
     log "cluster up in $((SECONDS - t0))s: $(node_names "$n" | paste -sd' ' -) on $BRIDGE ($NET.0/24)"
     sinfo -N
 }
@@ -212,11 +218,7 @@ cmd_revive() {  # the node comes back: its slurmd again, in its namespace; SLURM
     local node=${1:?usage: multinode.sh revive NODE} t0=$SECONDS
     ip netns pids "ddpm-$node" | xargs -r kill -KILL 2>/dev/null || true
     start_slurmd "$node"
-    until sinfo -h -N -n "$node" -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; do
-        (( SECONDS - t0 < START_TIMEOUT )) || die "$node not back after ${START_TIMEOUT}s"
-        scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
-        sleep 0.5
-    done
+    wait_nodes_up "$t0" "$node"
     log "$node back in $((SECONDS - t0))s"
 }
 
