@@ -312,8 +312,9 @@ def test_close_stops_loader_workers_that_an_exception_still_holds(make_trainer, 
     trainer = make_trainer(tmp_path, "data.num_workers=1")
     trainer.train_step(*trainer.next_batch())
     held = trainer.loader._iterator  # what a traceback's frames would hold
-    workers = psutil.Process().children()
-    assert held is not None and len(workers) == 1
+    assert held is not None and len(held._workers) == 1
+    workers = [psutil.Process(w.pid) for w in held._workers]  # not children(): other tests may leave helpers
+    assert all(w.is_running() for w in workers)
     trainer.close()
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"loader worker {alive} still running after Trainer.close()"
