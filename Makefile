@@ -29,7 +29,7 @@ quickstart: venv
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 bench: venv
 	$(PY) -m tools.bench
