@@ -1,13 +1,18 @@
-"""Login-node entry: validate, submit train -> sampling array -> assembly, print where to look.
+"""Login-node entry: validate, submit train -> [eval array -> select] -> sampling array -> assembly, print where
+to look.
 
     python launch.py --config configs/ddpm_babel.yaml [section.key=value ...]
-                     [--cluster auto|slurm|local] [--stage all|train|sample|assemble] [--only] [--dry-run]
+                     [--cluster auto|slurm|local] [--stage all|train|eval|select|sample|assemble] [--only]
+                     [--dry-run]
     python launch.py status RUN_DIR
     python launch.py doctor --config configs/ddpm_babel.yaml [section.key=value ...] [--no-job] [--save-test]
 
-On SLURM the three jobs are chained with ``afterok`` and launch.py returns at
-once. Without SLURM (``--cluster local``, or auto-detected) the same stages run
-one after another on submitit's local executor, and launch.py follows the logs.
+With ``eval.enabled`` an eval array (one task per milestone checkpoint) and a
+selection job run between training and sampling (``ddpm.evaluate``). On SLURM
+the jobs are chained with ``afterok`` (the selection with ``afterany``: it names
+a failed eval task) and launch.py returns at once. Without SLURM (``--cluster
+local``, or auto-detected) the same stages run one after another on submitit's
+local executor, and launch.py follows the logs.
 """
 
 from __future__ import annotations
@@ -19,14 +24,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddpm.cluster.executors import AssembleTask, SampleTask, TrainTask, make_executor, sbatch_script
+from ddpm.cluster.executors import (
+    AssembleTask,
+    EvalTask,
+    SampleTask,
+    SelectTask,
+    TrainTask,
+    make_executor,
+    sbatch_script,
+)
 from ddpm.cluster.preflight import detect_cluster, preflight
 from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
-from ddpm.errors import EXIT_OK, EXIT_REQUEUE, DDPMError, cli_entry
+from ddpm.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, DDPMError, cli_entry
+from ddpm.evaluate import eval_steps, read_result
 from ddpm.fsio import atomic_write_text
 
-STAGES = ("train", "sample", "assemble")
+STAGES = ("train", "eval", "select", "sample", "assemble")
+ARRAYS = {"eval": "eval_tasks", "sample": "sample_tasks"}  # jobs.json: the task ids of each array stage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", choices=("auto", "slurm", "local"), default="auto",
                    help="auto: SLURM when sbatch and sinfo work here, else submitit's local executor")
     p.add_argument("--stage", choices=("all", *STAGES), default="all",
-                   help="run from this stage on (all = train, then sample, then assemble)")
+                   help="run from this stage on (all: train, eval and select when eval.enabled, sample, assemble)")
     p.add_argument("--only", action="store_true", help="run just the --stage given, not the stages after it")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts; submit nothing")
     return p
@@ -84,35 +99,51 @@ def _follow(job: Any, label: str) -> Any:
             from None
 
 
+def plan_stages(cfg: Config, stage: str, only: bool) -> list[str]:
+    """The stages to run: from ``stage`` on (just it with ``only``); eval and select only with eval.enabled."""
+    if stage in ("eval", "select") and not cfg.eval.enabled:
+        raise ConfigError(f"--stage {stage}: eval.enabled is false (set eval.enabled=true)")
+    stages = list(STAGES) if stage == "all" else list(STAGES[STAGES.index(stage):])
+    stages = [s for s in stages if cfg.eval.enabled or s not in ("eval", "select")]
+    return stages[:1] if only and stage != "all" else stages
+
+
 def submit(cfg: Config, run_dir: Path, cluster: str, stages: list[str], dry_run: bool) -> dict[str, Any]:
     """Submit (or, locally, run) the requested stages; returns the job ids."""
     jobs: dict[str, Any] = {"cluster": cluster, "run_dir": str(run_dir)}
     dependency = None
-    k = cfg.sampling.num_shards
+    sizes = {"sample": cfg.sampling.num_shards, "eval": len(eval_steps(cfg))}
     for stage in stages:
+        after = "afterany" if stage == "eval" else "afterok"  # the selection names a failed eval task
         if dry_run:  # the scripts SLURM would get, also when this machine has no SLURM
             ex = make_executor(cfg, run_dir, stage, "slurm", dependency)
-            print(f"# ---- {stage} job ----\n{sbatch_script(ex, k if stage == 'sample' else None)}")
-            dependency = f"afterok:<{stage} job id>"
+            print(f"# ---- {stage} job ----\n{sbatch_script(ex, sizes.get(stage))}")
+            dependency = f"{after}:<{stage} job id>"
             continue
         ex = make_executor(cfg, run_dir, stage, cluster, dependency if cluster == "slurm" else None)
-        if stage == "train":
-            job = ex.submit(TrainTask(run_dir))
-            jobs["train"] = job.job_id
-        elif stage == "sample":
+        if stage in ARRAYS:
+            k = sizes[stage]
             share = k if cluster == "local" else 1  # the local executor starts every task at once
-            array = ex.map_array(SampleTask(run_dir, cfg, cpu_share=share), list(range(k)))
-            job = array
-            jobs["sample"] = array[0].job_id.split("_")[0]
-            jobs["sample_tasks"] = [j.job_id for j in array]
+            task = (SampleTask if stage == "sample" else EvalTask)(run_dir, cfg, cpu_share=share)
+            job = ex.map_array(task, list(range(k)))
+            jobs[stage] = job[0].job_id.split("_")[0]
+            jobs[ARRAYS[stage]] = [j.job_id for j in job]
         else:
-            job = ex.submit(AssembleTask(run_dir, k))
-            jobs["assemble"] = job.job_id
-        dependency = f"afterok:{jobs[stage]}"
+            task = {"train": TrainTask(run_dir), "select": SelectTask(run_dir, cfg),
+                    "assemble": AssembleTask(run_dir, cfg.sampling.num_shards)}[stage]
+            job = ex.submit(task)
+            jobs[stage] = job.job_id
+        dependency = f"{after}:{jobs[stage]}"
         print(f"{stage}: job {jobs[stage]}", flush=True)
         if cluster == "local":
             for j in job if isinstance(job, list) else [job]:
-                result = _follow(j, stage)
+                try:
+                    result = _follow(j, stage)
+                except DDPMError as err:
+                    if stage != "eval":
+                        raise
+                    print(f"warning: {err}", flush=True)  # fails alone; the selection names it
+                    continue
                 if stage == "train" and result == "stopped":
                     print(f"training stopped early; run the same command to resume from {run_dir}/checkpoints")
                     jobs["stopped"] = True
@@ -129,6 +160,8 @@ def print_summary(cfg: Config, run_dir: Path, jobs: dict[str, Any]) -> None:
     print(f"tensorboard:  tensorboard --logdir {run_dir}/tb")
     print(f"status:       python launch.py status {run_dir}")
     n, s, c = cfg.sampling.num_samples, cfg.data.image_size, cfg.model.in_channels
+    if "eval" in jobs:
+        print(f"eval:         {run_dir}/eval/fid.json (tensorboard: eval/fid)")
     print(f"outputs:      {run_dir}/samples/samples_{n}x{s}x{s}x{c}.npz, grid.png, metrics.json")
 
 
@@ -147,7 +180,7 @@ def status(run_dir: Path) -> int:
     print(f"run dir: {run_dir}")
     for stage in STAGES:
         if stage in jobs:
-            ids = jobs.get("sample_tasks", [jobs[stage]]) if stage == "sample" else [jobs[stage]]
+            ids = jobs.get(ARRAYS.get(stage, ""), [jobs[stage]])
             states = ", ".join(f"{i}={job_state(i)}" for i in ids) if jobs.get("cluster") == "slurm" else "local"
             print(f"{stage:<9} job {jobs[stage]}: {states}")
     train = read_status(run_dir) or {}
@@ -164,6 +197,14 @@ def status(run_dir: Path) -> int:
     if train and train.get("state") != "done" and not alive:  # e.g. cancelled on preemption (PreemptMode=CANCEL)
         print(f"  resume: python launch.py --config {run_dir}/config.yaml run.root={run_dir.resolve().parent}"
               "   (continues from the last checkpoint)")
+    if cfg.eval.enabled:
+        results = [r for r in (read_result(run_dir, step) for step in eval_steps(cfg)) if r is not None]
+        best = min(results, key=lambda r: r["mean"], default=None)
+        print(f"eval: {len(results)}/{len(eval_steps(cfg))} checkpoints evaluated" +
+              (f"; best so far: step {best['step']} (FID {best['mean']:.3f})" if best else ""))
+        if (run_dir / "eval" / "fid.json").is_file():
+            chosen = json.loads((run_dir / "eval" / "fid.json").read_text())["best"]
+            print(f"selected: step {chosen['step']} ({run_dir}/eval/fid.json)")
     shards = [shard_paths(run_dir / "samples" / "shards", k) for k in range(cfg.sampling.num_shards)]
     done, partial = sum(p["json"].is_file() for p in shards), sum(p["partial"].is_file() for p in shards)
     print(f"sampling: {done}/{cfg.sampling.num_shards} shards complete, {partial} in progress")
@@ -184,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_overrides(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
     cluster = detect_cluster(args.cluster)
-    stages = list(STAGES) if args.stage == "all" else list(STAGES[STAGES.index(args.stage):])
-    if args.only and args.stage != "all":
-        stages = stages[:1]
+    stages = plan_stages(cfg, args.stage, args.only)
     run_dir = cfg.run_dir.resolve()
     preflight(cfg, cluster, stages)
     print(f"preflight ok: cluster {cluster}, stages {' -> '.join(stages)}, run dir {run_dir}", flush=True)

@@ -210,6 +210,7 @@ def assemble(path: str | Path, expect_shards: int | None = None, fid_reference: 
     metrics: dict[str, Any] = {
         "num_samples": n, "image_shape": [h, w, c], "samples": npz_path.name, "grid": "grid.png",
         "checkpoint": m0.get("checkpoint"), "checkpoint_sha256": m0["checkpoint_sha256"], "step": m0.get("step"),
+        "checkpoint_choice": m0.get("checkpoint_choice"),
         "sampler": {k: m0[k] for k in ("sampler", "num_steps", "eta", "timestep_spacing")},
         "use_ema": m0["use_ema"], "seed_base": m0["seed_base"], "num_shards": len(metas),
         "channel_mean": mean, "channel_std": std, "pixel_range": [0, 255], "fid": None,

@@ -4,7 +4,8 @@
     cfg.training.learning_rate  # 0.0002 (a float, also when YAML read "2e-4" as a string)
     dataclasses.replace(cfg.sampling, num_steps=50)  # a new, validated section
 
-Every key is declared here and only here, with the docstring under it. A section checks its own values in
+Every key is declared here (or, for the job sections ``slurm``, ``eval``, ``run``, in :mod:`ddpm.jobconfig`),
+once, with the docstring under it. A section checks its own values in
 ``__post_init__`` (so one built anywhere is valid) and :class:`Config` checks what spans sections (the
 U-Net's attention resolutions and heads against the image size, ``sampling.num_steps <= ddpm.num_timesteps``).
 Unknown keys, wrong types and bad values raise :class:`ConfigError` with one line naming the key.
@@ -24,14 +25,14 @@ import yaml
 from ddpm.architecture import architecture_problem
 from ddpm.configtools import apply_overrides, describe, read_yaml, require, tree_from_dict
 from ddpm.fsio import atomic_write_text
+from ddpm.jobconfig import PATH, EvalConfig, RunConfig, Sampler, SlurmConfig, Spacing
 
-Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
-Spacing = Literal["leading", "trailing"]
+__all__ = ["Config", "EvalConfig", "RunConfig", "SlurmConfig", "choices", "dump_config", "load_config"]
+
 Variance = Literal["fixed_small", "fixed_large"]
 Precision = Literal["fp32", "bf16"]
 Source = Literal["folder", "celeba", "hf", "packed"]
 StopSignal = Literal["USR1", "USR2", "TERM", "INT"]
-PATH = {"path": True}  # field metadata: "~" and "$VAR" are expanded on the machine that loads the config
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,8 @@ class SamplingConfig:
     """The pt_inception-2015-12-05 weights file; null = the torch hub cache."""
     fid_reference: str | None = field(default=None, metadata=PATH)
     """Reference statistics npz from `python -m ddpm.fid ref`."""
+    checkpoint: str | None = None
+    """The final set's checkpoint: best (eval/fid.json), latest or step_<N>; null: best if eval.enabled, else latest."""
 
     def __post_init__(self) -> None:
         require(self.num_steps >= 1, "sampling.num_steps", self.num_steps, "an integer >= 1")
@@ -184,6 +187,9 @@ class SamplingConfig:
         require(self.num_shards <= self.num_samples, "sampling.num_shards", self.num_shards,
                 f"at most sampling.num_samples ({self.num_samples})")
         require(self.seed_base >= 0, "sampling.seed_base", self.seed_base, "an integer >= 0")
+        c = self.checkpoint
+        require(c in (None, "best", "latest") or (c.startswith("step_") and c[5:].isdigit()), "sampling.checkpoint",
+                c, "null, best, latest or step_<N>")
 
     def pixel_settings(self) -> dict[str, Any]:
         """The fields that decide a shard's pixels (a partial or complete shard is reused only if all match)."""
@@ -264,79 +270,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SlurmConfig:
-    """sbatch options; placeholders a user edits for their cluster."""
-
-    partition: str | None = None
-    """Partition of every job; null = the cluster's default."""
-    account: str | None = None
-    """sbatch --account."""
-    qos: str | None = None
-    """sbatch --qos."""
-    gres: str | None = None
-    """GPUs of the training job, e.g. gpu:A6000:1; null = gpu:<infrastructure.num_gpus>."""
-    cpus_per_task: int = 8
-    """CPUs of each task (loader workers and torch threads share them)."""
-    mem_gb: int = 64
-    """Memory per node."""
-    time_min: int = 1440
-    """Time limit of each job in minutes; a timed-out job is requeued from its checkpoint."""
-    signal_delay_s: int = 180
-    """Seconds before the time limit that training.stop_signal arrives (time to save)."""
-    max_restarts: int = 10
-    """Requeues per job (preemptions, time limits, watchdog kills) before giving up."""
-    array_parallelism: int = 4
-    """Sampling tasks running at once."""
-    sample_cpus_per_task: int | None = None
-    """CPUs of each sampling task; null = min(cpus_per_task, 4) (no loader: the sampler's threads only)."""
-    sample_mem_gb: int | None = None
-    """Memory of each sampling task; null = min(mem_gb, 16) (the network, a batch, one shard's images)."""
-    sample_time_min: int | None = None
-    """Time limit of each sampling task; null = min(time_min, 240) (a stopped shard resumes where it was)."""
-    sample_gpus: int | None = None
-    """GPUs of each sampling task; null = 1 when infrastructure.num_gpus > 0, else 0."""
-    assemble_cpus_per_task: int | None = None
-    """CPUs of the assembly job; null = min(cpus_per_task, 4)."""
-    assemble_mem_gb: int | None = None
-    """Memory of the assembly job; null = 2 GB plus 3x the npz, at most mem_gb."""
-    assemble_time_min: int | None = None
-    """Time limit of the assembly job; null = min(time_min, 30)."""
-    additional: dict[str, str] = field(default_factory=dict)
-    """Extra sbatch options, e.g. {constraint: A6000}."""
-    setup: list[str] = field(default_factory=list)
-    """Shell lines run before each job (module load, conda activate)."""
-
-    def __post_init__(self) -> None:
-        for key in ("cpus_per_task", "mem_gb", "time_min", "array_parallelism"):
-            require(getattr(self, key) >= 1, f"slurm.{key}", getattr(self, key), "an integer >= 1")
-        for key in ("sample_cpus_per_task", "sample_mem_gb", "sample_time_min", "sample_gpus",
-                    "assemble_cpus_per_task", "assemble_mem_gb", "assemble_time_min"):
-            low = 0 if key == "sample_gpus" else 1
-            require(getattr(self, key) is None or getattr(self, key) >= low, f"slurm.{key}", getattr(self, key),
-                    f"null or an integer >= {low}")
-        require(self.signal_delay_s >= 30, "slurm.signal_delay_s", self.signal_delay_s,
-                "an integer >= 30 (seconds before the time limit)")
-        # Slurm may send the --signal up to 60 s before the requested time (sbatch(1), --signal): a limit
-        # shorter than that would stop the job as it starts.
-        require(self.time_min * 60 > self.signal_delay_s + 60, "slurm.time_min", self.time_min,
-                f"more than {(self.signal_delay_s + 60) / 60:g} minutes: slurm.signal_delay_s + 60 s")
-        require(self.max_restarts >= 0, "slurm.max_restarts", self.max_restarts, "an integer >= 0")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Where the run directory lives: <root>/<name>, on shared storage."""
-
-    root: str = field(default="runs", metadata=PATH)
-    """Directory holding the runs (shared storage on a cluster)."""
-    name: str = "ddpm"
-    """The run's name; requeues and resubmissions with the same name continue it."""
-
-    def __post_init__(self) -> None:
-        require(bool(self.name) and "/" not in self.name, "run.name", self.name, "a non-empty name without '/'")
-
-
-@dataclass(frozen=True)
 class Config:
     """The whole tree; each component receives only its own section."""
 
@@ -347,6 +280,7 @@ class Config:
     infrastructure: InfrastructureConfig = field(default_factory=InfrastructureConfig)
     data: DataConfig = field(default_factory=DataConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
@@ -356,8 +290,9 @@ class Config:
                                        m.base_channels, m.num_heads)
         if problem is not None:
             require(False, *problem)
-        require(self.sampling.num_steps <= self.ddpm.num_timesteps, "sampling.num_steps", self.sampling.num_steps,
-                f"at most ddpm.num_timesteps ({self.ddpm.num_timesteps})")
+        T = self.ddpm.num_timesteps
+        for key, steps in (("sampling.num_steps", self.sampling.num_steps), ("eval.num_steps", self.eval.num_steps)):
+            require(steps <= T, key, steps, f"at most ddpm.num_timesteps ({T})")
         world = self.infrastructure.world_size
         require(self.training.batch_size % world == 0, "training.batch_size", self.training.batch_size,
                 f"divisible by the {world} training ranks (infrastructure.num_nodes x GPUs or nproc_per_node)")

@@ -106,13 +106,15 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
 
 @torch.no_grad()
 def inception_features(model: FIDFeatures, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
-    """uint8 images [N, H, W, 3] -> pool3 features [N, 2048] float64 (computed in float32).
+    """uint8 images [N, H, W, 3] (or grey, [N, H, W, 1]) -> pool3 features [N, 2048] float64 (computed in float32).
 
     pytorch-fid's path (``fid_score.get_activations``): ToTensor's x / 255 as float32 [B, 3, H, W],
     then the model's own bilinear resize to 299x299 (align_corners=False) and 2x - 1.
     """
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"expected uint8 [N, H, W, 3] (or [N, H, W, 1]), got {images.dtype} {list(images.shape)}")
+    if images.shape[-1] == 1:  # a greyscale model (model.in_channels 1): grey as RGB, like the loader reads it
+        images = np.repeat(images, 3, axis=-1)
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(images), batch_size):

@@ -201,20 +201,22 @@ def checkpoint_sampling(state: dict[str, Any]) -> SamplingConfig:
 
 
 def sample_shard(checkpoint: str | Path, out_dir: str | Path | None, shard: int | None,
-                 sampling: SamplingConfig, device: str | None = None, progress: bool = True) -> Path:
+                 sampling: SamplingConfig, device: str | None = None, progress: bool = True,
+                 choice: str | None = None) -> Path:
     """Generate (or finish, or skip) shard ``shard`` of ``sampling.num_shards``; returns ``shard_<k>.npz``.
 
     ``checkpoint`` is a file or a run directory (its newest valid checkpoint); ``out_dir`` None is
     ``<run>/samples/shards``; ``shard`` None is ``$SLURM_ARRAY_TASK_ID`` (or 0 when there is one shard).
     ``sampling`` is valid by construction; what depends on the checkpoint (its T) is checked here. Bad input
-    raises ShardError, ConfigError, CheckpointError or FIDError before any sampling.
+    raises ShardError, ConfigError, CheckpointError or FIDError before any sampling. ``choice`` says why this
+    checkpoint (``sampling.checkpoint``'s reading, for metrics.json).
     """
     ckpt, state = load_resolved(checkpoint, map_location="cpu")
-    return _sample_loaded(ckpt, state, out_dir, shard, sampling, device, progress)
+    return sample_loaded(ckpt, state, out_dir, shard, sampling, device, progress, choice)
 
 
-def _sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None, shard: int | None,
-                   s: SamplingConfig, device: str | None, progress: bool) -> Path:
+def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None, shard: int | None,
+                  s: SamplingConfig, device: str | None, progress: bool = True, choice: str | None = None) -> Path:
     """:func:`sample_shard` for a checkpoint already loaded (``state`` read from ``ckpt``)."""
     if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
         shard = int(os.environ["SLURM_ARRAY_TASK_ID"])
@@ -273,6 +275,7 @@ def _sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None
     payload = _npz_bytes(**arrays)
     atomic_write_bytes(paths["npz"], lambda f: f.write(payload))
     meta = {**dataclasses.asdict(s), **settings, "complete": True, "count": stop - start,
+            "checkpoint_choice": choice or "the checkpoint given",
             "seeds": {"seed_base": s.seed_base, "first": s.seed_base + start, "last": s.seed_base + stop - 1},
             "checkpoint": str(ckpt.resolve()), "step": int(state["step"]), "device": str(device),
             "fid_signature": fid_signature, "npz_sha256": hashlib.sha256(payload).hexdigest(),
@@ -327,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # name the flag beside the key
         key = str(err).split(":", 1)[0].removeprefix("sampling.")
         raise ConfigError(f"{err} (set by {FLAGS[key]})" if key in given else str(err)) from None
-    _sample_loaded(ckpt, state, args["out"], args["shard"], sampling, args["device"], args["progress"])
+    sample_loaded(ckpt, state, args["out"], args["shard"], sampling, args["device"], args["progress"],
+                  choice=f"--checkpoint {args['checkpoint']}")
     return 0
 
 

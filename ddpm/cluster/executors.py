@@ -20,6 +20,7 @@ from typing import Any
 
 from ddpm.cluster.wrapper import requeue_self, run_training
 from ddpm.config import Config, load_config
+from ddpm.errors import DDPMError
 
 
 class TrainTask:
@@ -36,43 +37,88 @@ class StopSampling(BaseException):
     """Raised in a sampling task by a stop signal; the partial shard on disk stays (at most one batch is lost)."""
 
 
-class SampleTask:
-    """submitit callable for one shard of the sampling array.
+def _stoppable(label: str, max_restarts: int, work: Any) -> str:
+    """Run ``work()`` so that a stop signal (a preemption's SIGTERM, the time limit's USR2) ends it at once: the
+    partial file on disk holds every finished batch; the task is requeued (or SLURM is already requeuing it)."""
+    def stop(signum: int, _frame: Any) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR2):  # SLURM's later SIGTERM must not interrupt the requeue
+            signal.signal(sig, signal.SIG_IGN)
+        raise StopSampling(signal.Signals(signum).name)
 
-    A stop signal (a preemption's SIGTERM, the time limit's USR2) stops the shard at once: the partial file
-    holds every finished batch. The task is then requeued (or SLURM is already requeuing it) and resumes there.
-    """
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, stop)
+    try:
+        return str(work())
+    except StopSampling as err:
+        print(f"{label}: stopped by {err}; the finished batches are in its partial file", flush=True)
+        if requeue_self(max_restarts):
+            time.sleep(600)  # the requeue ends this task
+        return "stopped"
+
+
+def _budget(stage: str, cpu_share: int) -> str:
+    """Apply the CPU budget of a sampling-like task (``cpu_share``: local tasks running at once)."""
+    from ddpm.cpus import SHARE_ENV, apply_cpu_budget, cpu_budget
+
+    if cpu_share > 1:
+        os.environ[SHARE_ENV] = str(cpu_share)
+    return apply_cpu_budget(cpu_budget(stage))
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SampleTask:
+    """submitit callable for one shard of the sampling array, from the checkpoint ``sampling.checkpoint`` names
+    (resolved when the task runs: the eval stage picks ``best`` after this task was queued). Stoppable."""
 
     def __init__(self, run_dir: str | Path, cfg: Config, cpu_share: int = 1):
-        self.run_dir, self.sampling, self.max_restarts = Path(run_dir), cfg.sampling, cfg.slurm.max_restarts
+        self.run_dir, self.cfg, self.max_restarts = Path(run_dir), cfg, cfg.slurm.max_restarts
         self.cpu_share = cpu_share  # tasks the local executor runs at once on this machine (1 on SLURM)
 
     def __call__(self, shard: int) -> str:
-        import torch
-
-        from ddpm.cpus import SHARE_ENV, apply_cpu_budget, cpu_budget
+        from ddpm.evaluate import resolve_checkpoint
         from ddpm.sample import sample_shard
 
-        if self.cpu_share > 1:
-            os.environ[SHARE_ENV] = str(self.cpu_share)
-        print(f"shard {shard}: {apply_cpu_budget(cpu_budget('sample'))}", flush=True)
+        print(f"shard {shard}: {_budget('sample', self.cpu_share)}", flush=True)
+        ckpt, why = resolve_checkpoint(self.run_dir, self.cfg)
+        print(f"shard {shard}: checkpoint {why}", flush=True)
+        return _stoppable(f"shard {shard}", self.max_restarts, lambda: sample_shard(
+            ckpt, self.run_dir / "samples" / "shards", shard, self.cfg.sampling, device=_device(), choice=why))
 
-        def stop(signum: int, _frame: Any) -> None:
-            for sig in (signal.SIGTERM, signal.SIGUSR2):  # SLURM's later SIGTERM must not interrupt the requeue
-                signal.signal(sig, signal.SIG_IGN)
-            raise StopSampling(signal.Signals(signum).name)
 
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            signal.signal(sig, stop)
+class EvalTask:
+    """submitit callable for one task of the eval array: the FID of one milestone checkpoint. Stoppable."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config, cpu_share: int = 1):
+        self.run_dir, self.cfg, self.cpu_share = Path(run_dir), cfg, cpu_share
+
+    def __call__(self, index: int) -> str:
+        from ddpm.evaluate import eval_steps, evaluate_step
+
+        step = eval_steps(self.cfg)[index]
+        print(f"eval task {index} (step {step}): {_budget('sample', self.cpu_share)}", flush=True)
         try:
-            path = sample_shard(self.run_dir, self.run_dir / "samples" / "shards", shard, self.sampling,
-                                device="cuda" if torch.cuda.is_available() else "cpu")
-        except StopSampling as err:
-            print(f"shard {shard}: stopped by {err}; the finished batches are in its partial file", flush=True)
-            if requeue_self(self.max_restarts):
-                time.sleep(600)  # the requeue ends this task
-            return "stopped"
-        return str(path)
+            return _stoppable(f"eval task {index}", self.cfg.slurm.max_restarts, lambda: evaluate_step(
+                self.run_dir, self.cfg, step, device=_device())["mean"])
+        except DDPMError as err:  # one line in the task's log; the selection names the task
+            print(f"error: eval task {index} (step {step}): {err}", flush=True)
+            raise
+
+
+class SelectTask:
+    """submitit callable for the selection job: eval/fid.json and the best checkpoint."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config):
+        self.run_dir, self.cfg = Path(run_dir), cfg
+
+    def __call__(self) -> str:
+        from ddpm.evaluate import select
+
+        return str(select(self.run_dir, self.cfg)["best"]["checkpoint"])
 
 
 class AssembleTask:
@@ -91,17 +137,18 @@ class AssembleTask:
 
 
 def stage_resources(cfg: Config, stage: str) -> dict[str, int]:
-    """{cpus_per_task, mem_gb, time_min, gpus} of one ``stage``'s SLURM job (a sampling task, for "sample").
+    """{cpus_per_task, mem_gb, time_min, gpus} of one ``stage``'s SLURM job (one task, for an array).
 
     Training takes the slurm section as written. Sampling and assembly take their own keys, or (null) a size
-    from what they need, never more than training asks: a short, small job starts sooner (backfill).
+    from what they need, never more than training asks: a short, small job starts sooner (backfill). An eval
+    task takes a sampling task's, the selection job the assembly job's.
     """
     sc, infra = cfg.slurm, cfg.infrastructure
     if stage == "train":
         return {"cpus_per_task": sc.cpus_per_task, "mem_gb": sc.mem_gb, "time_min": sc.time_min,
                 "gpus": infra.num_gpus}
     floor_min = math.ceil((sc.signal_delay_s + 60) / 60) + 1  # the stop signal must not arrive at the start
-    if stage == "sample":
+    if stage in ("sample", "eval"):  # an eval task is a sampling task of a few images
         return {"cpus_per_task": sc.sample_cpus_per_task or min(sc.cpus_per_task, 4),
                 "mem_gb": sc.sample_mem_gb or min(sc.mem_gb, 16),
                 "time_min": sc.sample_time_min or max(min(sc.time_min, 240), floor_min),
@@ -114,7 +161,7 @@ def stage_resources(cfg: Config, stage: str) -> dict[str, int]:
 
 
 def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependency: str | None = None) -> Any:
-    """A submitit executor for ``stage`` (train | sample | assemble), logging to ``run_dir/logs``."""
+    """A submitit executor for ``stage`` (train | eval | select | sample | assemble), logging to ``run_dir/logs``."""
     import submitit
 
     sc, infra = cfg.slurm, cfg.infrastructure
@@ -140,7 +187,7 @@ def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependen
         params["qos"] = sc.qos
     if stage == "train":
         params["nodes"] = infra.num_nodes
-    if stage in ("train", "sample"):
+    if stage in ("train", "eval", "sample"):
         additional["requeue"] = True
     if res["gpus"] > 0:  # slurm.gres names the type for training; a sampling task asks its own count of it
         kind = sc.gres.rsplit(":", 1)[0] if sc.gres else "gpu"

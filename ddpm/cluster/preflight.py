@@ -143,13 +143,38 @@ def check_slurm(cfg: Config, stages: list[str]) -> None:
 
 
 def check_resume_inputs(cfg: Config, stages: list[str]) -> None:
-    """Starting at sample/assemble needs what the earlier stage left in the run directory."""
+    """Starting at eval/select/sample/assemble needs what the earlier stage left in the run directory."""
     from ddpm.checkpoint import list_checkpoints
 
-    if stages[0] == "sample" and not list_checkpoints(cfg.run_dir):
-        raise DDPMError(f"--stage sample: no checkpoint in {cfg.run_dir}/checkpoints (train first)")
+    if stages[0] in ("eval", "sample") and not list_checkpoints(cfg.run_dir):
+        raise DDPMError(f"--stage {stages[0]}: no checkpoint in {cfg.run_dir}/checkpoints (train first)")
     if stages[0] == "assemble" and not (cfg.run_dir / "samples" / "shards").is_dir():
         raise DDPMError(f"--stage assemble: no shards in {cfg.run_dir}/samples/shards (sample first)")
+
+
+def check_eval(cfg: Config, stages: list[str]) -> None:
+    """The eval stage's inputs (reference statistics, Inception weights, the checkpoints when training is done)
+    and, without an eval stage ahead, the checkpoint ``sampling.checkpoint`` names."""
+    from ddpm.evaluate import checkpoint_of, eval_steps, resolve_checkpoint
+
+    if "eval" in stages:
+        from ddpm.fid import FIDStats
+        from ddpm.inception import resolve_weights
+
+        if cfg.sampling.fid_reference is None:
+            raise ConfigError("sampling.fid_reference: not set (the eval stage compares each checkpoint with it; "
+                              "make one with `python -m ddpm.fid ref`)")
+        FIDStats.load(cfg.sampling.fid_reference)
+        resolve_weights(cfg.sampling.fid_weights)
+        missing = [s for s in eval_steps(cfg) if not checkpoint_of(cfg.run_dir, s).is_file()]
+        if stages[0] == "eval" and missing:
+            raise DDPMError(f"--stage eval: no checkpoint of step(s) {', '.join(map(str, missing))} in "
+                            f"{cfg.run_dir}/checkpoints (training.milestone_every={cfg.training.milestone_every})")
+    if "sample" in stages and "select" not in stages:  # no selection ahead: the choice can be made now
+        if "train" not in stages:
+            resolve_checkpoint(cfg.run_dir, cfg)
+        elif cfg.sampling.checkpoint == "best":
+            raise ConfigError("sampling.checkpoint: best needs the eval stage (set eval.enabled=true)")
 
 
 def preflight(cfg: Config, cluster: str, stages: list[str]) -> None:
@@ -158,6 +183,7 @@ def preflight(cfg: Config, cluster: str, stages: list[str]) -> None:
         check_data(cfg)
     check_run_root(cfg)
     check_resume_inputs(cfg, stages)
+    check_eval(cfg, stages)
     if cluster == "slurm":
         check_slurm(cfg, stages)
 

@@ -1,0 +1,218 @@
+"""The eval stage: FID of every milestone checkpoint from a few cheap samples, and the choice of the checkpoint
+the final samples come from (``sampling.checkpoint: best``).
+
+    python -m ddpm.evaluate steps  RUN_DIR             # the steps the array evaluates, task k -> line k
+    python -m ddpm.evaluate task   RUN_DIR [--index K] # one task of the eval array (default $SLURM_ARRAY_TASK_ID)
+    python -m ddpm.evaluate select RUN_DIR             # eval/fid.json, the best checkpoint, TensorBoard eval/fid
+    python -m ddpm.evaluate best   RUN_DIR             # the path of the checkpoint eval/fid.json chose
+
+Task k evaluates ``checkpoints/step_<N>.pt`` for N = ``eval_steps(cfg)[k]``: every multiple of
+``training.milestone_every`` (milestones are never deleted) and the last step. It draws ``eval.num_seeds`` sets
+of ``eval.num_samples`` images with the eval sampler (set s: seeds ``seed_base + s * num_samples + i``) as the
+shards of :mod:`ddpm.sample` (batch by batch resumable, skipped when complete, Inception statistics stored) and
+compares each set with ``sampling.fid_reference`` (Heusel et al. 2017, eq. 6; :mod:`ddpm.fid`). Files::
+
+    eval/step_<N>/shard_<s>.npz, .json   seed set s: images and Inception statistics (ddpm.sample's shard files)
+    eval/step_<N>.json                   step, checkpoint sha256, FID per seed, mean, std; written last
+    eval/fid.json                        one row per evaluated checkpoint, the best, the steps without a result
+    tb/eval/                             eval/fid (mean over seeds) against the step; rewritten by each selection
+
+A task whose result exists with the same settings and checkpoint does nothing; a failed task fails alone (the
+selection job, which runs after every task ended, names it) and is re-run alone with ``task --index K``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddpm.config import Config, SamplingConfig, load_config
+from ddpm.errors import CheckpointError, DDPMError, cli_entry
+from ddpm.fsio import atomic_write_text, file_sha256
+
+
+def eval_steps(cfg: Config) -> list[int]:
+    """Training steps the eval array evaluates, one per task: the milestones and the last step."""
+    every, last = cfg.training.milestone_every, cfg.training.num_iterations
+    steps = list(range(every, last + 1, every)) if every > 0 else []
+    return steps if steps and steps[-1] == last else [*steps, last]
+
+
+def checkpoint_of(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def result_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "eval" / f"step_{step:08d}.json"
+
+
+def eval_sampling(cfg: Config) -> SamplingConfig:
+    """The eval stage's sampler as a sampling section: one shard per seed set, Inception statistics on."""
+    e, s = cfg.eval, cfg.sampling
+    return SamplingConfig(num_steps=e.num_steps, sampler=e.sampler, timestep_spacing=e.timestep_spacing,
+                          num_samples=e.num_samples * e.num_seeds, num_shards=e.num_seeds, batch_size=e.batch_size,
+                          seed_base=e.seed_base, use_ema=s.use_ema, precision=s.precision, fid=True,
+                          fid_weights=s.fid_weights, fid_reference=s.fid_reference)
+
+
+def _settings(cfg: Config, sha: str) -> dict[str, Any]:
+    reference = cfg.sampling.fid_reference
+    return {"checkpoint_sha256": sha, **dataclasses.asdict(cfg.eval), "use_ema": cfg.sampling.use_ema,
+            "precision": cfg.sampling.precision, "fid_reference": reference,
+            "fid_reference_sha256": file_sha256(reference) if reference and Path(reference).is_file() else None}
+
+
+def read_result(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The complete result of step ``step``, or None."""
+    try:
+        row = json.loads(result_path(run_dir, step).read_text())
+    except (OSError, ValueError):
+        return None
+    return row if isinstance(row, dict) and row.get("complete") else None
+
+
+def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = None, progress: bool = True) -> dict:
+    """FID of the checkpoint of ``step`` for each seed set; its row (also written to ``eval/step_<N>.json``)."""
+    from ddpm.checkpoint import load_checkpoint
+    from ddpm.fid import FIDStats, fid_from_stats
+    from ddpm.sample import sample_loaded
+
+    ckpt = checkpoint_of(run_dir, step)
+    if not ckpt.is_file():
+        raise CheckpointError(f"{ckpt}: checkpoint of step {step} not found (set training.milestone_every before "
+                              "training: other checkpoints are deleted as newer ones are written)")
+    settings = _settings(cfg, file_sha256(ckpt))
+    done = read_result(run_dir, step)
+    if done is not None and done.get("settings") == settings:
+        print(f"eval: step {step} already evaluated (FID {done['mean']:.3f}); skipping", flush=True)
+        return done
+    if cfg.sampling.fid_reference is None:
+        raise DDPMError("sampling.fid_reference: not set (the eval stage compares with it; make one with "
+                        "`python -m ddpm.fid ref`)")
+    reference = FIDStats.load(cfg.sampling.fid_reference)  # one line when missing or unreadable
+    state = load_checkpoint(ckpt)
+    sampling, out = eval_sampling(cfg), run_dir / "eval" / f"step_{step:08d}"
+    fids = []
+    for seed_set in range(cfg.eval.num_seeds):
+        npz = sample_loaded(ckpt, state, out, seed_set, sampling, device, progress,
+                            choice=f"eval of step {step}, seed set {seed_set}")
+        with np.load(npz, allow_pickle=False) as data:
+            stats = FIDStats.from_arrays(data)
+        fids.append(fid_from_stats(stats, reference))
+    mean = statistics.fmean(fids)
+    row = {"step": step, "checkpoint": str(ckpt), "checkpoint_sha256": settings["checkpoint_sha256"],
+           "fid": fids, "mean": mean, "std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
+           "num_samples": cfg.eval.num_samples, "settings": settings, "complete": True}
+    atomic_write_text(result_path(run_dir, step), json.dumps(row, indent=2) + "\n")  # last: marks completion
+    print(f"eval: step {step}: FID {mean:.3f} ({', '.join(f'{f:.3f}' for f in fids)}) -> "
+          f"{result_path(run_dir, step)}", flush=True)
+    return row
+
+
+def _write_tensorboard(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """``eval/fid`` and ``eval/fid_std`` at each evaluated step in ``tb/eval`` (rewritten whole: no duplicate
+    points when the selection runs again)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    tb = run_dir / "tb" / "eval"
+    tb.mkdir(parents=True, exist_ok=True)
+    for old in tb.glob("events.out.tfevents.*"):
+        old.unlink()
+    writer = SummaryWriter(str(tb))
+    for row in rows:
+        writer.add_scalar("eval/fid", row["mean"], row["step"])
+        writer.add_scalar("eval/fid_std", row["std"], row["step"])
+    writer.close()
+
+
+def select(run_dir: Path, cfg: Config) -> dict[str, Any]:
+    """Collect every task's result into ``eval/fid.json`` and pick the lowest mean FID; returns the summary."""
+    steps = eval_steps(cfg)
+    found = {step: read_result(run_dir, step) for step in steps}
+    rows = [{k: r[k] for k in ("step", "checkpoint", "checkpoint_sha256", "fid", "mean", "std")}
+            for r in found.values() if r is not None]
+    missing = [step for step, r in found.items() if r is None]
+    if missing:
+        tasks = ", ".join(f"{steps.index(s)} (step {s})" for s in missing)
+        print(f"eval: no result for task {tasks}: failed or not run (see its log); re-run one alone with "
+              f"`python -m ddpm.evaluate task {run_dir} --index K`", flush=True)
+    if not rows:
+        raise DDPMError(f"eval: none of the {len(steps)} checkpoints was evaluated; see the eval tasks' logs in "
+                        f"{run_dir}/logs")
+    best = min(rows, key=lambda r: (r["mean"], -r["step"]))  # a tie goes to the later checkpoint
+    summary = {"rows": rows, "best": best, "missing_steps": missing, "num_samples": cfg.eval.num_samples,
+               "num_seeds": cfg.eval.num_seeds, "sampler": cfg.eval.sampler, "num_steps": cfg.eval.num_steps,
+               "fid_reference": cfg.sampling.fid_reference}
+    atomic_write_text(run_dir / "eval" / "fid.json", json.dumps(summary, indent=2) + "\n")
+    _write_tensorboard(run_dir, rows)
+    print(f"eval: best checkpoint: step {best['step']} (mean FID {best['mean']:.3f} over {cfg.eval.num_seeds} "
+          f"seed set(s) of {cfg.eval.num_samples}) among {len(rows)} -> {run_dir}/eval/fid.json", flush=True)
+    return summary
+
+
+def resolve_checkpoint(run_dir: Path, cfg: Config) -> tuple[Path, str]:
+    """(checkpoint file or run directory, why) for the final samples, from ``sampling.checkpoint``."""
+    choice = cfg.sampling.checkpoint or ("best" if cfg.eval.enabled else "latest")
+    if choice == "latest":
+        return run_dir, "latest: the newest valid checkpoint"
+    if choice.startswith("step_"):
+        path = checkpoint_of(run_dir, int(choice[5:]))
+        if not path.is_file():
+            raise CheckpointError(f"sampling.checkpoint={choice}: {path} does not exist")
+        return path, f"{choice}: sampling.checkpoint"
+    fid_json = run_dir / "eval" / "fid.json"
+    try:
+        best = json.loads(fid_json.read_text())["best"]
+    except (OSError, ValueError, KeyError):
+        raise DDPMError(f"sampling.checkpoint=best: no readable {fid_json} (run the eval stage: launch.py "
+                        "--stage eval with eval.enabled=true, or set sampling.checkpoint=latest)") from None
+    path = Path(best["checkpoint"])
+    if not path.is_file() or file_sha256(path) != best["checkpoint_sha256"]:
+        raise CheckpointError(f"sampling.checkpoint=best: {path} is missing or not the file eval/fid.json scored")
+    return path, f"best: lowest mean FID of the eval stage ({best['mean']:.3f} at step {best['step']}, eval/fid.json)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=("steps", "task", "select", "best"))
+    p.add_argument("run_dir", type=Path, help="the run directory (its config.yaml and checkpoints/)")
+    p.add_argument("--index", type=int, help="task: which checkpoint (default $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.run_dir / "config.yaml").is_file():
+        raise DDPMError(f"{args.run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(args.run_dir / "config.yaml")
+    steps = eval_steps(cfg)
+    if args.command == "steps":
+        print("\n".join(map(str, steps)))
+    elif args.command == "select":
+        select(args.run_dir, cfg)
+    elif args.command == "best":
+        print(resolve_checkpoint(args.run_dir, dataclasses.replace(
+            cfg, sampling=dataclasses.replace(cfg.sampling, checkpoint="best")))[0])
+    else:
+        from ddpm.cpus import apply_cpu_budget, cpu_budget
+
+        index = args.index if args.index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "-1"))
+        if not 0 <= index < len(steps):
+            raise DDPMError(f"--index {index}: the eval array has tasks 0..{len(steps) - 1} (steps {steps})")
+        print(f"eval: {apply_cpu_budget(cpu_budget('sample', args.device))}", flush=True)
+        evaluate_step(args.run_dir, cfg, steps[index], args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The eval stage (ddpm/evaluate.py): FID of every milestone checkpoint, the selection, sampling from the best.
+
+- on the real local SLURM: train -> eval array of 3 milestones + the newest -> selection -> sampling from the
+  chosen checkpoint -> assembly; one fid.json row per checkpoint, the lowest mean FID chosen, metrics.json
+  names it and why, ``eval/fid`` in TensorBoard; re-running ``--stage eval`` does no work;
+- on the local executor: an unreadable milestone checkpoint fails its task alone, the selection names it,
+  nothing else is redone;
+- bad input is one line before anything runs (no reference statistics, no Inception weights, eval off).
+
+The Inception weights are written by the test (random init: the right keys and shapes), and the reference
+statistics are computed from the tiny training images with them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, TINY_CONFIG
+from slurm_helpers import wait_for_job
+
+STEPS = [10, 20, 30, 35]  # milestone_every 10, num_iterations 35: three milestones and the newest
+EVAL = ["eval.enabled=true", "training.num_iterations=35", "training.milestone_every=10", "training.save_every=10",
+        "training.log_every=5", "eval.num_samples=6", "eval.num_seeds=2", "eval.num_steps=4", "eval.batch_size=6",
+        "slurm.sample_cpus_per_task=1", "slurm.setup=[export OMP_NUM_THREADS=1]"]
+
+
+@pytest.fixture(scope="module")
+def fid_inputs(images: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Overrides naming test-written Inception weights and the reference statistics of the tiny images."""
+    from ddpm import inception
+
+    d = tmp_path_factory.mktemp("fid")
+    weights = d / inception.WEIGHTS_NAME
+    torch.manual_seed(0)
+    net = inception.FIDInceptionV3()
+    # Random weights give near-constant features (FIDs of 1e-13: float noise). BatchNorm statistics taken in
+    # train mode from a batch keep every layer at unit scale, so the features depend on the image.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # the plain average of what it sees
+    features = inception.FIDFeatures(net).train()
+    with torch.no_grad():
+        features(torch.rand(16, 3, 8, 8))
+    torch.save(net.state_dict(), weights)
+    ref = d / "ref.npz"
+    proc = subprocess.run([sys.executable, "-m", "ddpm.fid", "ref", "--config", str(TINY_CONFIG), f"data.path={images}",
+                           "--out", str(ref), "--weights", str(weights)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [f"sampling.fid_weights={weights}", f"sampling.fid_reference={ref}"]
+
+
+def launch(cluster: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY_CONFIG), "--cluster", cluster, *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def tb_points(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, value) of every ``eval/fid`` point in the run's tb/eval event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = []
+    for f in sorted((run_dir / "tb" / "eval").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        points += [(e.step, e.value) for e in acc.Scalars("eval/fid")]
+    return points
+
+
+def eval_files(run_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in (run_dir / "eval").rglob("*")
+            if p.is_file() and p.name != "fid.json"}
+
+
+@pytest.mark.slurm
+def test_eval_stage_on_slurm_picks_the_lowest_fid(slurm_cluster, images, fid_inputs, tmp_path):
+    proc = launch("slurm", f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "tiny"
+    jobs = json.loads((run_dir / "jobs.json").read_text())
+    assert len(jobs["eval_tasks"]) == len(STEPS) and all(k in jobs for k in ("train", "select", "sample"))
+    state = wait_for_job(jobs["assemble"], timeout=600)
+    logs = "".join(p.read_text() for p in (run_dir / "logs").rglob("*.out"))
+    assert state == "COMPLETED", logs[-4000:]
+
+    fid = json.loads((run_dir / "eval" / "fid.json").read_text())
+    assert [r["step"] for r in fid["rows"]] == STEPS and fid["missing_steps"] == []
+    assert all(len(r["fid"]) == 2 and r["mean"] == pytest.approx(sum(r["fid"]) / 2) for r in fid["rows"])
+    best = min(fid["rows"], key=lambda r: r["mean"])
+    assert fid["best"]["step"] == best["step"]
+    metrics = json.loads((run_dir / "samples" / "metrics.json").read_text())
+    assert metrics["step"] == best["step"] and metrics["checkpoint_sha256"] == best["checkpoint_sha256"]
+    assert metrics["checkpoint_choice"].startswith(f"best: lowest mean FID of the eval stage ({best['mean']:.3f} "
+                                                   f"at step {best['step']}")
+    assert tb_points(run_dir) == [(r["step"], pytest.approx(r["mean"])) for r in fid["rows"]]
+    shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60).stdout
+    assert f"eval: 4/4 checkpoints evaluated; best so far: step {best['step']}" in shown, shown
+    assert f"selected: step {best['step']}" in shown, shown
+
+    before, fid_text = eval_files(run_dir), (run_dir / "eval" / "fid.json").read_text()
+    again = launch("slurm", "--stage", "eval", "--only", f"data.path={images}", f"run.root={tmp_path}", *EVAL,
+                   *fid_inputs)
+    assert again.returncode == 0, again.stdout + again.stderr
+    tasks = json.loads((run_dir / "jobs.json").read_text())["eval_tasks"]
+    for task in tasks:
+        assert wait_for_job(task, timeout=300) == "COMPLETED"
+    rerun = "".join((run_dir / "logs" / t / f"{t}_0_log.out").read_text() for t in tasks)
+    assert rerun.count("already evaluated") == len(STEPS) and "images/s" not in rerun, rerun[-3000:]
+    assert eval_files(run_dir) == before and (run_dir / "eval" / "fid.json").read_text() == fid_text
+
+
+def test_unreadable_milestone_fails_alone_and_is_named(images, fid_inputs, tmp_path):
+    """Locally: every step is evaluated; then the step-20 checkpoint is truncated and its result removed: its
+    task fails alone with one line, the selection names it and picks among the other three, nothing else is
+    redone, and TensorBoard holds one point per evaluated step (no duplicates from the second selection)."""
+    base = [f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs]
+    run_dir = tmp_path / "tiny"
+    for stage in ("train", "eval", "select"):
+        proc = launch("local", *base, "--stage", stage, "--only")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(tb_points(run_dir)) == len(STEPS)
+
+    ckpt = run_dir / "checkpoints" / "step_00000020.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    (run_dir / "eval" / "step_00000020.json").unlink()
+    before = {k: v for k, v in eval_files(run_dir).items() if "step_00000020" not in k}
+    proc = launch("local", *base, "--stage", "eval")  # not --only: eval, select, sample, assemble
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"{ckpt}: corrupt or truncated checkpoint" in out and out.count("already evaluated") == 3, out
+    assert "eval: no result for task 1 (step 20): failed or not run" in out, out
+    fid = json.loads((run_dir / "eval" / "fid.json").read_text())
+    assert [r["step"] for r in fid["rows"]] == [10, 30, 35] and fid["missing_steps"] == [20]
+    assert fid["best"]["step"] == min(fid["rows"], key=lambda r: r["mean"])["step"]
+    assert {k: v for k, v in eval_files(run_dir).items() if k in before} == before
+    assert [s for s, _ in tb_points(run_dir)] == [10, 30, 35]
+    metrics = json.loads((run_dir / "samples" / "metrics.json").read_text())
+    assert metrics["step"] == fid["best"]["step"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampling.fid_reference=null", "error: sampling.fid_reference: not set (the eval stage compares each "
+     "checkpoint with it; make one with `python -m ddpm.fid ref`)"),
+    ("sampling.fid_weights=/nonexistent/pt_inception.pth", "error: FID Inception weights not found: "
+     "/nonexistent/pt_inception.pth"),
+    ("sampling.fid_reference=/nonexistent/ref.npz", "error: /nonexistent/ref.npz: FID statistics file not found"),
+])
+def test_preflight_names_missing_eval_inputs(images, fid_inputs, tmp_path, override, message):
+    proc = launch("local", f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs, override)
+    assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "tiny").exists()
+
+
+def test_stage_eval_needs_eval_enabled_and_best_needs_an_eval(images, tmp_path):
+    proc = launch("local", f"data.path={images}", f"run.root={tmp_path}", "--stage", "eval")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --stage eval: eval.enabled is false (set eval.enabled=true)"), proc.stderr
+    proc = launch("local", f"data.path={images}", f"run.root={tmp_path}", "sampling.checkpoint=best")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: sampling.checkpoint: best needs the eval stage (set eval.enabled=true)"), proc.stderr
+
+
+def test_eval_steps_are_the_milestones_and_the_last_step():
+    from ddpm.config import load_config
+    from ddpm.evaluate import eval_steps
+
+    assert eval_steps(load_config(TINY_CONFIG, ["training.num_iterations=35", "training.milestone_every=10"])) == STEPS
+    assert eval_steps(load_config(TINY_CONFIG, ["training.num_iterations=30", "training.milestone_every=10"])) == [
+        10, 20, 30]
+    assert eval_steps(load_config(TINY_CONFIG, ["training.num_iterations=30"])) == [30]
