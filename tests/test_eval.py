@@ -26,7 +26,7 @@ from slurm_helpers import wait_for_job
 
 STEPS = [10, 20, 30, 35]  # milestone_every 10, num_iterations 35: three milestones and the newest
 EVAL = ["eval.enabled=true", "training.num_iterations=35", "training.milestone_every=10", "training.save_every=10",
-        "training.log_every=5", "eval.num_samples=6", "eval.num_seeds=2", "eval.num_steps=4", "eval.batch_size=6",
+        "training.log_every=5", "eval.num_samples=6", "eval.num_steps=4", "eval.batch_size=6",
         "slurm.sample_cpus_per_task=1", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 
 
@@ -93,7 +93,7 @@ def test_eval_stage_on_slurm_picks_the_lowest_fid(slurm_cluster, images, fid_inp
 
     fid = json.loads((run_dir / "eval" / "fid.json").read_text())
     assert [r["step"] for r in fid["rows"]] == STEPS and fid["missing_steps"] == []
-    assert all(len(r["fid"]) == 2 and r["mean"] == pytest.approx(sum(r["fid"]) / 2) for r in fid["rows"])
+    assert all(len(r["fid"]) == 1 and r["mean"] == r["fid"][0] for r in fid["rows"])
     best = min(fid["rows"], key=lambda r: r["mean"])
     assert fid["best"]["step"] == best["step"]
     metrics = json.loads((run_dir / "samples" / "metrics.json").read_text())
@@ -119,15 +119,16 @@ def test_eval_stage_on_slurm_picks_the_lowest_fid(slurm_cluster, images, fid_inp
 
 
 def test_unreadable_milestone_fails_alone_and_is_named(images, fid_inputs, tmp_path):
-    """Locally: every step is evaluated; then the step-20 checkpoint is truncated and its result removed: its
+    """Locally, two seed sets per checkpoint: every step is evaluated; then the step-20 checkpoint is truncated and its result removed: its
     task fails alone with one line, the selection names it and picks among the other three, nothing else is
     redone, and TensorBoard holds one point per evaluated step (no duplicates from the second selection)."""
-    base = [f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs]
+    base = [f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs, "eval.num_seeds=2"]
     run_dir = tmp_path / "tiny"
-    for stage in ("train", "eval", "select"):
-        proc = launch("local", *base, "--stage", stage, "--only")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(tb_points(run_dir)) == len(STEPS)
+    proc = launch("local", *base)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((run_dir / "eval" / "fid.json").read_text())["rows"]
+    assert [r["step"] for r in rows] == STEPS and len(tb_points(run_dir)) == len(STEPS)
+    assert all(len(r["fid"]) == 2 and r["mean"] == pytest.approx(sum(r["fid"]) / 2) for r in rows)
 
     ckpt = run_dir / "checkpoints" / "step_00000020.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
@@ -136,7 +137,7 @@ def test_unreadable_milestone_fails_alone_and_is_named(images, fid_inputs, tmp_p
     proc = launch("local", *base, "--stage", "eval")  # not --only: eval, select, sample, assemble
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert f"{ckpt}: corrupt or truncated checkpoint" in out and out.count("already evaluated") == 3, out
+    assert f"error: eval task 1 (step 20): {ckpt}: corrupt or truncated checkpoint" in out and out.count("already evaluated") == 3, out
     assert "eval: no result for task 1 (step 20): failed or not run" in out, out
     fid = json.loads((run_dir / "eval" / "fid.json").read_text())
     assert [r["step"] for r in fid["rows"]] == [10, 30, 35] and fid["missing_steps"] == [20]
