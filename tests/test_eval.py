@@ -119,9 +119,10 @@ def test_eval_stage_on_slurm_picks_the_lowest_fid(slurm_cluster, images, fid_inp
 
 
 def test_unreadable_milestone_fails_alone_and_is_named(images, fid_inputs, tmp_path):
-    """Locally, two seed sets per checkpoint: every step is evaluated; then the step-20 checkpoint is truncated and its result removed: its
-    task fails alone with one line, the selection names it and picks among the other three, nothing else is
-    redone, and TensorBoard holds one point per evaluated step (no duplicates from the second selection)."""
+    """Locally, two seed sets per checkpoint: every step is evaluated; then the step-20 checkpoint is truncated
+    and its result removed: its task fails alone with one line, the selection names it and picks among the
+    other three, nothing else is redone, and TensorBoard holds one point per evaluated step (no duplicates from
+    the second selection)."""
     base = [f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs, "eval.num_seeds=2"]
     run_dir = tmp_path / "tiny"
     proc = launch("local", *base)
@@ -137,7 +138,8 @@ def test_unreadable_milestone_fails_alone_and_is_named(images, fid_inputs, tmp_p
     proc = launch("local", *base, "--stage", "eval")  # not --only: eval, select, sample, assemble
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert f"error: eval task 1 (step 20): {ckpt}: corrupt or truncated checkpoint" in out and out.count("already evaluated") == 3, out
+    assert f"error: eval task 1 (step 20): {ckpt}: corrupt or truncated checkpoint" in out, out
+    assert out.count("already evaluated") == 3, out
     assert "eval: no result for task 1 (step 20): failed or not run" in out, out
     fid = json.loads((run_dir / "eval" / "fid.json").read_text())
     assert [r["step"] for r in fid["rows"]] == [10, 30, 35] and fid["missing_steps"] == [20]
@@ -178,3 +180,22 @@ def test_eval_steps_are_the_milestones_and_the_last_step():
     assert eval_steps(load_config(TINY_CONFIG, ["training.num_iterations=30", "training.milestone_every=10"])) == [
         10, 20, 30]
     assert eval_steps(load_config(TINY_CONFIG, ["training.num_iterations=30"])) == [30]
+
+
+def test_dry_run_prints_the_eval_array_and_the_selection(images, fid_inputs, tmp_path):
+    """The reference config with eval on: an array of 4 (milestones 25k, 50k, 75k, 100k) after training, sized
+    like sampling tasks; the selection after all of them (afterany), sized like assembly; sampling after it."""
+    import re
+
+    proc = subprocess.run([sys.executable, "launch.py", "--config", str(ROOT / "configs" / "ddpm_babel.yaml"),
+                           "--dry-run", "--cluster", "local", "data.source=folder", f"data.path={images}",
+                           "data.center_crop=null", f"run.root={tmp_path}", "eval.enabled=true",
+                           "training.milestone_every=25000", *fid_inputs],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    jobs = dict(re.findall(r"# ---- (\w+) job ----\n(.*?)(?=# ---- |\Z)", proc.stdout, re.S))
+    assert list(jobs) == ["train", "eval", "select", "sample", "assemble"]
+    assert "#SBATCH --array=0-3%4" in jobs["eval"] and "#SBATCH --dependency=afterok:<train job id>" in jobs["eval"]
+    assert "#SBATCH --dependency=afterany:<eval job id>" in jobs["select"]
+    assert "#SBATCH --dependency=afterok:<select job id>" in jobs["sample"]
+    assert "#SBATCH --time=240" in jobs["eval"] and "#SBATCH --time=30" in jobs["select"]
