@@ -58,13 +58,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slurm: runs jobs on a real local SLURM cluster (tests/slurm/cluster.sh)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `make test` runs `-m slurm` and `-m "not slurm"` at once
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup`` (``make test``) every SLURM test runs in one worker, one after
-    another (they share one cluster, its partitions and its CPUs); the other tests run in the other worker
-    while the SLURM tests mostly wait on the scheduler."""
+    """A test that uses the cluster is a SLURM test, marked or not."""
     for item in items:
-        if item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        if "slurm_cluster" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slurm)
 
 
 def _slurm_required() -> bool:

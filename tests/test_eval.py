@@ -195,7 +195,9 @@ def test_dry_run_prints_the_eval_array_and_the_selection(images, fid_inputs, tmp
     assert proc.returncode == 0, proc.stderr
     jobs = dict(re.findall(r"# ---- (\w+) job ----\n(.*?)(?=# ---- |\Z)", proc.stdout, re.S))
     assert list(jobs) == ["train", "eval", "select", "sample", "assemble"]
-    assert "#SBATCH --array=0-3%4" in jobs["eval"] and "#SBATCH --dependency=afterok:<train job id>" in jobs["eval"]
-    assert "#SBATCH --dependency=afterany:<eval job id>" in jobs["select"]
-    assert "#SBATCH --dependency=afterok:<select job id>" in jobs["sample"]
+    def dependency(stage: str) -> str:
+        return re.search(r"#SBATCH --dependency='?([^'\n]+)", jobs[stage]).group(1)
+
+    assert "#SBATCH --array=0-3%4" in jobs["eval"] and dependency("eval") == "afterok:<train job id>"
+    assert dependency("select") == "afterany:<eval job id>" and dependency("sample") == "afterok:<select job id>"
     assert "#SBATCH --time=240" in jobs["eval"] and "#SBATCH --time=30" in jobs["select"]
