@@ -29,12 +29,7 @@ quickstart: venv
 
 test: venv
 	$(PY) -m ruff check .
-	@# The SLURM tests (one after another: they share the cluster and its CPUs) and, at the same time, the rest,
-	@# whose log is shown when both are done; each session in its own --basetemp.
-	$(PY) -m pytest -q -m "not slurm" --basetemp=/tmp/ddpm-tests-unit tests > .pytest-unit.log 2>&1 & unit=$$!; \
-	$(PY) -m pytest -q -m slurm --basetemp=/tmp/ddpm-tests-slurm tests; slurm=$$?; \
-	wait $$unit; unit_rc=$$?; echo "---- tests without SLURM (run alongside) ----"; cat .pytest-unit.log; \
-	exit $$(( slurm || unit_rc ))
+	$(PY) -m pytest -q tests
 
 bench: venv
 	$(PY) -m tools.bench
