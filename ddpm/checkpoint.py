@@ -22,12 +22,15 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ddpm.errors import CheckpointError
 from ddpm.fsio import atomic_write_bytes, atomic_write_text
+
+# torch is imported where tensors are read or written: listing checkpoints (launch.py's preflight and status)
+# does not load it.
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "ddpm-slurm/1"
 REQUIRED_KEYS = ("format", "step", "model", "model_config", "ddpm", "config")
@@ -49,6 +52,8 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def _estimated_bytes(state: Any) -> int:
     """Bytes of tensor data in a (nested) state dict: what ``torch.save`` writes, give or take metadata."""
+    import torch
+
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
     if isinstance(state, dict):
@@ -73,6 +78,8 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int =
     need, free = _estimated_bytes(state), shutil.disk_usage(ckpt_dir).free
     if need > free:
         raise CheckpointError(_no_space(ckpt_dir, path, need, free))
+    import torch
+
     try:
         atomic_write_bytes(path, lambda f: torch.save(state, f))
         atomic_write_text(ckpt_dir / "LATEST", path.name + "\n")
@@ -100,6 +107,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    import torch
+
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, bad pickle, wrong magic: all the same to a user

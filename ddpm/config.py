@@ -81,6 +81,8 @@ class TrainingConfig:
     """AdamW (beta1, beta2)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps; 0 = none."""
+    cooldown_steps: int = 0
+    """Linear learning-rate decay to 0 over the run's last steps; 0 = none (constant, as Ho et al.)."""
     ema_decay: float = 0.9999
     """EMA decay of the sampling weights (Ho et al. Appendix B)."""
     ema_start: int = 5000
@@ -115,7 +117,7 @@ class TrainingConfig:
         require(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, "a float >= 0")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "training.betas",
                 self.betas, "two floats in [0, 1)")
-        for key in ("warmup_steps", "ema_start", "milestone_every"):
+        for key in ("warmup_steps", "cooldown_steps", "ema_start", "milestone_every"):
             require(getattr(self, key) >= 0, f"training.{key}", getattr(self, key), "an integer >= 0")
         require(0 <= self.ema_decay < 1, "training.ema_decay", self.ema_decay, "a float in [0, 1)")
         require(self.gradient_clip_norm >= 0, "training.gradient_clip_norm", self.gradient_clip_norm,
@@ -123,6 +125,15 @@ class TrainingConfig:
         require(self.keep_last >= 2, "training.keep_last", self.keep_last, "an integer >= 2")
         require(self.watchdog_s == 0 or self.watchdog_s >= 10, "training.watchdog_s", self.watchdog_s,
                 "0 (off) or an integer >= 10 (seconds)")
+        require(self.warmup_steps + self.cooldown_steps <= self.num_iterations, "training.cooldown_steps",
+                self.cooldown_steps, f"an integer <= num_iterations - warmup_steps ({self.num_iterations}"
+                f" - {self.warmup_steps})")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based): linear warm-up, constant, linear cool-down to 0."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        cool = min(1.0, (self.num_iterations - step) / self.cooldown_steps) if self.cooldown_steps else 1.0
+        return self.learning_rate * min(warm, cool)
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,17 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ddpm import dist
 from ddpm.config import Config, TrainingConfig
 from ddpm.fsio import atomic_write_text
+
+# torch is imported where it is used: the status functions serve launch.py and the job wrapper, which do not
+# load torch (seconds of start-up on every job).
+if TYPE_CHECKING:
+    import torch
+
+    from ddpm import dist
 
 PACKAGES = ("torch", "torchvision", "numpy", "submitit", "datasets", "pyyaml", "pillow", "tensorboard")
 CONSOLE = ("loss", "grad_norm", "lr")  # the scalars of the console line
@@ -55,6 +59,8 @@ class RunLogger:
             return
         scalars = {**scalars, "images_per_s": images_per_s}
         if self.env.device.type == "cuda":
+            import torch
+
             scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         for name, value in scalars.items():
             self.writer.add_scalar(f"{'loss' if name.startswith('loss') else 'train'}/{name}", value, step)
@@ -111,6 +117,10 @@ def write_provenance(run_dir: Path, cfg: Config, env: dist.DistEnv) -> None:
 
     Collective: every rank calls it; rank 0 writes.
     """
+    import torch
+
+    from ddpm import dist
+
     hosts = dist.gather_objects(socket.gethostname())
     if not env.is_main:
         return

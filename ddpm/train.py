@@ -215,7 +215,7 @@ class Trainer:
         Also reduces the stop flag across ranks so every rank stops at the same step.
         """
         tc = self.cfg.training
-        lr = tc.learning_rate * (min(1.0, (self.step + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0)
+        lr = tc.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,

@@ -76,6 +76,13 @@ def test_env_vars_in_paths_expand(tmp_path, monkeypatch):
     assert cfg.run.root == f"{tmp_path}/runs" and cfg.run_dir == tmp_path / "runs" / "ddpm"
 
 
+def test_learning_rate_warm_up_and_cool_down() -> None:
+    tc = load_config(None, ["training.num_iterations=10", "training.learning_rate=1.0", "training.warmup_steps=2",
+                            "training.cooldown_steps=4"]).training
+    assert [tc.lr_at(s) for s in range(10)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert load_config(None).training.lr_at(123) == 2e-4  # the reference: constant (Ho et al.)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["training.lerning_rate=1"],
      "training.lerning_rate: unknown key (did you mean training.learning_rate?)"),
@@ -85,6 +92,8 @@ def test_env_vars_in_paths_expand(tmp_path, monkeypatch):
     (["training.batch_size=true"], "training.batch_size: invalid value True (expected int)"),
     (["training.batch_size=0"], "training.batch_size: invalid value 0 (expected an integer >= 1)"),
     (["training.learning_rate=-1"], "training.learning_rate: invalid value -1.0 (expected a float > 0)"),
+    (["training.num_iterations=100", "training.warmup_steps=50", "training.cooldown_steps=60"],
+     "training.cooldown_steps: invalid value 60 (expected an integer <= num_iterations - warmup_steps (100 - 50))"),
     (["model.channel_mult=4"], "model.channel_mult: invalid value 4 (expected a list of int)"),
     (["model.channel_mult=[1,x]"], "model.channel_mult[1]: invalid value 'x' (expected int)"),
     (["model.dropout=1.0"], "model.dropout: invalid value 1.0 (expected a float in [0, 1))"),

@@ -32,7 +32,7 @@ from ddpm.data.base import preprocess
 from ddpm.data.pack import pack_dataset
 from ddpm.data.sources import build_source, preprocess_signature, sidecar_path
 from ddpm.errors import DataError
-from tools.digits import export_digits
+from tools.digits import digit_images, export_digits
 from tools.digits import main as digits_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,6 +348,16 @@ def test_digits_export(tmp_path: Path) -> None:
     assert len(source) == 1797
     zero = np.asarray(Image.open(tmp_path / "digits" / "0" / "0000.png"))
     assert zero.shape == (16, 16) and zero.max() > 200 and zero[8, 8] < 60  # a white ring around black
+
+
+def test_digit_images_are_sklearns_load_digits() -> None:
+    """tools.digits reads scikit-learn's CSV without importing scikit-learn: same pixels, same labels."""
+    from sklearn.datasets import load_digits
+
+    images, labels = digit_images(8)
+    reference = load_digits()
+    np.testing.assert_array_equal(labels, reference.target)
+    np.testing.assert_array_equal(images, np.round(reference.images * (255.0 / 16.0)).astype(np.uint8))
 
 
 def test_pack_worker_killed_is_one_line_not_a_hang(tmp_path: Path) -> None:

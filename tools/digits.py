@@ -10,6 +10,7 @@ with ``data.source=folder data.path=DIR data.center_crop=null``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -23,17 +24,26 @@ from ddpm.errors import DataError, cli_entry
 MARKER = ".complete"
 
 
+def _digits_csv() -> Path:
+    """scikit-learn's copy of the UCI digits (``sklearn/datasets/data/digits.csv.gz``, what ``load_digits``
+    reads), found without importing scikit-learn (its import takes seconds)."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise DataError("scikit-learn's digits (sklearn/datasets/data/digits.csv.gz) not found: pip install "
+                        "scikit-learn (it is in this project's dependencies)")
+    return path
+
+
 def digit_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(images np.uint8 [1797, size, size], white on black; labels np.int64 [1797])."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    raw = np.asarray(digits.images, dtype=np.float64)  # [1797, 8, 8] in 0..16, 16 = ink
+    table = np.loadtxt(_digits_csv(), delimiter=",", dtype=np.float64)  # [1797, 65]: 8x8 pixels, then the label
+    raw = table[:, :64].reshape(-1, 8, 8)  # in 0..16, 16 = ink
     small = np.round(raw * (255.0 / 16.0)).astype(np.uint8)
     out = np.empty((len(small), size, size), dtype=np.uint8)
     for i, im in enumerate(small):
         out[i] = np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC))
-    return out, np.asarray(digits.target, dtype=np.int64)
+    return out, table[:, 64].astype(np.int64)
 
 
 def _is_complete(out: Path, size: int, count: int) -> bool:
