@@ -169,8 +169,8 @@ def status(run_dir: Path) -> int:
     """Stage, job states (squeue/scontrol, not sacct), last step and checkpoint, shard progress."""
     from ddpm.checkpoint import list_checkpoints
     from ddpm.cluster.preflight import job_state
+    from ddpm.outputs import shard_paths
     from ddpm.runlog import read_status, stalled_for
-    from ddpm.sample import shard_paths
 
     if not (run_dir / "config.yaml").is_file():
         raise DDPMError(f"{run_dir}: not a run directory (no config.yaml)")

@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ddpm.cpus import apply_cpu_budget, cpu_budget
-from ddpm.data import save_image
 from ddpm.errors import ShardError, cli_entry
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, new_dir
+from ddpm.outputs import SETTINGS_KEYS, SHARED_KEYS, shard_paths, tile, write_png
 from ddpm.runlog import package_versions
-from ddpm.sample import SETTINGS_KEYS, SHARED_KEYS, shard_paths
 
 _SHARD = re.compile(r"^shard_(\d+)\.(json|npz|partial\.npz)$")
 
@@ -203,8 +201,7 @@ def assemble(path: str | Path, expect_shards: int | None = None, fid_reference: 
 
     npz_path = out_dir / f"samples_{n}x{h}x{w}x{c}.npz"
     atomic_write_bytes(npz_path, lambda f: np.savez(f, arr_0=images))
-    first = torch.from_numpy(images[:grid_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # exact round trip
-    save_image(first, out_dir / "grid.png")  # atomic
+    write_png(tile(images[:grid_size]), out_dir / "grid.png")  # atomic
     m0 = metas[0]
     mean, std = channel_stats(images)
     metrics: dict[str, Any] = {

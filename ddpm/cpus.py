@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # not imported here: the assembly job computes its budget without loading torch
+    import torch
 
 SHARE_ENV = "DDPM_CPU_SHARE"  # local-executor tasks running at once on this machine (launch.py sets it per task)
 STAGES = ("train", "sample", "assemble", "fid", "bench")
@@ -77,6 +80,11 @@ def allocated_cpus(env: Mapping[str, str] | None = None, affinity: int | None = 
     return cpus, source
 
 
+def _is_cuda(device: torch.device | str | None) -> bool:
+    """``cuda``, ``cuda:1`` or a CUDA torch.device (which has a ``type``)."""
+    return device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda"
+
+
 def default_workers(cpus: int, device: torch.device | str | None) -> int:
     """Loader workers when ``data.num_workers`` is null.
 
@@ -85,7 +93,7 @@ def default_workers(cpus: int, device: torch.device | str | None) -> int:
     """
     if cpus < 2:
         return 0
-    if device is not None and torch.device(device).type == "cuda":
+    if _is_cuda(device):
         return min(8, max(1, cpus - 2))
     return 1
 
@@ -109,7 +117,7 @@ def cpu_budget(stage: str, device: torch.device | str | None = None, workers: in
     if stage != "train":
         return CpuBudget(cpus, source, threads=cap, interop_threads=1, workers=0)
     n_workers = default_workers(cpus, device) if workers is None else workers
-    cuda = device is not None and torch.device(device).type == "cuda"
+    cuda = _is_cuda(device)
     threads = min(cap, max(1, cpus - n_workers)) if cuda else cap
     return CpuBudget(cpus, source, threads=threads, interop_threads=1, workers=n_workers)
 
@@ -117,7 +125,10 @@ def cpu_budget(stage: str, device: torch.device | str | None = None, workers: in
 def apply_cpu_budget(budget: CpuBudget) -> CpuBudget:
     """Set this process's torch threads; returns ``budget``. The inter-op pool can be sized only before its
     first use; later calls leave it as it is. OMP_NUM_THREADS is left as the user set it (a child process
-    computes its own budget)."""
+    computes its own budget). A process that has not imported torch (the assembly job) has nothing to size."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return budget
     torch.set_num_threads(budget.threads)
     try:
         torch.set_num_interop_threads(budget.interop_threads)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from scipy import linalg
 
 from ddpm.config import DataConfig
@@ -34,7 +33,9 @@ from ddpm.configtools import parse_with_overrides
 from ddpm.errors import FIDError, cli_entry
 from ddpm.fsio import atomic_write_bytes
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is not imported here: the assembly job merges statistics without loading it
+    import torch
+
     from ddpm.inception import FIDFeatures
 
 FEATURE_DIM = 2048  # the pool3 width of ddpm.inception (not imported here: torchvision takes seconds)
@@ -60,7 +61,7 @@ class FIDStats:
 
     def update(self, features: np.ndarray | torch.Tensor) -> FIDStats:
         """Add features [N, D] (any float dtype; accumulated in float64). Returns self."""
-        f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else features
+        f = features.detach().cpu().double().numpy() if hasattr(features, "detach") else features  # a tensor
         f = np.asarray(f, dtype=np.float64)
         if f.ndim != 2 or f.shape[1] != self.sum.shape[0]:
             raise ValueError(f"features must be [N, {self.sum.shape[0]}], got {list(f.shape)}")
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.max_images is not None and args.max_images < 2:
         raise FIDError(f"--max-images must be >= 2, got {args.max_images}")
+    import torch
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from ddpm.cpus import apply_cpu_budget, cpu_budget
     from ddpm.inception import load_inception

@@ -41,26 +41,9 @@ from ddpm.data import to_uint8
 from ddpm.diffusion import DDPM
 from ddpm.errors import CheckpointError, ConfigError, ShardError, cli_entry
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, file_sha256, new_dir
+from ddpm.outputs import SETTINGS_KEYS, shard_paths, shard_range
 from ddpm.runlog import package_versions
 from ddpm.unet import UNet
-
-# The settings that determine a shard's pixels; a partial or complete shard is reused only if all match.
-SETTINGS_KEYS = ("checkpoint_sha256", "image_shape", *SamplingConfig().pixel_settings(), "shard", "start", "stop")
-# The subset every shard of one sample set shares (checked by ddpm.assemble).
-SHARED_KEYS = tuple(k for k in SETTINGS_KEYS if k not in ("shard", "start", "stop"))
-
-
-def shard_range(num_samples: int, num_shards: int, shard: int) -> tuple[int, int]:
-    """[start, stop) of shard ``shard``: balanced like ``np.array_split`` (first N % K shards get one more)."""
-    q, r = divmod(num_samples, num_shards)
-    start = shard * q + min(shard, r)
-    return start, start + q + (1 if shard < r else 0)
-
-
-def shard_paths(out_dir: str | Path, shard: int) -> dict[str, Path]:
-    out = Path(out_dir)
-    return {"npz": out / f"shard_{shard}.npz", "json": out / f"shard_{shard}.json",
-            "partial": out / f"shard_{shard}.partial.npz"}
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:

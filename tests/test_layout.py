@@ -83,10 +83,11 @@ def test_importing_the_model_and_data_loads_no_cluster_code():
 
 
 def test_the_login_node_and_job_wrapper_paths_load_no_torch():
-    """launch.py, its preflight and status, and the job wrapper that every train job runs do not import torch
+    """launch.py (preflight, status), the job wrapper of every train job and the assembly job do not import torch
     (about 10 s of start-up on a slow node, before any work): only the processes that compute load it."""
     code = ("import sys; import launch, ddpm.cluster.executors, "
-            "ddpm.cluster.wrapper, ddpm.cluster.preflight, ddpm.checkpoint, ddpm.runlog, tools.digits; "
+            "ddpm.cluster.wrapper, ddpm.cluster.preflight, ddpm.checkpoint, ddpm.runlog, ddpm.assemble, "
+            "tools.digits; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

@@ -28,8 +28,9 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.config import SamplingConfig, load_config
 from ddpm.diffusion import DDPM
 from ddpm.errors import CheckpointError, ConfigError, DDPMError, ShardError
+from ddpm.outputs import shard_range
 from ddpm.runlog import package_versions
-from ddpm.sample import build_from_checkpoint, checkpoint_sampling, sample_shard, shard_range
+from ddpm.sample import build_from_checkpoint, checkpoint_sampling, sample_shard
 
 
 @pytest.fixture(scope="module")

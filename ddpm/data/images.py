@@ -5,14 +5,12 @@ Tensors in the model's range are float [-1, 1] ``[N, C, H, W]``; stored images a
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ddpm.fsio import atomic_write_bytes
+from ddpm.outputs import tile, write_png
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -36,22 +34,11 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
     """[N, C, H, W] in [-1, 1] -> one image [C, H', W'] with ``nrow`` images a row (ceil(sqrt(N)))."""
     if images.dim() == 3:
         images = images.unsqueeze(0)
-    n, c, h, w = images.shape
-    nrow = max(1, min(nrow or math.ceil(math.sqrt(n)), n))
-    rows = math.ceil(n / nrow)
-    grid = images.new_full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
-    for i in range(n):
-        top, left = (i // nrow) * (h + padding) + padding, (i % nrow) * (w + padding) + padding
-        grid[:, top:top + h, left:left + w] = images[i]
-    return grid
+    nhwc = images.detach().cpu().movedim(1, -1).numpy()
+    return torch.from_numpy(tile(nhwc, nrow, padding, pad_value)).movedim(-1, 0)
 
 
 def save_image(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Write [C, H, W] or a batch [N, C, H, W] (as a grid) in [-1, 1] to a PNG, atomically."""
-    if images.dim() == 4:
-        images = make_grid(images, nrow)
-    pixels = to_uint8(images)
-    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    path = Path(path)
-    atomic_write_bytes(path, lambda f: image.save(f, format="PNG"))
-    return path
+    pixels = to_uint8(images if images.dim() == 4 else images.unsqueeze(0))  # [N, H, W, C]
+    return write_png(tile(pixels, nrow) if len(pixels) > 1 else pixels[0], path)  # pad 0 = -1 in [-1, 1]
