@@ -118,6 +118,8 @@ def test_normalize_to_uint8_grid_and_save(tmp_path: Path) -> None:
     assert grid.shape == (3, 2 * 10 + 2, 3 * 10 + 2)  # ceil(sqrt(5)) = 3 a row, 2 rows, padding 2
     assert torch.equal(grid[:, 2:10, 12:20], normalize(x)[1])
     assert make_grid(normalize(x), nrow=5).shape == (3, 12, 52)
+    half = make_grid(normalize(x).bfloat16())  # bf16 samples (autocast) keep their dtype, as torch tensors do
+    assert half.dtype == torch.bfloat16 and torch.equal(half.float(), make_grid(normalize(x).bfloat16().float()))
     path = save_image(normalize(x), tmp_path / "g" / "grid.png")
     assert Image.open(path).size == (32, 22)
     save_image(normalize(x[0]), tmp_path / "one.png")

@@ -34,8 +34,9 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
     """[N, C, H, W] in [-1, 1] -> one image [C, H', W'] with ``nrow`` images a row (ceil(sqrt(N)))."""
     if images.dim() == 3:
         images = images.unsqueeze(0)
-    nhwc = images.detach().cpu().movedim(1, -1).numpy()
-    return torch.from_numpy(tile(nhwc, nrow, padding, pad_value)).movedim(-1, 0)
+    nhwc = images.detach().float().cpu().movedim(1, -1).numpy()  # numpy has no bf16
+    grid = torch.from_numpy(tile(nhwc, nrow, padding, pad_value)).movedim(-1, 0)
+    return grid.to(device=images.device, dtype=images.dtype)
 
 
 def save_image(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
