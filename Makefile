@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: venv
-	$(PY) -m tools.digits --out data/digits --size 16
+	$(PY) -m tools.digits --out data/digits --size 8
 	$(PY) launch.py --config configs/quickstart_digits.yaml --cluster local
 
 test: venv

@@ -31,7 +31,7 @@ import numpy as np
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.errors import ShardError, cli_entry
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, new_dir
-from ddpm.outputs import SETTINGS_KEYS, SHARED_KEYS, shard_paths, tile, write_png
+from ddpm.outputs import SETTINGS_KEYS, SHARED_KEYS, enlarge, shard_paths, tile, write_png
 from ddpm.runlog import package_versions
 
 _SHARD = re.compile(r"^shard_(\d+)\.(json|npz|partial\.npz)$")
@@ -201,7 +201,7 @@ def assemble(path: str | Path, expect_shards: int | None = None, fid_reference: 
 
     npz_path = out_dir / f"samples_{n}x{h}x{w}x{c}.npz"
     atomic_write_bytes(npz_path, lambda f: np.savez(f, arr_0=images))
-    write_png(tile(images[:grid_size]), out_dir / "grid.png")  # atomic
+    write_png(tile(enlarge(images[:grid_size])), out_dir / "grid.png")  # atomic; small images x k
     m0 = metas[0]
     mean, std = channel_stats(images)
     metrics: dict[str, Any] = {

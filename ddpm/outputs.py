@@ -3,7 +3,7 @@
     <run>/samples/shards/shard_<k>.npz          arr_0: uint8 [stop-start, H, W, C]
     <run>/samples/shards/shard_<k>.json         settings (SETTINGS_KEYS), seeds, versions; written last
     <run>/samples/shards/shard_<k>.partial.npz  images done so far (while a task runs)
-    <run>/samples/grid.png                      the first images, tiled (:func:`tile`, :func:`write_png`)
+    <run>/samples/grid.png                      the first images, enlarged (:func:`enlarge`) and tiled
 
 Shard k of K covers the global indices ``[start, stop)`` of :func:`shard_range`; ``ddpm.sample`` writes
 shards, ``ddpm.assemble`` checks and merges them.
@@ -38,6 +38,18 @@ def shard_paths(out_dir: str | Path, shard: int) -> dict[str, Path]:
     out = Path(out_dir)
     return {"npz": out / f"shard_{shard}.npz", "json": out / f"shard_{shard}.json",
             "partial": out / f"shard_{shard}.partial.npz"}
+
+
+def enlarge_factor(side: int, min_side: int = 32) -> int:
+    """The whole-pixel factor that brings an image side up to at least ``min_side`` (1 if it already is)."""
+    return max(1, -(-min_side // max(side, 1)))
+
+
+def enlarge(images: np.ndarray, min_side: int = 32) -> np.ndarray:
+    """[N, H, W, C] -> [N, kH, kW, C], each pixel a k x k block (nearest, no blur; k = :func:`enlarge_factor`
+    of the longer side), so that a grid of 8x8 digits reads on screen; images already ``min_side`` are kept."""
+    k = enlarge_factor(max(images.shape[1], images.shape[2]), min_side)
+    return images if k == 1 else images.repeat(k, axis=1).repeat(k, axis=2)
 
 
 def tile(images: np.ndarray, nrow: int | None = None, padding: int = 2, pad_value: float = 0) -> np.ndarray:

@@ -70,11 +70,14 @@ class RunLogger:
               f"eta {_hms(eta_s)}", flush=True)
 
     def image(self, step: int, images: torch.Tensor) -> None:
-        """A grid of [N,C,H,W] images in [-1,1] into TensorBoard."""
+        """A grid of [N,C,H,W] images in [-1,1] into TensorBoard, images under 32 pixels enlarged by whole pixels."""
         if self.writer is None:
             return
         from ddpm.data import make_grid
+        from ddpm.outputs import enlarge_factor
 
+        k = enlarge_factor(max(images.shape[-2:]))
+        images = images.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1) if k > 1 else images
         self.writer.add_image("samples/ema", (make_grid(images) + 1) / 2, step)
 
     def close(self) -> None:

@@ -70,8 +70,8 @@ def test_assemble_outputs(good: Path, tmp_path: Path) -> None:
         assert list(d.keys()) == ["arr_0"]
         np.testing.assert_array_equal(d["arr_0"], np.concatenate(parts))
     grid = np.asarray(Image.open(path.parent / "grid.png"))
-    assert grid.shape == (3 * 10 + 2, 4 * 10 + 2, 3)  # 12 images, 4 a row (3 rows), 2-pixel padding
-    np.testing.assert_array_equal(grid[2:10, 2:10], parts[0][0])
+    assert grid.shape == (3 * 34 + 2, 4 * 34 + 2, 3)  # 12 images enlarged 8 -> 32, 4 a row (3 rows), padding 2
+    np.testing.assert_array_equal(grid[2:34, 2:34], parts[0][0].repeat(4, axis=0).repeat(4, axis=1))
     metrics = json.loads((path.parent / "metrics.json").read_text())
     meta = json.loads((shards / "shard_0.json").read_text())
     assert metrics["num_samples"] == 12 and metrics["step"] == CHECKPOINT_STEPS and metrics["fid"] is None

@@ -236,8 +236,9 @@ def test_python_m_ddpm_config_prints_a_documented_default_config():
     assert "  sampler: ddpm  # one of ddpm, ddim, dpmpp_2m." in out
 
 
-def test_dry_run_sizes_each_stage(images):
-    """The reference config's dry run: training as configured; sampling tasks and assembly sized to their need."""
+def test_dry_run_sizes_each_stage(images, slurm_cluster):
+    """The reference config's dry run: training as configured; sampling tasks and assembly sized to their need.
+    (submitit's SLURM executor needs ``srun`` on the PATH, as on a login node: a SLURM test.)"""
     proc = subprocess.run([sys.executable, "launch.py", "--config", str(BABEL), "--dry-run", "--cluster", "local",
                            "data.source=folder", f"data.path={images}", "data.center_crop=null"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -32,6 +32,7 @@ from ddpm.data.base import preprocess
 from ddpm.data.pack import pack_dataset
 from ddpm.data.sources import build_source, preprocess_signature, sidecar_path
 from ddpm.errors import DataError
+from ddpm.outputs import enlarge_factor
 from tools.digits import digit_images, export_digits
 from tools.digits import main as digits_main
 
@@ -121,7 +122,10 @@ def test_normalize_to_uint8_grid_and_save(tmp_path: Path) -> None:
     half = make_grid(normalize(x).bfloat16())  # bf16 samples (autocast) keep their dtype, as torch tensors do
     assert half.dtype == torch.bfloat16 and torch.equal(half.float(), make_grid(normalize(x).bfloat16().float()))
     path = save_image(normalize(x), tmp_path / "g" / "grid.png")
-    assert Image.open(path).size == (32, 22)
+    assert Image.open(path).size == (3 * 34 + 2, 2 * 34 + 2)  # 8 px enlarged x4 (whole pixels) to 32, padding 2
+    cell = np.asarray(Image.open(path))[2:34, 36:68]  # image 1, each pixel a 4x4 block
+    assert np.array_equal(cell, to_uint8(normalize(x))[1].repeat(4, axis=0).repeat(4, axis=1))
+    assert [enlarge_factor(s) for s in (8, 10, 16, 32, 64)] == [4, 4, 2, 1, 1]  # 64x64 CelebA grids unchanged
     save_image(normalize(x[0]), tmp_path / "one.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), to_uint8(normalize(x[0])))
 

@@ -44,10 +44,12 @@ def sample_images(state: dict[str, Any], sampler: str, steps: int, n: int, spaci
     return np.concatenate(out)
 
 
-def table(ckpt: str | Path, n: int, steps: list[int], samplers: list[str], spacing: str) -> str:
-    """The markdown table (one row per sampler and step count, then the real-digit and noise anchors)."""
+def table(ckpt: str | Path, n: int, steps: list[int], samplers: list[str], spacing: str,
+          size: int | None = None) -> str:
+    """The markdown table (one row per sampler and step count, then the real-digit and noise anchors), scored
+    at ``size`` pixels (default: the checkpoint's image size; samples of another side are resized bicubic)."""
     _, state = load_resolved(ckpt, map_location="cpu")  # read once, outside the timed rows
-    size = int(state["config"]["data"]["image_size"])
+    size = int(size or state["config"]["data"]["image_size"])
     scorer = load_scorer(size)  # train or load the classifier before timing anything
     rows = ["| sampler | steps | FD (lower is better) | confidence | classes | seconds |",
             "|---|---:|---:|---:|---:|---:|"]
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="10,20,50", help="comma list of step counts (default 10,20,50)")
     p.add_argument("--samplers", default=",".join(choices(Sampler)), help="comma list (default: all)")
     p.add_argument("--spacing", choices=choices(Spacing), default="trailing", help="timestep spacing")
+    p.add_argument("--size", type=int, default=None,
+                   help="score at this side, e.g. 16 for an 8x8 model (default: the checkpoint's image size)")
     args = p.parse_args(argv)
     try:
         steps = [int(s) for s in args.steps.split(",")]
@@ -84,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--samplers: unknown {', '.join(bad)} (expected some of {', '.join(choices(Sampler))})")
     if args.n < 2 or min(steps) < 1:
         raise ConfigError("--n must be >= 2 and every --steps value >= 1")
+    if args.size is not None and args.size < 8:
+        raise ConfigError(f"--size: {args.size} is smaller than the digits' 8 pixels")
     print(f"sampler_table: {apply_cpu_budget(cpu_budget('sample'))}; {args.checkpoint}, n={args.n}, "
           f"{args.spacing} spacing", flush=True)
     torch.manual_seed(0)
-    print(table(args.checkpoint, args.n, steps, samplers, args.spacing))
+    print(table(args.checkpoint, args.n, steps, samplers, args.spacing, args.size))
     return 0
 
 
