@@ -75,7 +75,8 @@ class Trainer:
             raise ConfigError(f"training.batch_size: {tc.batch_size} is not divisible by world size {env.world_size}")
         self.local_batch = tc.batch_size // env.world_size
         self.device, cuda = env.device, env.device.type == "cuda"
-        self.budget = apply_cpu_budget(cpu_budget("train", self.device, cfg.data.num_workers))  # per rank
+        self.budget = apply_cpu_budget(cpu_budget("train", self.device, cfg.data.num_workers,
+                                                 decodes=cfg.data.source != "packed"))  # per rank
         torch.manual_seed(tc.seed + env.rank)  # dropout; overwritten by the checkpoint on resume
         if cuda and infra.tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -152,8 +153,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
-            "format": FORMAT,
-            "step": self.step,
+            "format": FORMAT, "step": self.step,
             "model": self.model.state_dict(),
             "model_config": self.model.config_dict(),
             "ddpm": self.ddpm.state_dict(),

@@ -39,6 +39,8 @@ def test_training_budget(cpus: int, device: str, workers: int, threads: int) -> 
     assert (budget.workers, budget.threads, budget.interop_threads) == (workers, threads, 1)
     assert default_workers(cpus, device) == workers
     assert cpu_budget("train", device, workers=3, env={}, affinity=cpus).workers == 3  # data.num_workers wins
+    packed = cpu_budget("train", device, env={}, affinity=cpus, decodes=False)  # nothing to decode
+    assert packed.workers == (workers if device == "cuda" else 0) and packed.threads == threads
 
 
 def test_exported_omp_num_threads_caps_and_is_never_raised() -> None:

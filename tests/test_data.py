@@ -135,6 +135,9 @@ def test_default_num_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # one CPU: nothing to spare for a worker
     assert default_num_workers(None) == 0 and default_num_workers(3) == 3 and default_num_workers(0) == 0
     assert default_num_workers(None, "cuda") == 0
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    assert default_num_workers(None) == 1 and default_num_workers(None, source="packed") == 0  # CPU: decode only
+    assert default_num_workers(1, source="packed") == 1
 
 
 # ---------------------------------------------------------------------------- sources

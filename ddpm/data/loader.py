@@ -221,9 +221,11 @@ def create_dataloader(dataset: ImageSource, batch_size: int, rank: int = 0, worl
                           persistent_workers=pin_memory and num_workers > 0)
 
 
-def default_num_workers(configured: int | None, device: torch.device | str | None = None) -> int:
-    """``data.num_workers``, or (null) the CPU budget's workers for training on ``device`` (ddpm.cpus)."""
-    return cpu_budget("train", device, configured).workers
+def default_num_workers(configured: int | None, device: torch.device | str | None = None,
+                        source: str = "folder") -> int:
+    """``data.num_workers``, or (null) the CPU budget's workers for training on ``device`` from ``source``
+    (``data.source``; ``packed`` decodes nothing, see :func:`ddpm.cpus.default_workers`)."""
+    return cpu_budget("train", device, configured, decodes=source != "packed").workers
 
 
 def create_dataloader_from_config(data_cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -232,5 +234,5 @@ def create_dataloader_from_config(data_cfg: DataConfig, batch_size: int, rank: i
     source = build_source(data_cfg)
     cuda = device is not None and torch.device(device).type == "cuda"
     return create_dataloader(source, batch_size, rank, world_size, seed,
-                             num_workers=default_num_workers(data_cfg.num_workers, device),
+                             num_workers=default_num_workers(data_cfg.num_workers, device, data_cfg.source),
                              random_flip=data_cfg.random_flip, pin_memory=cuda)

@@ -164,7 +164,7 @@ def bench(cfg: DataConfig, seconds: float = 5.0, batch_size: int = 64, device: s
     """Print and return images/second per source: the configured one and a packed copy of it."""
     from ddpm.data.loader import default_num_workers
 
-    workers = default_num_workers(cfg.num_workers)
+    workers = default_num_workers(cfg.num_workers, source=cfg.source)
     print(f"bench: data.source={cfg.source} data.path={cfg.path} image_size={cfg.image_size} "
           f"batch={batch_size} workers={workers} device={device} ({allocated_cpus()[0]} CPUs)", file=out)
     rates = {}
