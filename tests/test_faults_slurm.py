@@ -91,9 +91,35 @@ def test_preemption_by_higher_priority_job(slurm_cluster, images, tmp_path, refe
     assert_same_training_state(ref.state(), load_latest(run_dir)[1])
 
 
-def test_time_limit_signal(slurm_cluster, images, tmp_path, reference):
+def steps_lasting(seconds: float, make_trainer, run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The number of WORKERS' training steps (one torch thread, as in the job) that take about ``seconds`` on
+    this machine, rounded up to a multiple of 100, from 60 timed steps in this process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    with monkeypatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        trainer = make_trainer(run_dir, *WORKERS)
+    try:
+        for _ in range(10):  # warm-up: the worker's start, the first allocations
+            trainer.train_step(*trainer.next_batch())
+        t0 = time.perf_counter()
+        for _ in range(60):
+            trainer.train_step(*trainer.next_batch())
+        per_step = (time.perf_counter() - t0) / 60
+    finally:
+        trainer.close()
+        torch.set_num_threads(threads)
+    return 100 * -(-int(seconds / per_step) // 100)
+
+
+def test_time_limit_signal(slurm_cluster, images, tmp_path, reference, make_trainer, monkeypatch):
     """A 2-minute limit: SLURM sends USR2 55 s (up to 60 s more) before it; save, requeue, resume, repeat."""
-    n = 1800  # 75-95 s of training: longer than the latest possible first signal (~65 s after the start)
+    # 75 s of training at this machine's uncontended rate (more where the reference shares the CPUs), so the
+    # first attempt outlasts the latest possible first signal (~65 s after the start, ~10 s of it start-up) on
+    # a fast machine as on a slow one: a fixed 1,800 steps ended in 51 s, before any signal, on a fast one
+    n = min(8000, steps_lasting(75, make_trainer, tmp_path / "calibration", monkeypatch))
+    print(f"time limit: {n} steps")
     common = [*WORKERS, f"training.num_iterations={n}"]
     ref = reference(*common)
     run_dir, job, log = start_training(images, tmp_path, *common, "slurm.time_min=2", "slurm.signal_delay_s=55",
