@@ -21,7 +21,7 @@ def test_parallel_shards_and_loader_figures():
     shards = report_shards(cfg, images=8, steps=2, out=out)
     assert 0 < shards["efficiency"] < 10 and 0 < shards["default_efficiency"] < 10 and shards["one_s"] > 0
     loader = report_loader(cfg, windows=2, repeats=1, out=out, steps_per_window=5)
-    assert loader["rate_0"] > 0 and loader["rate_workers"] > 0 and loader["stall"] >= 0
+    assert loader["rate_0"] > 0 and loader["rate_workers"] > 0 and loader["stall"] >= 0 and loader["stall_0"] >= 0
     text = out.getvalue()
     assert re.search(r"parallel-shard efficiency \d+\.\d\d \(target >= 0\.9\)", text), text
     assert re.search(r"loader-worker ratio \d+\.\d\d \(target >= 0\.95\)", text), text

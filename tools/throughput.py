@@ -140,14 +140,15 @@ def report_loader(cfg: Config, windows: int, repeats: int, out: Any = sys.stdout
                 rates[w] += _window_rates(run_cfg, Path(tmp) / f"run{r}_{w}", windows, per)
     median = {w: statistics.median(v) for w, v in rates.items()}
     ratio = median[workers] / median[0]
-    stall = max(abs(v / median[workers] - 1) for v in rates[workers])
+    stall, stall_0 = (max(abs(v / median[w] - 1) for v in rates[w]) for w in (workers, 0))
     print(f"training on packed digits (batch {cfg.training.batch_size}): {median[0]:.1f} img/s with the data "
           f"read in the training process, {median[workers]:.1f} img/s with {workers} loader worker -> "
           f"loader-worker ratio {ratio:.2f} (target >= 0.95); windows of {per} steps with the worker: "
           f"{min(rates[workers]):.1f}..{max(rates[workers]):.1f} img/s, at most {100 * stall:.0f}% from the median "
-          f"(target <= 20%); the budget's default for packed data on the CPU: "
+          f"(target <= 20%; without it: {min(rates[0]):.1f}..{max(rates[0]):.1f}, {100 * stall_0:.0f}%, the "
+          f"machine's own noise); the budget's default for packed data on the CPU: "
           f"{cpu_budget('train', 'cpu', decodes=False).workers} workers (nothing to decode)", file=out, flush=True)
-    return {"ratio": ratio, "stall": stall, "rate_0": median[0], "rate_workers": median[workers]}
+    return {"ratio": ratio, "stall": stall, "stall_0": stall_0, "rate_0": median[0], "rate_workers": median[workers]}
 
 
 def report(cfg: Config, quick: bool, out: Any = sys.stdout) -> dict[str, float]:
