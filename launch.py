@@ -232,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    jobs = submit(cfg, run_dir, cluster, stages, args.dry_run)
+    try:
+        jobs = submit(cfg, run_dir, cluster, stages, args.dry_run)
+    finally:  # submitit's local executor leaves its folder pattern behind as an empty directory
+        if (placeholder := run_dir / "logs" / "%j").is_dir() and not any(placeholder.iterdir()):
+            placeholder.rmdir()
     if args.dry_run:
         return EXIT_OK
     jobs_path = run_dir / "jobs.json"  # a later --stage keeps the ids of the earlier stages

@@ -98,3 +98,4 @@ def test_local_executor_divides_the_machine(images, tmp_path) -> None:
     train = re.search(r"each rank: cpus (\d+) \(affinity mask\): torch (\d+) thread", proc.stdout)
     assert train and int(train.group(1)) == cpus, proc.stdout[-3000:]
     assert (tmp_path / "local" / "samples" / "grid.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "local" / "logs").iterdir() if not p.name.isdigit()) == []  # no "%j"
