@@ -33,7 +33,7 @@ from ddpm.checkpoint import FORMAT, load_latest, save_checkpoint
 from ddpm.config import Config, InfrastructureConfig, TrainingConfig, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
 from ddpm.cpus import apply_cpu_budget, cpu_budget
-from ddpm.data import create_dataloader_from_config, save_image
+from ddpm.data import create_dataloader_from_config, default_num_workers, save_image
 from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, cli_entry
@@ -75,8 +75,8 @@ class Trainer:
             raise ConfigError(f"training.batch_size: {tc.batch_size} is not divisible by world size {env.world_size}")
         self.local_batch = tc.batch_size // env.world_size
         self.device, cuda = env.device, env.device.type == "cuda"
-        self.budget = apply_cpu_budget(cpu_budget("train", self.device, cfg.data.num_workers,
-                                                 decodes=cfg.data.source != "packed"))  # per rank
+        workers = default_num_workers(cfg.data.num_workers, self.device, cfg.data.source)  # the loader's count
+        self.budget = apply_cpu_budget(cpu_budget("train", self.device, workers))  # per rank
         torch.manual_seed(tc.seed + env.rank)  # dropout; overwritten by the checkpoint on resume
         if cuda and infra.tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
