@@ -103,6 +103,17 @@ def test_resume_yields_exactly_the_unseen_batches(packed: DataConfig, workers: i
         loader.close()
 
 
+def test_a_worker_hands_over_the_same_float_tensors(packed: DataConfig) -> None:
+    """A worker sends numpy arrays through its pipe (no shared-memory round trip); the consumer still gets
+    float32 tensors, equal to the ones read in the training process, and may write to them."""
+    inline, worker = make(packed, 8, seed=2), make(packed, 8, seed=2, workers=1)
+    for _ in range(6):
+        x, y = next(inline), next(worker)
+        assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and torch.equal(x, y)
+        y.mul_(2)  # writable: the trainer may transform a batch in place
+    worker.close()
+
+
 @pytest.mark.filterwarnings("ignore:.*pin_memory")
 def test_persistent_workers_resume(packed: DataConfig) -> None:
     reference = take(make(packed, 8, seed=3), 8)

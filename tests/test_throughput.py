@@ -22,9 +22,11 @@ def test_parallel_shards_and_loader_figures():
     assert 0 < shards["efficiency"] < 10 and 0 < shards["default_efficiency"] < 10 and shards["one_s"] > 0
     loader = report_loader(cfg, windows=2, repeats=1, out=out, steps_per_window=5)
     assert loader["rate_0"] > 0 and loader["rate_workers"] > 0 and loader["stall"] >= 0 and loader["stall_0"] >= 0
+    assert 0 < loader["wait_ms_0"] < 1e4 and 0 < loader["wait_ms_workers"] < 1e4
     text = out.getvalue()
     assert re.search(r"parallel-shard efficiency \d+\.\d\d \(target >= 0\.9\)", text), text
     assert re.search(r"loader-worker ratio \d+\.\d\d \(target >= 0\.95\)", text), text
+    assert re.search(r"takes \d+\.\d\d ms from the worker, \d+\.\d\d ms read in the process", text), text
 
 
 def test_sampler_table_scores_each_row(checkpoint, tmp_path, monkeypatch):

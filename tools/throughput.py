@@ -10,8 +10,9 @@ Prints three figures for the config's model on this machine (``python -m tools.b
    The same K processes with torch's default threads (every process one thread per CPU) are shown beside it.
 2. **loader-worker ratio**: training images/s with the loader worker the budget gives a decoding source over
    images/s with the data read in the training process (``data.num_workers=0``), on cheap data (the digits,
-   packed); target >= 0.95. Below it, the worker's hand-over costs more than it saves: on the CPU the budget
-   gives a packed source (nothing to decode) no worker.
+   packed); target >= 0.95. Beside it, less noisy, the median milliseconds a step waits in ``next_batch``
+   for its batch (and noise) with and without the worker: the hand-over cost itself. On the CPU the budget
+   gives a packed source (nothing to decode) no worker: there it has nothing to save.
 3. **stall**: the largest distance of one window's images/s from the median window, with the worker; the
    target is within 20%. A window is the trainer's log window (``training.log_every`` steps), the img/s a
    user reads in the log; the stall the issue saw was one log window in four.
@@ -98,8 +99,9 @@ def report_shards(cfg: Config, images: int, steps: int, out: Any = sys.stdout) -
     return {"one_s": one, "parallel_s": budgeted, "efficiency": one / budgeted, "default_efficiency": one / default}
 
 
-def _window_rates(cfg: Config, run_dir: Path, windows: int, steps_per_window: int) -> list[float]:
-    """Images/s of each window of ``steps_per_window`` training steps (after 3 warm-up steps)."""
+def _window_rates(cfg: Config, run_dir: Path, windows: int, steps_per_window: int) -> tuple[list[float], float]:
+    """(images/s of each window of ``steps_per_window`` training steps after 3 warm-up steps, median ms the
+    training process waited in ``next_batch`` for a step's batch and noise)."""
     from ddpm.dist import DistEnv
     from ddpm.train import Trainer
 
@@ -107,13 +109,16 @@ def _window_rates(cfg: Config, run_dir: Path, windows: int, steps_per_window: in
     try:
         for _ in range(3):
             trainer.train_step(*trainer.next_batch())
-        rates = []
+        rates, waits = [], []
         for _ in range(windows):
             begin = time.perf_counter()
             for _ in range(steps_per_window):
-                trainer.train_step(*trainer.next_batch())
+                asked = time.perf_counter()
+                batch = trainer.next_batch()
+                waits.append(time.perf_counter() - asked)
+                trainer.train_step(*batch)
             rates.append(steps_per_window * cfg.training.batch_size / (time.perf_counter() - begin))
-        return rates
+        return rates, 1e3 * statistics.median(waits)
     finally:
         trainer.close()
 
@@ -133,22 +138,29 @@ def report_loader(cfg: Config, windows: int, repeats: int, out: Any = sys.stdout
         pack_dataset(folder, Path(tmp) / "digits.npy", progress=False)
         workers = cpu_budget("train", "cpu").workers
         rates: dict[int, list[float]] = {0: [], workers: []}
+        waits: dict[int, list[float]] = {0: [], workers: []}
         for r in range(repeats):
             for w in (0, workers):
                 data = dataclasses.replace(folder, source="packed", path=f"{tmp}/digits.npy", num_workers=w)
                 run_cfg = dataclasses.replace(cfg, data=data)
-                rates[w] += _window_rates(run_cfg, Path(tmp) / f"run{r}_{w}", windows, per)
+                window_rates, wait_ms = _window_rates(run_cfg, Path(tmp) / f"run{r}_{w}", windows, per)
+                rates[w] += window_rates
+                waits[w].append(wait_ms)
     median = {w: statistics.median(v) for w, v in rates.items()}
+    wait = {w: statistics.median(v) for w, v in waits.items()}
     ratio = median[workers] / median[0]
     stall, stall_0 = (max(abs(v / median[w] - 1) for v in rates[w]) for w in (workers, 0))
     print(f"training on packed digits (batch {cfg.training.batch_size}): {median[0]:.1f} img/s with the data "
           f"read in the training process, {median[workers]:.1f} img/s with {workers} loader worker -> "
-          f"loader-worker ratio {ratio:.2f} (target >= 0.95); windows of {per} steps with the worker: "
+          f"loader-worker ratio {ratio:.2f} (target >= 0.95); a step's batch (and noise) takes "
+          f"{wait[workers]:.2f} ms from the worker, {wait[0]:.2f} ms read in the process (medians; a step "
+          f"{1e3 * cfg.training.batch_size / median[0]:.0f} ms); windows of {per} steps with the worker: "
           f"{min(rates[workers]):.1f}..{max(rates[workers]):.1f} img/s, at most {100 * stall:.0f}% from the median "
           f"(target <= 20%; without it: {min(rates[0]):.1f}..{max(rates[0]):.1f}, {100 * stall_0:.0f}%, the "
           f"machine's own noise); the budget's default for packed data on the CPU: "
           f"{cpu_budget('train', 'cpu', decodes=False).workers} workers (nothing to decode)", file=out, flush=True)
-    return {"ratio": ratio, "stall": stall, "stall_0": stall_0, "rate_0": median[0], "rate_workers": median[workers]}
+    return {"ratio": ratio, "stall": stall, "stall_0": stall_0, "rate_0": median[0], "rate_workers": median[workers],
+            "wait_ms_0": wait[0], "wait_ms_workers": wait[workers]}
 
 
 def report(cfg: Config, quick: bool, out: Any = sys.stdout) -> dict[str, float]:
