@@ -29,7 +29,7 @@ quickstart: venv
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=20   # the slowest tests, for keeping the suite short
 
 bench: venv
 	$(PY) -m tools.bench
