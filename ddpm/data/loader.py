@@ -88,22 +88,15 @@ class _Failure:
 
 
 class _FlipView:
-    """Map-style view of an :class:`ImageSource` fetched by (index, flip): float [B, 3, S, S] batches.
+    """Map-style view of an :class:`ImageSource` fetched by (index, flip): float [B, 3, S, S] batches."""
 
-    With ``as_numpy`` a batch leaves a loader worker as a numpy array, pickled whole through the worker's pipe.
-    A tensor would go into shared memory instead, and the consumer would fetch its file descriptor from the
-    worker: a round trip that waits until the worker is scheduled, a few ms a batch on a CPU whose cores the
-    network keeps busy (``python -m tools.throughput``). A pinning (CUDA) loader keeps tensors: its pin thread
-    takes that wait, off the training thread.
-    """
-
-    def __init__(self, source: ImageSource, as_numpy: bool = False) -> None:
-        self.source, self.as_numpy = source, as_numpy
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitems__(self, keys: Sequence[tuple[int, bool]]) -> torch.Tensor | np.ndarray | _Failure:
+    def __getitems__(self, keys: Sequence[tuple[int, bool]]) -> torch.Tensor | _Failure:
         try:
             ids = [i for i, _ in keys]
             get_batch = getattr(self.source, "get_batch", None)  # any dataset of uint8 [S, S, 3] works
@@ -116,16 +109,24 @@ class _FlipView:
             x[flips] = x[flips].flip(2)  # horizontal: the W axis of [B, H, W, C]
         out = torch.empty((x.shape[0], x.shape[3], x.shape[1], x.shape[2]), dtype=torch.float32)
         out.copy_(x.permute(0, 3, 1, 2))  # one pass: HWC -> CHW and uint8 -> float
-        out.div_(127.5).sub_(1.0)
-        return out.numpy() if self.as_numpy else out
+        return out.div_(127.5).sub_(1.0)
 
-    def __getitem__(self, key: tuple[int, bool]) -> torch.Tensor | np.ndarray | _Failure:
+    def __getitem__(self, key: tuple[int, bool]) -> torch.Tensor | _Failure:
         out = self.__getitems__([key])
         return out if isinstance(out, _Failure) else out[0]
 
 
 def _keep(batch: Any) -> Any:
     return batch
+
+
+def _as_array(batch: Any) -> Any:
+    """``collate_fn`` of a worker that does not pin: the batch leaves as a numpy array, pickled whole through
+    the worker's pipe. A tensor would go into shared memory instead, and the consumer would fetch its file
+    descriptor from the worker: a round trip that waits until the worker is scheduled, a few ms a batch on a
+    CPU whose cores the network keeps busy (``python -m tools.throughput``). A pinning (CUDA) loader keeps
+    tensors: its pin thread takes that wait, off the training thread."""
+    return batch.numpy() if isinstance(batch, torch.Tensor) else batch
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -154,9 +155,9 @@ class InfiniteLoader:
                  pin_memory: bool = False, persistent_workers: bool = False, prefetch_factor: int = 4) -> None:
         self.dataset = source
         self.sampler = sampler
-        self._as_numpy = num_workers > 0 and not pin_memory  # see _FlipView
         self._loader_kwargs: dict[str, Any] = dict(
-            batch_sampler=sampler, num_workers=num_workers, collate_fn=_keep, pin_memory=pin_memory,
+            batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+            collate_fn=_as_array if num_workers > 0 and not pin_memory else _keep,
             persistent_workers=persistent_workers and num_workers > 0, worker_init_fn=_worker_leaves_stop_signals,
             prefetch_factor=prefetch_factor if num_workers > 0 else None)
         self._loader: DataLoader | None = None
@@ -175,13 +176,13 @@ class InfiniteLoader:
         if self._iterator is None:
             self.sampler.start = (self.epoch, self.offset)
             if self._loader is None:
-                self._loader = DataLoader(_FlipView(self.dataset, self._as_numpy), **self._loader_kwargs)
+                self._loader = DataLoader(_FlipView(self.dataset), **self._loader_kwargs)
             self._iterator = iter(self._loader)
         batch = next(self._iterator)
         if isinstance(batch, _Failure):
             self._iterator = None
             raise DataError(batch.message)
-        if isinstance(batch, np.ndarray):  # from a worker (_FlipView.as_numpy): no copy
+        if isinstance(batch, np.ndarray):  # from a worker (_as_array): no copy
             batch = torch.from_numpy(batch)
         self.offset += 1
         if self.offset == self.batches_per_epoch:
