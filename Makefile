@@ -4,8 +4,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch/torchvision pinned to the builds this project is tested with; override for your CUDA.
+# torch/torchvision pinned to the builds this project is tested with; override for your CUDA (torch >= 2.10).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The index torch comes from; empty: pip's configuration (PyPI: CUDA 13 builds, NVIDIA driver >= 580). For an
+# older driver, e.g. (README, "On a cluster"; `make clean` first if .venv exists):
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cu126 TORCH_SPEC='torch>=2.10 torchvision'
+TORCH_INDEX ?=
 
 .PHONY: venv quickstart test lint bench clean
 
@@ -18,9 +22,11 @@ UV_INSTALL = $(VENV)/bin/uv pip install -q --python $(PY) --index-strategy unsaf
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv || echo "uv not available: installing with pip"
-	if [ -x $(VENV)/bin/uv ]; then install="$(UV_INSTALL) $$($(PYTHON) tools/pip_index_args.py)"; \
-	else install="$(PY) -m pip install -q"; fi; \
-	$$install $(TORCH_SPEC) && $$install -e '.[test]'
+	if [ -x $(VENV)/bin/uv ]; then base="$(UV_INSTALL)"; install="$$base $$($(PYTHON) tools/pip_index_args.py)"; \
+	else base="$(PY) -m pip install -q"; install="$$base"; fi; \
+	if [ -n "$(TORCH_INDEX)" ]; then torch_install="$$base --index-url $(TORCH_INDEX)"; \
+	else torch_install="$$install"; fi; \
+	$$torch_install $(foreach spec,$(TORCH_SPEC),'$(spec)') && $$install -e '.[test]'
 	touch $@
 
 quickstart: venv

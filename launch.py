@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,11 @@ from ddpm.cluster.executors import (
 from ddpm.cluster.preflight import detect_cluster, preflight
 from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
+from ddpm.envcheck import check_torch_floor
 from ddpm.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, DDPMError, cli_entry
 from ddpm.evaluate import eval_steps, read_result
 from ddpm.fsio import atomic_write_text
+from ddpm.plan import disk_plan
 
 STAGES = ("train", "eval", "select", "sample", "assemble")
 ARRAYS = {"eval": "eval_tasks", "sample": "sample_tasks"}  # jobs.json: the task ids of each array stage
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) != 2:
             raise DDPMError("usage: python launch.py status RUN_DIR")
         return status(Path(argv[1]))
+    check_torch_floor()  # before the config: a job would die in torchrun's option parsing
     args = parse_with_overrides(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
     cluster = detect_cluster(args.cluster)
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = cfg.run_dir.resolve()
     preflight(cfg, cluster, stages)
     print(f"preflight ok: cluster {cluster}, stages {' -> '.join(stages)}, run dir {run_dir}", flush=True)
+    if args.dry_run:
+        print(*disk_plan(cfg).lines(), f"(run.root has {shutil.disk_usage(cfg.run.root).free / 2**30:.1f} GiB free)")
     if not args.dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")

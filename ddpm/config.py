@@ -316,6 +316,14 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
 
+    @property
+    def task_gpus(self) -> tuple[int, str]:
+        """(GPUs of one sampling or eval task, the key that says so): slurm.sample_gpus, else one GPU when
+        training uses GPUs (infrastructure.num_gpus > 0)."""
+        if self.slurm.sample_gpus is not None:
+            return self.slurm.sample_gpus, "slurm.sample_gpus"
+        return int(self.infrastructure.num_gpus > 0), "infrastructure.num_gpus"
+
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from nested plain types; unknown names are errors."""

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ddpm.envcheck import require_gpus
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -49,12 +51,16 @@ def _from_environ() -> tuple[int, int, int]:
 def init_distributed(use_cuda: bool = True, timeout_s: int = 1800) -> DistEnv:
     """Read the environment, pick the device from the local rank, join the process group.
 
-    NCCL on CUDA, gloo on CPU. With ``use_cuda`` False (or no GPU) the CPU is used.
+    NCCL on CUDA (one GPU per local rank), gloo on CPU (``use_cuda`` False). A process asked to use CUDA that
+    sees fewer GPUs than its node's ranks stops with one line (:func:`ddpm.envcheck.require_gpus`), never
+    falling back to the CPU.
     """
     rank, world_size, local_rank = _from_environ()
-    cuda = use_cuda and torch.cuda.is_available()
+    cuda = use_cuda
     if cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        require_gpus(local_ranks, f"training ({local_ranks} local rank(s), one GPU each)")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

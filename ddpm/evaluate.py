@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", choices=("steps", "task", "select", "best"))
     p.add_argument("run_dir", type=Path, help="the run directory (its config.yaml and checkpoints/)")
     p.add_argument("--index", type=int, help="task: which checkpoint (default $SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the config asks for GPUs)")
     return p
 
 
@@ -205,12 +205,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg, sampling=dataclasses.replace(cfg.sampling, checkpoint="best")))[0])
     else:
         from ddpm.cpus import apply_cpu_budget, cpu_budget
+        from ddpm.envcheck import pick_device
 
         index = args.index if args.index is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "-1"))
         if not 0 <= index < len(steps):
             raise DDPMError(f"--index {index}: the eval array has tasks 0..{len(steps) - 1} (steps {steps})")
-        print(f"eval: {apply_cpu_budget(cpu_budget('sample', args.device))}", flush=True)
-        evaluate_step(args.run_dir, cfg, steps[index], args.device)
+        gpus, key = cfg.task_gpus
+        device = pick_device(args.device, gpus, f"eval task {index}", key)
+        print(f"eval: {apply_cpu_budget(cpu_budget('sample', device))}", flush=True)
+        evaluate_step(args.run_dir, cfg, steps[index], device)
     return 0
 
 

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ref.add_argument("--max-images", type=int, default=None, help="default: the whole split")
     ref.add_argument("--weights", default=None, help="default: sampling.fid_weights or the torch hub cache")
     ref.add_argument("--batch-size", type=int, default=100)
-    ref.add_argument("--device", default=None, help="default: cuda when available")
+    ref.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the config asks for GPUs)")
     args = parse_with_overrides(p, argv)
 
     from ddpm.config import load_config
@@ -202,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.max_images is not None and args.max_images < 2:
         raise FIDError(f"--max-images must be >= 2, got {args.max_images}")
-    import torch
+    from ddpm.envcheck import pick_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device, int(cfg.infrastructure.num_gpus > 0), "FID reference statistics",
+                         "infrastructure.num_gpus (--device cpu for the CPU)")
     from ddpm.cpus import apply_cpu_budget, cpu_budget
     from ddpm.inception import load_inception
 

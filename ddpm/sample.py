@@ -39,6 +39,7 @@ from ddpm.config import Precision, Sampler, SamplingConfig, Spacing, choices
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.data import to_uint8
 from ddpm.diffusion import DDPM
+from ddpm.envcheck import pick_device
 from ddpm.errors import CheckpointError, ConfigError, ShardError, cli_entry
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, file_sha256, new_dir
 from ddpm.outputs import SETTINGS_KEYS, shard_paths, shard_range
@@ -215,8 +216,7 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
     if s.use_ema and not state.get("ema"):
         print(f"{ckpt}: no EMA weights in the checkpoint; using the raw model weights", flush=True)
         s = dataclasses.replace(s, use_ema=False)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _check(not device.startswith("cuda") or torch.cuda.is_available(), f"--device {device}: CUDA is not available")
+    device = checkpoint_device(state, device)
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt)
     mc = state["model_config"]
     size = mc.get("image_size", state["config"]["data"]["image_size"])
@@ -271,6 +271,16 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
     return paths["npz"]
 
 
+def checkpoint_device(state: dict[str, Any], device: str | None) -> str:
+    """``device`` (cpu or cuda), or the device the checkpoint's config asks for (:attr:`Config.task_gpus`);
+    one line when it asks for a GPU this process does not see. Never cuda-when-available."""
+    cfg = state["config"]
+    gpus, key = int(cfg.get("infrastructure", {}).get("num_gpus", 0) > 0), "infrastructure.num_gpus"
+    if cfg.get("slurm", {}).get("sample_gpus") is not None:  # as Config.task_gpus, on the checkpoint's plain dict
+        gpus, key = cfg["slurm"]["sample_gpus"], "slurm.sample_gpus"
+    return pick_device(device, gpus, "sampling", f"{key} (the checkpoint's config; --device cpu to sample on the CPU)")
+
+
 # command-line flag -> SamplingConfig field; a flag given replaces the checkpoint's value
 FLAGS = {"num_samples": "--num-samples", "num_shards": "--num-shards", "sampler": "--sampler",
          "num_steps": "--steps", "eta": "--eta", "timestep_spacing": "--spacing", "seed_base": "--seed-base",
@@ -297,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the network")
     p.add_argument("--fid", action="store_const", const=True, help="store Inception statistics")
     p.add_argument("--fid-weights", dest="fid_weights", help="default: sampling.fid_weights or the torch hub cache")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cuda when the checkpoint's config asks for GPUs)")
     p.add_argument("--no-progress", action="store_false", dest="progress")
     return p
 
@@ -305,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
-    print(f"sample: {apply_cpu_budget(cpu_budget('sample', args['device']))}", flush=True)
     ckpt, state = load_resolved(args["checkpoint"], map_location="cpu")  # read once
+    args["device"] = checkpoint_device(state, args["device"])
+    print(f"sample: {apply_cpu_budget(cpu_budget('sample', args['device']))}", flush=True)
     given = {k: args[k] for k in FLAGS if args[k] is not None}
     try:  # one validation, in SamplingConfig.__post_init__
         sampling = dataclasses.replace(checkpoint_sampling(state), **given)

@@ -36,7 +36,9 @@ from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.data import create_dataloader_from_config, default_num_workers, save_image
 from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
+from ddpm.envcheck import SetupError, check_torch_floor
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, cli_entry
+from ddpm.precision import amp_dtype
 from ddpm.runlog import RunLogger, write_provenance, write_status
 from ddpm.unet import UNet
 
@@ -46,16 +48,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], tc: TrainingConfig,
     """AdamW of ``training``, fused when ``infrastructure.fused_adam`` (CUDA, CPU); the trainer's and the bench's."""
     return torch.optim.AdamW(params, lr=tc.learning_rate, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                              fused=infra.fused_adam or None)
-
-
-def amp_dtype(infra: InfrastructureConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 on CUDA (fp16, with a grad scaler, where bf16 is missing); on CPU bf16 only
-    with ``infrastructure.mixed_precision_on_cpu``; None = fp32."""
-    if not infra.mixed_precision:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if infra.mixed_precision_on_cpu else None
 
 
 def quartile_losses(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
@@ -361,17 +353,21 @@ def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception,
     if state == "lost":
         print(f"[rank {env.rank}] lost a peer after step {step}: {line}", flush=True)
     with contextlib.suppress(OSError):
-        if env.is_main:
+        if env.is_main and run_dir.is_dir():
             write_status(run_dir, state, step, 0, error=line)
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    check_torch_floor()
     args = parse_with_overrides(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)  # exits with one line on a config error
     run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
-    # collectives time out at twice the watchdog bound: the wrapper's watchdog acts first, this is the backstop
-    env = dist.init_distributed(use_cuda=cfg.infrastructure.num_gpus > 0, timeout_s=2 * cfg.training.watchdog_s or 1800)
+    try:  # collectives time out at twice the watchdog bound: the wrapper's watchdog acts first, this is the backstop
+        env = dist.init_distributed(cfg.infrastructure.num_gpus > 0, 2 * cfg.training.watchdog_s or 1800)
+    except SetupError as err:  # GPUs asked for, not seen: the wrapper and `launch.py status` show the line
+        _record_failure(run_dir, dist.DistEnv(rank=int(os.environ.get("RANK", "0"))), -1, err)
+        raise
     write_provenance(run_dir, cfg, env)  # collective: gathers every rank's host
     try:
         trainer = Trainer(cfg, run_dir, env, overfit_single_batch=args.overfit_single_batch)

@@ -30,7 +30,8 @@ import torch
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import load_config
-from ddpm.train import Trainer, amp_dtype
+from ddpm.precision import amp_dtype
+from ddpm.train import Trainer
 from ddpm.unet import UNet
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -53,7 +53,8 @@ from ddpm.configtools import parse_with_overrides
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError, cli_entry
-from ddpm.train import amp_dtype, build_optimizer
+from ddpm.precision import amp_dtype
+from ddpm.train import build_optimizer
 from ddpm.unet import UNet
 from tools.diffusers_twin import build_pair, sample_of
 

@@ -3,7 +3,12 @@
 1. The cluster's stop settings (``scontrol show config`` / ``show partition``): JobRequeue, PreemptType and the
    partition's PreemptMode, GraceTime, KillWait, MaxTime against ``slurm.time_min``; the time a checkpoint of
    the configured model needs on ``run.root`` against the time SLURM gives after a stop signal.
-2. One tiny CPU job on the configured partition that takes the stop path end to end: the stop signal
+2. One short job with the training resources (partition, gres, nodes, CPUs, memory; ``ddpm.cluster.probe``):
+   torch and its CUDA build against the floor, the driver, the GPUs seen against those asked for and bf16, an
+   all-reduce across the job's ranks (NCCL on GPUs, gloo on CPU) with its bandwidth, write and read speed of
+   ``run.root`` and node-local scratch, the configured model's training img/s; then the run plan: wall time
+   for ``training.num_iterations``, GPU-hours, requeues, disk, and the checkpoint save against the signal window.
+3. One tiny CPU job on the configured partition that takes the stop path end to end: the stop signal
    (``scancel --signal=<training.stop_signal>``, what the time limit sends), a checkpoint, a requeue and a
    resume, compared bitwise with an uninterrupted job of the same tiny config on the same partition.
 
@@ -13,16 +18,19 @@ to change). The exit code is 1 when anything failed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ddpm.architecture import checkpoint_bytes
+from ddpm.cluster.probe import PROBE_FILE, storage_speed, time_checkpoint
 from ddpm.config import Config, dump_config, load_config
+from ddpm.envcheck import check_torch_floor
 from ddpm.errors import DDPMError
+from ddpm.plan import run_plan
 
 TINY = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
         "model.attention_resolutions=[4]", "model.num_heads=2", "model.dropout=0.0", "training.batch_size=8",
@@ -61,59 +69,6 @@ def scontrol_fields(*args: str) -> dict[str, str]:
     return fields
 
 
-def write_speed(directory: Path, size_mb: int = 64) -> float:
-    """MB/s of an fsynced write to ``directory`` (where checkpoints go), measured with a temp file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    block = os.urandom(2**20)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-speed-") as f:
-        t0 = time.perf_counter()
-        for _ in range(size_mb):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-        return size_mb / max(time.perf_counter() - t0, 1e-6)
-
-
-def checkpoint_bytes(cfg: Config) -> int:
-    """Bytes of a checkpoint of ``cfg.model``: weights, EMA and AdamW's two moments, fp32 (4 x 4 bytes/param)."""
-    import torch
-
-    from ddpm.unet import UNet
-
-    with torch.device("meta"):
-        params = sum(p.numel() for p in UNet.from_config(cfg.model, cfg.data.image_size).parameters())
-    return 16 * params
-
-
-def time_checkpoint(cfg: Config, directory: Path) -> tuple[int, float]:
-    """(bytes, seconds) of a real checkpoint of ``cfg.model`` (weights, EMA, AdamW moments) saved the trainer's
-    way (temp file, fsync, rename, LATEST) into a temporary run directory under ``directory``, then removed."""
-    import shutil
-
-    import torch
-
-    from ddpm.checkpoint import FORMAT, save_checkpoint
-    from ddpm.unet import UNet
-
-    model = UNet.from_config(cfg.model, cfg.data.image_size)
-    opt = torch.optim.AdamW(model.parameters())
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()  # creates exp_avg and exp_avg_sq
-    state = {"format": FORMAT, "step": 1, "model": model.state_dict(), "model_config": model.config_dict(),
-             "ddpm": {}, "config": cfg.to_dict(), "ema": {"shadow": {k: v.clone() for k, v in
-                                                                      model.state_dict().items()}},
-             "optimizer": opt.state_dict()}
-    directory.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix=".doctor-save-", dir=directory))
-    try:
-        t0 = time.perf_counter()
-        path = save_checkpoint(run_dir, state)
-        return path.stat().st_size, time.perf_counter() - t0
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
 def check_cluster(cfg: Config, report: Report, save_test: bool = False) -> None:
     """Step 1: the stop settings of the cluster and the partition, and whether a checkpoint fits in them."""
     from ddpm.cluster.preflight import default_partition
@@ -132,8 +87,8 @@ def check_cluster(cfg: Config, report: Report, save_test: bool = False) -> None:
         size, need = time_checkpoint(cfg, Path(cfg.run.root))
         report("ok", "checkpoint", f"{size / 2**30:.2f} GiB written to run.root in {need:.1f} s (measured)")
     else:
-        size = checkpoint_bytes(cfg)
-        speed = write_speed(Path(cfg.run.root))
+        size = checkpoint_bytes(cfg.model, cfg.data.image_size)
+        speed = storage_speed(Path(cfg.run.root), size_mb=64)[0]
         need = 2 * size / 2**20 / speed  # torch.save + fsync took 1.6-1.8x the raw write of the same bytes here
         report("ok", "checkpoint", f"{size / 2**30:.2f} GiB at {speed:.0f} MB/s on run.root: about {need:.1f} s "
                "(--save-test measures a real one)")
@@ -207,12 +162,11 @@ def _restarts(job: str) -> int:
         return 0
 
 
-def check_stop_path(cfg: Config, report: Report, timeout: float) -> None:
-    """Step 2: a tiny job stopped by the stop signal must checkpoint, be requeued, resume and match."""
+def check_stop_path(cfg: Config, report: Report, timeout: float, root: Path) -> None:
+    """Step 3: a tiny job stopped by the stop signal must checkpoint, be requeued, resume and match."""
     from ddpm.cluster.executors import TrainTask, make_executor
     from ddpm.cluster.preflight import job_state
 
-    root = Path(cfg.run.root).resolve() / ".doctor" / time.strftime("%Y%m%d-%H%M%S")
     _write_images(root / "data")
     jobs: dict[str, tuple[str, Path]] = {}
     try:
@@ -271,16 +225,55 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
            "weights differ from the uninterrupted job (different CPU types in the partition?)")
 
 
+def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
+    """Step 2: one short job with the training resources runs the probe; its lines, then the run plan."""
+    from ddpm.cluster.executors import ProbeTask, make_executor
+    from ddpm.cluster.preflight import job_state
+
+    sc = cfg.slurm
+    probe_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, root=str(root), name="node"),
+                                    slurm=dataclasses.replace(sc, time_min=min(sc.time_min, 30)))
+    run_dir = probe_cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(probe_cfg, run_dir / "config.yaml")
+    try:
+        job = make_executor(probe_cfg, run_dir, "train", "slurm").submit(ProbeTask(run_dir)).job_id
+    except Exception as err:  # sbatch refused the training resources
+        last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        return report("FAIL", "node job", f"sbatch refused a job with the training resources: {last}")
+    report("ok", "node job", f"job {job} with the training resources (partition "
+           f"{sc.partition or 'default'}, {cfg.infrastructure.num_nodes} node(s), gres {sc.gres or 'none'}, "
+           f"{sc.cpus_per_task} CPUs, {sc.mem_gb} GB)")
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE", "OUT_OF_MEMORY", "NODE_FAIL")
+    log = run_dir / "logs" / job / f"{job}_0_log.out"
+    if not _wait(lambda: job_state(job).split("(")[0] in ended, timeout):
+        subprocess.run(["scancel", job], capture_output=True, timeout=60)
+        return report("FAIL", "node job", f"job {job} did not finish in {timeout:.0f} s ({job_state(job)}); see {log}")
+    probe_file = run_dir / PROBE_FILE
+    if not probe_file.is_file():
+        return report("FAIL", "node job", f"job {job} ended {job_state(job)} without a report; see {log}")
+    result = json.loads(probe_file.read_text())
+    for kind, what, detail in result["lines"]:
+        report(kind, what, detail)
+    if result["img_per_s"] and result["save_s"] is not None:
+        print("run plan:", flush=True)
+        for kind, what, detail in run_plan(cfg, result["img_per_s"], result["save_s"]):
+            report(kind, what, detail)
+
+
 def doctor(cfg: Config, run_job: bool = True, timeout: float = 1800, save_test: bool = False) -> int:
-    """Run both steps; 0 when nothing failed."""
+    """Run every step; 0 when nothing failed."""
     from ddpm.cluster.preflight import check_slurm, slurm_available
 
+    check_torch_floor()
     if not slurm_available():
         raise DDPMError("doctor: no SLURM here (sinfo/sbatch not found or not answering); run it on the login node")
     check_slurm(cfg, ["train"])  # the partition exists and fits the request: one line otherwise
     report = Report()
     check_cluster(cfg, report, save_test)
     if run_job:
-        check_stop_path(cfg, report, timeout)
+        root = Path(cfg.run.root).resolve() / ".doctor" / time.strftime("%Y%m%d-%H%M%S")
+        check_node(cfg, report, timeout, root)
+        check_stop_path(cfg, report, timeout, root)
     print("doctor: " + ("FAILED: fix the lines marked FAIL" if report.failed else "all checks passed"), flush=True)
     return 1 if report.failed else 0

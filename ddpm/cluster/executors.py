@@ -33,6 +33,18 @@ class TrainTask:
         return run_training(self.run_dir, load_config(self.run_dir / "config.yaml"))
 
 
+class ProbeTask:
+    """submitit callable for the doctor's job on a training node (``ddpm.cluster.probe``)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def __call__(self) -> str:
+        from ddpm.cluster.probe import run_probe
+
+        return run_probe(self.run_dir, load_config(self.run_dir / "config.yaml"))
+
+
 class StopSampling(BaseException):
     """Raised in a sampling task by a stop signal; the partial shard on disk stays (at most one batch is lost)."""
 
@@ -65,10 +77,12 @@ def _budget(stage: str, cpu_share: int) -> str:
     return apply_cpu_budget(cpu_budget(stage))
 
 
-def _device() -> str:
-    import torch
+def _device(cfg: Config, what: str) -> str:
+    """cuda when the task asks for a GPU (:attr:`Config.task_gpus`), else cpu; one line when none is seen."""
+    from ddpm.envcheck import pick_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    gpus, key = cfg.task_gpus
+    return pick_device(None, gpus, what, key)
 
 
 class SampleTask:
@@ -83,11 +97,12 @@ class SampleTask:
         from ddpm.evaluate import resolve_checkpoint
         from ddpm.sample import sample_shard
 
+        device = _device(self.cfg, f"sampling task {shard}")
         print(f"shard {shard}: {_budget('sample', self.cpu_share)}", flush=True)
         ckpt, why = resolve_checkpoint(self.run_dir, self.cfg)
         print(f"shard {shard}: checkpoint {why}", flush=True)
         return _stoppable(f"shard {shard}", self.max_restarts, lambda: sample_shard(
-            ckpt, self.run_dir / "samples" / "shards", shard, self.cfg.sampling, device=_device(), choice=why))
+            ckpt, self.run_dir / "samples" / "shards", shard, self.cfg.sampling, device=device, choice=why))
 
 
 class EvalTask:
@@ -100,10 +115,11 @@ class EvalTask:
         from ddpm.evaluate import eval_steps, evaluate_step
 
         step = eval_steps(self.cfg)[index]
+        device = _device(self.cfg, f"eval task {index}")
         print(f"eval task {index} (step {step}): {_budget('sample', self.cpu_share)}", flush=True)
         try:
             return _stoppable(f"eval task {index}", self.cfg.slurm.max_restarts, lambda: evaluate_step(
-                self.run_dir, self.cfg, step, device=_device())["mean"])
+                self.run_dir, self.cfg, step, device=device)["mean"])
         except DDPMError as err:  # one line in the task's log; the selection names the task
             print(f"error: eval task {index} (step {step}): {err}", flush=True)
             raise
@@ -152,7 +168,7 @@ def stage_resources(cfg: Config, stage: str) -> dict[str, int]:
         return {"cpus_per_task": sc.sample_cpus_per_task or min(sc.cpus_per_task, 4),
                 "mem_gb": sc.sample_mem_gb or min(sc.mem_gb, 16),
                 "time_min": sc.sample_time_min or max(min(sc.time_min, 240), floor_min),
-                "gpus": sc.sample_gpus if sc.sample_gpus is not None else int(infra.num_gpus > 0)}
+                "gpus": cfg.task_gpus[0]}
     s, channels = cfg.data.image_size, cfg.model.in_channels
     npz_gb = cfg.sampling.num_samples * s * s * channels / 2**30
     return {"cpus_per_task": sc.assemble_cpus_per_task or min(sc.cpus_per_task, 4),

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddpm.config import Config
+from ddpm.envcheck import check_torch_floor
 from ddpm.errors import ConfigError, DataError, DDPMError
+from ddpm.plan import check_free_space
 
 
 def _run(cmd: list[str]) -> str:
@@ -179,9 +181,11 @@ def check_eval(cfg: Config, stages: list[str]) -> None:
 
 def preflight(cfg: Config, cluster: str, stages: list[str]) -> None:
     """Every check that can be made on the login node; raises one DDPMError line."""
+    check_torch_floor()
     if "train" in stages:
         check_data(cfg)
     check_run_root(cfg)
+    check_free_space(cfg)
     check_resume_inputs(cfg, stages)
     check_eval(cfg, stages)
     if cluster == "slurm":

@@ -37,12 +37,14 @@ from ddpm.cluster.preflight import job_state
 from ddpm.cluster.rendezvous import first_slurm_host, rendezvous_port
 from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
-from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, ConfigError, cli_entry
+from ddpm.envcheck import check_torch_floor
+from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, ConfigError, DDPMError, cli_entry
 from ddpm.runlog import read_status, stalled_for, write_status
 
 
-def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None = None) -> list[str]:
-    """torchrun around the trainer: c10d rendezvous at the first node for multi-node jobs.
+def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None = None,
+                     module: str = "ddpm.train") -> list[str]:
+    """torchrun around the trainer (or the doctor's probe): c10d rendezvous at the first node for multi-node jobs.
 
     The agent does not handle SIGTERM (``--signals-to-handle`` without it; ignored, see
     :func:`_ignore_stop_signals`): on SIGTERM it would kill the ranks after ``--shutdown-timeout``, before
@@ -61,7 +63,7 @@ def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None 
                 f"--rdzv-id={job_id}"]
     else:
         cmd += ["--standalone"]
-    return cmd + ["-m", "ddpm.train", "--config", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+    return cmd + ["-m", module, "--config", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
 
 
 def _ignore_stop_signals() -> None:  # runs in torchrun's process before exec; inherited by its agent
@@ -179,6 +181,7 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     Requeued (up to ``slurm.max_restarts``) when the trainer stopped on a signal with a durable checkpoint, and
     when the watchdog ended a hung run or a rank was lost (both resume from the last checkpoint).
     """
+    check_torch_floor()  # before torchrun: an older torchrun rejects --signals-to-handle with a usage error
     nodes = int(os.environ.get("SLURM_NNODES", cfg.infrastructure.num_nodes))
     if nodes != cfg.infrastructure.num_nodes:  # the sbatch route: --nodes and the config disagree
         raise ConfigError(f"infrastructure.num_nodes: the config says {cfg.infrastructure.num_nodes}, this job has "
@@ -226,24 +229,13 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     elif state == "stopped":
         took = f" {time.monotonic() - signals[0][1]:.1f} s after {signals[0][0]}" if signals else ""
         print(f"training stopped at step {step}; checkpoint is durable{took}", flush=True)
+    elif state == "failed" and status.get("error"):  # the trainer's one line (no GPU, unreadable checkpoints,
+        raise DDPMError(f"training failed: {status['error']}")  # a full disk): fix and resubmit; never requeued
     else:
-        why = status.get("error") or f"torchrun exited with {rc}, status {state!r}; see {run_dir}/logs"
-        raise RuntimeError(f"training failed: {why}")
+        raise RuntimeError(f"training failed: torchrun exited with {rc}, status {state!r}; see {run_dir}/logs")
     if node == 0 and requeue_self(cfg.slurm.max_restarts):
         time.sleep(600)  # scontrol requeue ends this job; never report success or failure
     return state
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    check_torch_floor()
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
     if args.config is None and args.run_dir is None:

@@ -1,0 +1,239 @@
+"""The doctor's job on a training node: torch, driver, GPUs, an all-reduce, storage and training speed.
+
+``launch.py doctor`` submits :class:`ProbeTask` with the training job's resources (partition, gres, nodes,
+CPUs, memory); it runs torchrun around ``python -m ddpm.cluster.probe`` as the trainer would be run, and rank 0
+writes ``probe.json``: the report's lines and the measured figures the run plan is computed from.
+
+    python -m ddpm.cluster.probe --config RUN_DIR/config.yaml --run-dir RUN_DIR   # each rank, under torchrun
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ddpm.config import Config, load_config
+from ddpm.envcheck import (
+    TORCH_FLOOR_TEXT,
+    check_torch_floor,
+    driver_problem,
+    gpu_problem,
+    installed_torch,
+    nvidia_driver,
+    torch_floor_problem,
+)
+from ddpm.errors import cli_entry
+from ddpm.fsio import atomic_write_text
+
+Line = tuple[str, str, str]  # (ok | note | FAIL, what, detail)
+PROBE_FILE = "probe.json"
+
+
+def storage_speed(directory: Path, size_mb: int = 256) -> tuple[float, float]:
+    """(write, read) MB/s of a ``size_mb`` file in ``directory``: fsynced write, then a read with the page cache
+    dropped for it (``posix_fadvise``), so the read comes from the storage where the file system allows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(2**20)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-speed-") as f:
+        t0 = time.perf_counter()
+        for _ in range(size_mb):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        write = size_mb / max(time.perf_counter() - t0, 1e-6)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        with open(f.name, "rb", buffering=0) as r:
+            while r.read(2**22):
+                pass
+        return write, size_mb / max(time.perf_counter() - t0, 1e-6)
+
+
+def time_checkpoint(cfg: Config, directory: Path) -> tuple[int, float]:
+    """(bytes, seconds) of a real checkpoint of ``cfg.model`` (weights, EMA, AdamW moments) saved the trainer's
+    way (temp file, fsync, rename, LATEST) into a temporary run directory under ``directory``, then removed."""
+    import torch
+
+    from ddpm.checkpoint import FORMAT, save_checkpoint
+    from ddpm.unet import UNet
+
+    model = UNet.from_config(cfg.model, cfg.data.image_size)
+    opt = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # creates exp_avg and exp_avg_sq
+    state = {"format": FORMAT, "step": 1, "model": model.state_dict(), "model_config": model.config_dict(),
+             "ddpm": {}, "config": cfg.to_dict(), "optimizer": opt.state_dict(),
+             "ema": {"shadow": {k: v.clone() for k, v in model.state_dict().items()}}}
+    directory.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix=".doctor-save-", dir=directory))
+    try:
+        t0 = time.perf_counter()
+        path = save_checkpoint(run_dir, state)
+        return path.stat().st_size, time.perf_counter() - t0
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def environment_lines(cfg: Config) -> list[Line]:
+    """torch and its CUDA build against the floor, the driver, the GPUs seen against those asked for."""
+    import torch
+
+    version, build, driver = installed_torch(), torch.version.cuda, nvidia_driver()
+    problem = torch_floor_problem(version)
+    lines: list[Line] = [("FAIL" if problem else "ok", "torch", problem or (
+        f"torch {version} ({'CUDA ' + build + ' build' if build else 'CPU-only build'}), floor {TORCH_FLOOR_TEXT}"))]
+    bad_driver = driver_problem(build, driver)
+    lines.append(("FAIL" if bad_driver else "ok", "driver", bad_driver or (
+        f"NVIDIA driver {driver}" if driver else "no NVIDIA driver on this node")))
+    asked = cfg.infrastructure.num_gpus
+    if asked == 0:
+        lines.append(("note", "gpus", "the config asks for no GPU (infrastructure.num_gpus=0): no GPU was tested"))
+    elif (missing := gpu_problem(asked, "training", "infrastructure.num_gpus")) is not None:
+        lines.append(("FAIL", "gpus", missing))
+    else:
+        seen = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+        names = ", ".join(f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm{p.major}{p.minor})" for p in seen)
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        lines.append(("ok", "gpus", f"{len(seen)} seen, {asked} asked: {names}"))
+        lines.append(("ok" if native else "note", "bf16", "native bf16 (sm >= 80)" if native else
+                      "no native bf16 on this card: mixed precision runs fp16 with a grad scaler"))
+    return lines
+
+
+def allreduce_line(env: Any, mb: int = 64) -> Line:
+    """Bus bandwidth of an all-reduce of ``mb`` MiB float32 across every rank (NCCL on GPUs, gloo on CPU)."""
+    import torch
+    import torch.distributed as tdist
+
+    if not env.distributed:
+        return "note", "all-reduce", "one rank: no collective to test (infrastructure.num_gpus / nproc_per_node = 1)"
+    backend = tdist.get_backend()
+    x = torch.ones(mb * 2**18, device=env.device)
+    tdist.all_reduce(x)  # warm-up: connections, buffers
+    rounds = 5
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        tdist.all_reduce(x)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / rounds
+    n = env.world_size
+    busbw = mb / 1024 / seconds * 2 * (n - 1) / n  # GB/s, nccl-tests' bus bandwidth
+    ok = x[0].item() == n ** (rounds + 1)
+    return ("ok" if ok else "FAIL", "all-reduce", f"{backend}, {n} ranks, {mb} MiB: {seconds * 1e3:.1f} ms, bus "
+            f"bandwidth {busbw:.2f} GB/s" + ("" if ok else " (wrong sum)"))
+
+
+def training_speed(cfg: Config, env: Any, steps: int = 20, warmup: int = 3) -> tuple[float, float | None]:
+    """(img/s of the whole job, peak GiB of GPU memory or None): ``steps`` training steps of the configured model
+    after ``warmup``, at the configured precision, batch and layout, on random images (no data is read)."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ddpm.diffusion import DDPM
+    from ddpm.precision import amp_dtype
+    from ddpm.train import build_optimizer
+    from ddpm.unet import UNet
+
+    infra, cuda = cfg.infrastructure, env.device.type == "cuda"
+    layout = torch.channels_last if infra.channels_last else torch.contiguous_format
+    model = UNet.from_config(cfg.model, cfg.data.image_size).to(env.device, memory_format=layout)
+    net = DistributedDataParallel(model, device_ids=[env.device] if cuda else None) if env.distributed else model
+    ddpm, opt = DDPM.from_config(cfg.ddpm, net), build_optimizer(model.parameters(), cfg.training, infra)
+    dtype = amp_dtype(infra, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
+    s, local = cfg.data.image_size, cfg.training.batch_size // env.world_size
+    x0 = torch.randn(local, cfg.model.in_channels, s, s, device=env.device).contiguous(memory_format=layout)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, _ = ddpm.compute_loss(x0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.gradient_clip_norm or float("inf"))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    rate = cfg.training.batch_size * steps / (time.perf_counter() - t0)
+    return rate, (torch.cuda.max_memory_allocated(env.device) / 2**30 if cuda else None)
+
+
+def probe(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Every rank: the checks above; rank 0 returns the report (lines, img_per_s, save_s)."""
+    from ddpm import dist
+    from ddpm.cpus import apply_cpu_budget, cpu_budget
+
+    lines = environment_lines(cfg)
+    result: dict[str, Any] = {"lines": lines, "img_per_s": None, "save_s": None}
+    if any(kind == "FAIL" for kind, _, _ in lines):
+        return result  # no GPU, or a torch that cannot run: the rest would say nothing more
+    env = dist.init_distributed(cfg.infrastructure.num_gpus > 0, timeout_s=600)
+    budget = apply_cpu_budget(cpu_budget("train", env.device, workers=0))
+    lines.append(allreduce_line(env))
+    if env.is_main:
+        scratch = Path(os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or tempfile.gettempdir())
+        for what, where in (("run.root", Path(cfg.run.root)), ("node scratch", scratch)):
+            write, read = storage_speed(where)
+            lines.append(("ok", what, f"{where}: write {write:.0f} MB/s (fsynced), read {read:.0f} MB/s"))
+    rate, peak = training_speed(cfg, env)
+    lines.append(("ok", "training speed", f"{rate:.1f} img/s, global batch {cfg.training.batch_size}, "
+                  f"{env.world_size} x {env.device.type}, mixed precision {cfg.infrastructure.mixed_precision}"
+                  + (f", peak memory {peak:.1f} GiB" if peak is not None else "") + f"; each rank: {budget}"))
+    result["img_per_s"] = rate
+    if env.is_main:
+        size, result["save_s"] = time_checkpoint(cfg, Path(cfg.run.root))
+        lines.append(("ok", "checkpoint save", f"{size / 2**20:.1f} MiB written to run.root in "
+                      f"{result['save_s']:.1f} s"))
+    dist.barrier()
+    dist.cleanup()
+    return result
+
+
+def run_probe(run_dir: Path, cfg: Config) -> str:
+    """The job's task on each node: torchrun around this module; returns the path of ``probe.json``."""
+    from ddpm.cluster.wrapper import torchrun_command
+
+    check_torch_floor()
+    (run_dir / PROBE_FILE).unlink(missing_ok=True)
+    cmd = torchrun_command(cfg, run_dir, module="ddpm.cluster.probe")
+    print("running:", " ".join(cmd), flush=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise RuntimeError(f"the doctor's probe failed: torchrun exited with {code}; see the log above")
+    return str(run_dir / PROBE_FILE)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ddpm.cluster.probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--run-dir", required=True)
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    result = probe(load_config(args.config), run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_text(run_dir / PROBE_FILE, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
