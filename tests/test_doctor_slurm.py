@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,27 @@ TINY = ROOT / "configs" / "tiny_cpu.yaml"
 
 
 def test_doctor(slurm_cluster, tmp_path):
-    """A preemptive partition (debug), with the tiny job's stop path taken end to end."""
+    """A preemptive partition (debug): the node job with the training resources (2 CPU ranks: gloo), the run plan,
+    and the tiny job's stop path taken end to end."""
     proc = subprocess.run([sys.executable, "launch.py", "doctor", "--config", str(TINY), "slurm.partition=debug",
-                           f"run.root={tmp_path}", "--timeout", "300"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=900)
+                           f"run.root={tmp_path}", "--timeout", "300", "infrastructure.nproc_per_node=2",
+                           "slurm.cpus_per_task=2", "training.num_iterations=5000"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     for what in ["requeue", "checkpoint", "preemption", "time limit", "max time", "submitted", "stop signal",
-                 "resume", "exact resume", "grace time"]:
+                 "resume", "exact resume", "grace time", "node job", "torch", "driver", "all-reduce", "run.root",
+                 "node scratch", "training speed", "checkpoint save", "wall time", "gpu-hours", "requeues", "disk",
+                 "save window"]:
         assert re.search(rf"^ok +{what} ", out, flags=re.M), f"no ok line for {what}:\n{out}"
+    assert re.search(r"^note +gpus +the config asks for no GPU \(infrastructure.num_gpus=0\): no GPU was tested$",
+                     out, flags=re.M), out
+    assert re.search(r"^ok +all-reduce +gloo, 2 ranks, 64 MiB: [\d.]+ ms, bus bandwidth [\d.]+ GB/s$", out, re.M), out
+    assert re.search(rf"^ok +run.root +{tmp_path}/\.doctor/\S+: write \d+ MB/s \(fsynced\), read \d+ MB/s$", out,
+                     flags=re.M), out
+    speed = float(re.search(r"^ok +training speed +([\d.]+) img/s, global batch 8, 2 x cpu", out, re.M).group(1))
+    assert re.search(rf"^ok +wall time +.* for 5000 steps of 8 at {speed:.1f} img/s$", out, flags=re.M), out
+    assert out.index("run plan:") > out.index("training speed") and f"torch {version('torch')} (" in out
     assert "PreemptMode=REQUEUE on debug: SIGTERM, then GraceTime=30 s" in out and "FAIL" not in out
     assert "weights bitwise equal to the uninterrupted job" in out and out.rstrip().endswith("all checks passed")
 
