@@ -37,8 +37,8 @@ from ddpm.data import create_dataloader_from_config, default_num_workers, save_i
 from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
 from ddpm.envcheck import SetupError, check_torch_floor
-from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, cli_entry
-from ddpm.precision import amp_dtype
+from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, DDPMError, cli_entry
+from ddpm.precision import amp_dtype, autocast, configure_backends, describe_precision, memory_format, restore_scaler
 from ddpm.runlog import RunLogger, write_provenance, write_status
 from ddpm.unet import UNet
 
@@ -58,7 +58,8 @@ def quartile_losses(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -
 
 
 class Trainer:
-    """Owns model, EMA, optimizer, scaler and data; ``train_step``, ``state_dict``, ``close``."""
+    """Owns model, EMA, optimizer, scaler and data; ``train_step``, ``state_dict``, ``close``. A run resumed at the
+    same world size ends bitwise equal to one never stopped: on CPU always, on GPUs with training.deterministic."""
 
     def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, overfit_single_batch: bool = False):
         self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
@@ -70,11 +71,10 @@ class Trainer:
         workers = default_num_workers(cfg.data.num_workers, self.device, cfg.data.source)  # the loader's count
         self.budget = apply_cpu_budget(cpu_budget("train", self.device, workers))  # per rank
         torch.manual_seed(tc.seed + env.rank)  # dropout; overwritten by the checkpoint on resume
-        if cuda and infra.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        configure_backends(infra, tc, self.device)  # TF32, cuDNN benchmark or deterministic kernels
 
         self.model = UNet.from_config(cfg.model, cfg.data.image_size).to(self.device)
-        self.memory_format = torch.channels_last if infra.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(infra, self.device)  # channels_last null: on for CPU, off for CUDA
         self.model.to(memory_format=self.memory_format)
         self.ema = EMA(self.model, tc.ema_decay, tc.ema_start)
         net: torch.nn.Module = self.model
@@ -162,7 +162,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.scaler = restore_scaler(self.scaler, state["scaler"], self.device.type, self._print)  # fp16 <-> bf16
         self.loader.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["counters"]["skipped_steps"])
@@ -210,8 +210,7 @@ class Trainer:
         lr = tc.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with autocast(self.amp_dtype, self.device):
             loss, metrics = self.ddpm.compute_loss(x0, t, noise)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -243,7 +242,8 @@ class Trainer:
             write_status(self.run_dir, "running", self.step, self.skipped_steps)  # a crash leaves this
         self._print(f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on "
                     f"{self.env.world_size} x {self.device.type}, global batch {tc.batch_size}, "
-                    f"step {self.step}/{tc.num_iterations}, run dir {self.run_dir}; each rank: {self.budget}")
+                    f"{describe_precision(self.amp_dtype, self.device)}, step {self.step}/{tc.num_iterations}, "
+                    f"run dir {self.run_dir}; each rank: {self.budget}")
         while self.step < tc.num_iterations and not self.stop_now:
             x0, t, noise = self.next_batch()
             metrics = self.train_step(x0, t, noise)
@@ -313,7 +313,8 @@ class Trainer:
         if not self.env.is_main:
             return
         sc, tc = self.cfg.sampling, self.cfg.training
-        ema_model = UNet(**self.model.config_dict()).to(self.device)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # UNet's init
+            ema_model = UNet(**self.model.config_dict()).to(self.device)  # draws: keep dropout's RNG as it was
         self.ema.copy_to(ema_model)
         images = DDPM(ema_model, **self.ddpm.state_dict()).sample(
             tc.num_samples, (self.cfg.model.in_channels, self.cfg.data.image_size, self.cfg.data.image_size),
@@ -371,13 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     write_provenance(run_dir, cfg, env)  # collective: gathers every rank's host
     try:
         trainer = Trainer(cfg, run_dir, env, overfit_single_batch=args.overfit_single_batch)
-    except CheckpointError as err:  # every checkpoint unreadable
+    except DDPMError as err:  # every checkpoint unreadable, a missing dataset: not a lost rank (see the wrapper)
         _record_failure(run_dir, env, -1, err)
         dist.cleanup()
         raise
     try:
         state = trainer.fit()
-    except CheckpointError as err:  # a full disk
+    except DDPMError as err:  # a full disk, an unreadable image
         _record_failure(run_dir, env, trainer.step, err)
         raise
     except RuntimeError as err:  # another rank died mid-collective (its node or process): the wrapper requeues

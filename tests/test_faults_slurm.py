@@ -209,3 +209,48 @@ def test_plain_scancel_is_not_undone(slurm_cluster, images, tmp_path):
     shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
                            cwd=ROOT, timeout=60).stdout
     assert f"resume: python launch.py --config {run_dir}/config.yaml" in shown, shown
+
+
+def _ranks(job: str) -> list[int]:
+    """The trainer ranks of a job: children of torchrun's agent with a RANK in their environment."""
+    return [p for p in job_pids(job) if b"\0RANK=" in b"\0" + Path(f"/proc/{p}/environ").read_bytes()
+            and b"torch.distributed.run" in Path(f"/proc/{_ppid(p)}/cmdline").read_bytes()]
+
+
+def _abort(pids: list[int]) -> None:
+    """What NCCL's watchdog does to every rank when a collective fails: SIGABRT, nothing written."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGABRT)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("when", ["mid-training", "start-up"])
+def test_ranks_aborted_are_requeued_by_the_wrapper(slurm_cluster, images, tmp_path, reference, when):
+    """Both ranks of a 2-process job abort (SIGABRT) with status.json still ``running`` (mid-training) or
+    ``starting`` (before the first step: imports, rendezvous, DDP construction): the wrapper takes torchrun's
+    non-zero exit as a lost rank, requeues the job, and it resumes from the last durable checkpoint (or step 0)
+    to the same weights as an uninterrupted run."""
+    common = [*WORKERS, "training.num_iterations=300", "infrastructure.nproc_per_node=2"]
+    ref = reference(*common)
+    run_dir, job, log = start_training(images, tmp_path, *common)
+    if when == "mid-training":
+        wait_for_step(log, 150)
+    deadline = time.monotonic() + 120
+    while len(ranks := _ranks(job)) < 2 or (when == "start-up" and
+                                             json.loads((run_dir / "status.json").read_text())["state"] != "starting"):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    state = json.loads((run_dir / "status.json").read_text())["state"]
+    _abort(ranks)
+    assert state == {"mid-training": "running", "start-up": "starting"}[when]
+    wait_for_restart(job, 1, timeout=120)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] in ("lost", "starting"), status  # "starting": the requeued attempt began
+    assert wait_for_job(job, timeout=400, release=True) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()  # torchrun's own ChildFailedError traceback is in it: not finish()'s check
+    assert f"torchrun exited with 1 while the trainer was {state}" in text, text[-3000:]
+    assert f"requeuing job {job} (restart 1/3)" in text and restarts(job) == 1
+    assert ("resumed from" in text) == (when == "mid-training")
+    assert_same_training_state(ref.state(), load_latest(run_dir)[1])

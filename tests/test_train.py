@@ -288,9 +288,9 @@ def test_wrapper_does_not_take_an_earlier_stop_for_this_attempt(images, tmp_path
     run_dir.mkdir(parents=True)
     (run_dir / "status.json").write_text('{"state": "stopped", "step": 3}\n')
     proc = run(train_cmd([f"data.path={tmp_path}/missing", f"run.root={tmp_path}"], torchrun=1))
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "training failed" in proc.stderr and "training stopped" not in proc.stdout
-    assert f"{tmp_path}/missing" in proc.stdout + proc.stderr  # the trainer's own one-line error
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # bad input: the trainer's one line, not a lost rank
+    assert f"training failed: data.path: {tmp_path}/missing" in proc.stderr and "training stopped" not in proc.stdout
+    assert "lost a rank" not in proc.stdout
 
 
 def test_wrapper_refuses_a_node_count_the_config_does_not_say(images, tmp_path):
@@ -332,3 +332,49 @@ def test_peer_lost_tells_a_dead_rank_from_a_bug(err, lost):
     from ddpm.dist import peer_lost
 
     assert peer_lost(err) is lost
+
+
+def test_sample_grid_leaves_the_global_rng_alone(make_trainer, tmp_path):
+    """A grid builds a U-Net (whose initialisation draws from the global RNG): it must not move dropout's RNG,
+    or a run stopped on a grid step (the grid is skipped after a stop) would resume differently."""
+    trainer = make_trainer(tmp_path / "run", "model.dropout=0.1")
+    trainer.train_step(*trainer.next_batch())
+    before = torch.get_rng_state()
+    trainer.sample_grid()
+    assert (tmp_path / "run" / "grids" / "step_00000001.png").is_file()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_grids_do_not_change_training_with_dropout(make_trainer, tmp_path):
+    """Train 6 steps with a grid every 2 steps == 6 steps with no grid, bitwise (dropout 0.1 draws every step)."""
+    common = ("model.dropout=0.1", "training.num_iterations=6", "training.save_every=1000", "sampling.num_steps=2")
+    with_grids = make_trainer(tmp_path / "grids", *common, "training.sample_every=2")
+    assert with_grids.fit() == "done"
+    assert len(list((tmp_path / "grids" / "grids").glob("step_*.png"))) == 3
+    without = make_trainer(tmp_path / "plain", *common, "training.sample_every=1000")
+    assert without.fit() == "done"
+    assert_tensors_equal(with_grids.model.state_dict(), without.model.state_dict())
+    assert_tensors_equal(with_grids.ema.state_dict(), without.ema.state_dict())
+
+
+def test_a_crash_loop_is_counted_across_attempts(tmp_path):
+    """Attempts that lose a rank without adding a checkpoint count up (the wrapper stops requeuing at CRASH_LOOP);
+    a new checkpoint starts the count again; any other state starts from zero."""
+    from ddpm.cluster.wrapper import CRASH_LOOP, Attempt, lost_streak
+    from ddpm.runlog import write_status
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    assert Attempt.read(tmp_path) == Attempt(-1, 0)
+    streak = 0
+    for _ in range(CRASH_LOOP):  # start-up crashes, no checkpoint ever written
+        write_status(tmp_path, "starting", -1, 0, lost_streak=streak)
+        before = Attempt.read(tmp_path)
+        streak = lost_streak(before, tmp_path)
+        write_status(tmp_path, "lost", -1, 0, lost_streak=streak)
+    assert streak == CRASH_LOOP == 3
+    before = Attempt.read(tmp_path)
+    (ckpts / "step_00000100.pt").write_bytes(b"")  # this attempt made progress
+    assert before == Attempt(-1, 3) and lost_streak(before, tmp_path) == 1
+    write_status(tmp_path, "stopped", 100, 0, lost_streak=2)
+    assert Attempt.read(tmp_path) == Attempt(100, 0)

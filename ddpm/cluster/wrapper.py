@@ -12,9 +12,12 @@ starts torchrun around ``python -m ddpm.train`` and owns the requeue policy:
 * submitit's own USR2 handler (``scontrol requeue`` at once, which kills the step
   before the checkpoint is written) is replaced while training runs;
 * when torchrun exits, ``status.json`` says ``done`` (success), ``stopped`` (the
-  checkpoint is durable: requeue, up to ``slurm.max_restarts``), ``lost`` (a rank's process or
-  node died, the others saw its connections reset: requeue from the last checkpoint) or anything
-  else (failure, with the trainer's one-line ``error`` when it wrote one).
+  checkpoint is durable: requeue, up to ``slurm.max_restarts``), ``failed`` with the trainer's one-line
+  ``error`` (bad input, no GPU, a full disk: not requeued), or else torchrun exited non-zero while the
+  trainer was ``starting`` or ``running`` (or wrote ``lost``): a rank's process or node died, or NCCL's
+  watchdog aborted the survivors before Python could write anything. That is ``lost``: requeue from the
+  last durable checkpoint (or step 0), unless :data:`CRASH_LOOP` attempts in a row lost a rank without
+  a new checkpoint (a crash loop: one line, not requeued again).
 
 The same wrapper is the sbatch route: ``srun python -m ddpm.cluster train --run-dir D``.
 """
@@ -28,11 +31,13 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from ddpm.checkpoint import list_checkpoints
 from ddpm.cluster.preflight import job_state
 from ddpm.cluster.rendezvous import first_slurm_host, rendezvous_port
 from ddpm.config import Config, dump_config, load_config
@@ -175,6 +180,29 @@ def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: l
             return None
 
 
+CRASH_LOOP = 3  # attempts in a row that lose a rank without a new durable checkpoint: stop requeuing
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What an attempt starts from: the newest checkpoint's step, and how many attempts before it in a row lost a
+    rank without adding a checkpoint (``lost_streak`` in ``status.json``)."""
+
+    checkpoint_step: int
+    lost_streak: int
+
+    @staticmethod
+    def read(run_dir: Path) -> Attempt:
+        status, ckpts = read_status(run_dir) or {}, list_checkpoints(run_dir)
+        streak = int(status.get("lost_streak") or 0) if status.get("state") in ("lost", "starting") else 0
+        return Attempt(ckpts[-1][0] if ckpts else -1, streak)
+
+
+def lost_streak(before: Attempt, run_dir: Path) -> int:
+    """The streak after this attempt lost a rank: 1 when it wrote a new checkpoint, else one more than before."""
+    return 1 if Attempt.read(run_dir).checkpoint_step > before.checkpoint_step else before.lost_streak + 1
+
+
 def run_training(run_dir: Path, cfg: Config) -> str:
     """Run torchrun for this node; return "done", or requeue / raise. Blocks until torchrun exits.
 
@@ -189,8 +217,9 @@ def run_training(run_dir: Path, cfg: Config) -> str:
                           f"--nodes={cfg.infrastructure.num_nodes}")
     cmd = torchrun_command(cfg, run_dir)
     node = int(os.environ.get("SLURM_NODEID", "0"))
+    before = Attempt.read(run_dir)
     if node == 0:  # a crash before the trainer's first write must not read as an earlier attempt's "stopped"
-        write_status(run_dir, "starting", -1, 0)
+        write_status(run_dir, "starting", -1, 0, lost_streak=before.lost_streak)
     print("running:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
     signals: list[tuple[str, float]] = []
@@ -223,14 +252,22 @@ def run_training(run_dir: Path, cfg: Config) -> str:
             write_status(run_dir, "stalled", int(step or 0), int(status.get("skipped_steps") or 0),
                          error=f"no heartbeat for {cfg.training.watchdog_s} s (training.watchdog_s)")
         print(f"training stalled after step {step}; resuming from the last checkpoint", flush=True)
-    elif state == "lost":  # a rank of another node died mid-collective; SLURM brings the job back with all nodes
-        print(f"training lost a rank after step {step} ({status.get('error')}); resuming from the last "
-              "checkpoint", flush=True)
     elif state == "stopped":
         took = f" {time.monotonic() - signals[0][1]:.1f} s after {signals[0][0]}" if signals else ""
         print(f"training stopped at step {step}; checkpoint is durable{took}", flush=True)
     elif state == "failed" and status.get("error"):  # the trainer's one line (no GPU, unreadable checkpoints,
         raise DDPMError(f"training failed: {status['error']}")  # a full disk): fix and resubmit; never requeued
+    elif rc != 0 and state in ("lost", "starting", "running"):  # a rank died (or NCCL's watchdog aborted them all)
+        state = "lost"
+        streak = lost_streak(before, run_dir)
+        why = status.get("error") or f"torchrun exited with {rc} while the trainer was {status.get('state')}"
+        if node == 0:
+            write_status(run_dir, "lost", int(step or 0), int(status.get("skipped_steps") or 0), error=why,
+                         lost_streak=streak)
+        if streak >= CRASH_LOOP:
+            raise RuntimeError(f"training failed: a crash loop, not requeued: {streak} attempts in a row lost a rank "
+                               f"without a new checkpoint (last: {why}); see {run_dir}/logs")
+        print(f"training lost a rank after step {step} ({why}); resuming from the last checkpoint", flush=True)
     else:
         raise RuntimeError(f"training failed: torchrun exited with {rc}, status {state!r}; see {run_dir}/logs")
     if node == 0 and requeue_self(cfg.slurm.max_restarts):
