@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -31,6 +32,7 @@ from ddpm.cluster.executors import (
     SampleTask,
     SelectTask,
     TrainTask,
+    local_slots,
     make_executor,
     sbatch_script,
 )
@@ -97,9 +99,17 @@ def _follow(job: Any, label: str) -> Any:
     try:
         return job.result()
     except Exception as err:  # the job's own traceback is in its log; one line here
-        last = str(err).strip().splitlines()
-        raise DDPMError(f"{label} job {job.job_id} failed: {last[-1] if last else err} (log: {job.paths.stdout})") \
+        raise DDPMError(f"{label} job {job.job_id} failed: {_failure_line(str(err))} (log: {job.paths.stderr})") \
             from None
+
+
+def _failure_line(text: str) -> str:
+    """The exception line of a failed local job: the last line of the traceback submitit quotes between two
+    dashed lines (``ddpm.errors.DDPMError: ...``), without the exception's class; else the last line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    rules = [i for i, line in enumerate(lines) if set(line) == {"-"}]
+    last = lines[rules[-1] - 1] if len(rules) >= 2 else (lines[-1] if lines else text)
+    return re.sub(r"^[\w.]*(Error|Exception|Interrupt)\w*: ", "", last)
 
 
 def plan_stages(cfg: Config, stage: str, only: bool) -> list[str]:
@@ -109,6 +119,58 @@ def plan_stages(cfg: Config, stage: str, only: bool) -> list[str]:
     stages = list(STAGES) if stage == "all" else list(STAGES[STAGES.index(stage):])
     stages = [s for s in stages if cfg.eval.enabled or s not in ("eval", "select")]
     return stages[:1] if only and stage != "all" else stages
+
+
+def _task(cfg: Config, run_dir: Path, stage: str, cpu_share: int = 1) -> Any:
+    """The submitit callable of ``stage`` (an array stage's takes the task index)."""
+    if stage in ARRAYS:
+        return (SampleTask if stage == "sample" else EvalTask)(run_dir, cfg, cpu_share=cpu_share)
+    return {"train": TrainTask(run_dir), "select": SelectTask(run_dir, cfg),
+            "assemble": AssembleTask(run_dir, cfg.sampling.num_shards)}[stage]
+
+
+def _shown(devices: tuple[int, ...]) -> str:
+    """The devices of a local job, as its log line shows them (nothing without GPUs)."""
+    return f" (CUDA_VISIBLE_DEVICES={','.join(map(str, devices))})" if devices else ""
+
+
+def run_local(cfg: Config, run_dir: Path, stage: str, size: int, jobs: dict[str, Any]) -> Any:
+    """Run ``stage`` on submitit's local executor, echoing its logs; the job ids go into ``jobs``.
+
+    An array runs in waves of one task per set of GPUs (:func:`local_slots`): each task has devices of its
+    own, and a wave ends before the next starts; without GPUs every task runs at once. A failed task fails the
+    stage when its wave has ended (an eval task fails alone: the selection names it). Returns a single job's
+    result.
+    """
+    if stage not in ARRAYS:
+        devices = local_slots(cfg, stage)[0]
+        job = make_executor(cfg, run_dir, stage, "local", gpus=devices).submit(_task(cfg, run_dir, stage))
+        jobs[stage] = job.job_id
+        print(f"{stage}: job {job.job_id}{_shown(devices)}", flush=True)
+        return _follow(job, stage)
+    slots = local_slots(cfg, stage, size) or [()]
+    executors = [make_executor(cfg, run_dir, stage, "local", gpus=devices) for devices in slots]
+    task, ids = _task(cfg, run_dir, stage, cpu_share=len(slots)), []
+    jobs[ARRAYS[stage]] = ids
+    for start in range(0, size, len(slots)):
+        wave = []
+        for n in range(min(len(slots), size - start)):
+            wave.append(job := executors[n].submit(task, start + n))
+            ids.append(job.job_id)
+            jobs.setdefault(stage, job.job_id)
+            print(f"{stage}: task {start + n}: job {job.job_id}{_shown(slots[n])}", flush=True)
+        failed = []
+        for job in wave:
+            try:
+                _follow(job, stage)
+            except DDPMError as err:
+                if stage != "eval":
+                    failed.append(err)
+                    continue
+                print(f"warning: {err}", flush=True)  # fails alone; the selection names it
+        if failed:
+            raise failed[0]
+    return None
 
 
 def submit(cfg: Config, run_dir: Path, cluster: str, stages: list[str], dry_run: bool) -> dict[str, Any]:
@@ -123,34 +185,21 @@ def submit(cfg: Config, run_dir: Path, cluster: str, stages: list[str], dry_run:
             print(f"# ---- {stage} job ----\n{sbatch_script(ex, sizes.get(stage))}")
             dependency = f"{after}:<{stage} job id>"
             continue
-        ex = make_executor(cfg, run_dir, stage, cluster, dependency if cluster == "slurm" else None)
+        if cluster == "local":
+            if run_local(cfg, run_dir, stage, sizes.get(stage, 1), jobs) == "stopped" and stage == "train":
+                print(f"training stopped early; run the same command to resume from {run_dir}/checkpoints")
+                jobs["stopped"] = True
+                return jobs
+            continue
+        ex = make_executor(cfg, run_dir, stage, cluster, dependency)
         if stage in ARRAYS:
-            k = sizes[stage]
-            share = k if cluster == "local" else 1  # the local executor starts every task at once
-            task = (SampleTask if stage == "sample" else EvalTask)(run_dir, cfg, cpu_share=share)
-            job = ex.map_array(task, list(range(k)))
+            job = ex.map_array(_task(cfg, run_dir, stage), list(range(sizes[stage])))
             jobs[stage] = job[0].job_id.split("_")[0]
             jobs[ARRAYS[stage]] = [j.job_id for j in job]
         else:
-            task = {"train": TrainTask(run_dir), "select": SelectTask(run_dir, cfg),
-                    "assemble": AssembleTask(run_dir, cfg.sampling.num_shards)}[stage]
-            job = ex.submit(task)
-            jobs[stage] = job.job_id
+            jobs[stage] = ex.submit(_task(cfg, run_dir, stage)).job_id
         dependency = f"{after}:{jobs[stage]}"
         print(f"{stage}: job {jobs[stage]}", flush=True)
-        if cluster == "local":
-            for j in job if isinstance(job, list) else [job]:
-                try:
-                    result = _follow(j, stage)
-                except DDPMError as err:
-                    if stage != "eval":
-                        raise
-                    print(f"warning: {err}", flush=True)  # fails alone; the selection names it
-                    continue
-                if stage == "train" and result == "stopped":
-                    print(f"training stopped early; run the same command to resume from {run_dir}/checkpoints")
-                    jobs["stopped"] = True
-                    return jobs
     return jobs
 
 
@@ -231,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = detect_cluster(args.cluster)
     stages = plan_stages(cfg, args.stage, args.only)
     run_dir = cfg.run_dir.resolve()
-    preflight(cfg, cluster, stages)
+    preflight(cfg, cluster, stages, dry_run=args.dry_run)
     print(f"preflight ok: cluster {cluster}, stages {' -> '.join(stages)}, run dir {run_dir}", flush=True)
     if args.dry_run:
         print(*disk_plan(cfg).lines(), f"(run.root has {shutil.disk_usage(cfg.run.root).free / 2**30:.1f} GiB free)")

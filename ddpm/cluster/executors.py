@@ -5,16 +5,22 @@
     ex = make_executor(cfg, run_dir, "sample", "slurm", dependency=f"afterok:{job.job_id}")
     jobs = ex.map_array(SampleTask(run_dir, cfg), range(cfg.sampling.num_shards))
 
-``sbatch_script`` shows the sbatch text a SlurmExecutor would submit (``launch.py --dry-run``).
+``sbatch_script`` shows the sbatch text a SlurmExecutor would submit (``launch.py --dry-run``). On the local
+executor each job gets the GPUs its stage asks for (``local_slots``): the user's ``CUDA_VISIBLE_DEVICES``, else
+this machine's GPUs, one disjoint set per task of an array that runs at once.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,16 +182,72 @@ def stage_resources(cfg: Config, stage: str) -> dict[str, int]:
             "time_min": sc.assemble_time_min or max(min(sc.time_min, 30), floor_min), "gpus": 0}
 
 
-def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependency: str | None = None) -> Any:
-    """A submitit executor for ``stage`` (train | eval | select | sample | assemble), logging to ``run_dir/logs``."""
+def gpus_found() -> int:
+    """GPUs on this machine, without importing torch: ``nvidia-smi -L``'s GPU lines, else the entries of
+    ``/proc/driver/nvidia/gpus``; 0 when neither shows one."""
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        if found := sum(line.startswith("GPU ") for line in out.splitlines()):
+            return found
+    proc = Path("/proc/driver/nvidia/gpus")
+    return len(list(proc.iterdir())) if proc.is_dir() else 0
+
+
+def local_gpus(environ: Mapping[str, str] | None = None) -> tuple[int, ...] | None:
+    """The GPU indices local jobs may use: the user's ``CUDA_VISIBLE_DEVICES`` when set (``2,3`` -> (2, 3),
+    empty -> none), else 0..n-1 for the n GPUs found here (:func:`gpus_found`); None when none is found."""
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return tuple(range(found)) if (found := gpus_found()) else None
+    items = [v.strip() for v in visible.split(",") if v.strip()]
+    if not all(re.fullmatch(r"-?\d+", v) for v in items):
+        raise DDPMError(f"CUDA_VISIBLE_DEVICES={visible}: --cluster local hands GPUs to its jobs by index; "
+                        "list indices (e.g. CUDA_VISIBLE_DEVICES=0,1) or unset it")
+    return tuple(int(v) for v in items)
+
+
+def local_slots(cfg: Config, stage: str, tasks: int = 1) -> list[tuple[int, ...]]:
+    """The GPUs of each local job of ``stage`` that may run at once (at most ``tasks`` of them).
+
+    A stage without GPUs gets ``()`` for each of its ``tasks`` (all run at once). Otherwise the devices of
+    :func:`local_gpus` (none found: 0..n-1 for the n the config asks for, and the job stops with the GPU line
+    of :mod:`ddpm.envcheck`) are cut into disjoint sets of the GPUs one job asks for (training:
+    infrastructure.num_gpus, a sampling or eval task: :attr:`Config.task_gpus`), so no two jobs running at once
+    share a device. Fewer devices than one job asks for: one set of what there is (the job stops with the line).
+    """
+    need = stage_resources(cfg, stage)["gpus"]
+    if need == 0:
+        return [()] * tasks
+    pool = local_gpus()
+    if pool is None:
+        pool = tuple(range(max(need, cfg.infrastructure.num_gpus)))
+    if len(pool) < need:
+        return [pool]
+    return [pool[i:i + need] for i in range(0, len(pool) - need + 1, need)][:max(tasks, 1)]
+
+
+def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependency: str | None = None,
+                  gpus: Sequence[int] | None = None) -> Any:
+    """A submitit executor for ``stage`` (train | eval | select | sample | assemble), logging to ``run_dir/logs``.
+
+    ``gpus``: the devices of a local job (``CUDA_VISIBLE_DEVICES``); None: the first set of :func:`local_slots`.
+    """
     import submitit
+
+    from ddpm.cluster.preflight import gres_kind
 
     sc, infra = cfg.slurm, cfg.infrastructure
     res = stage_resources(cfg, stage)
     folder = run_dir / "logs" / "%j"
-    if cluster == "local":
+    if cluster == "local":  # submitit sets CUDA_VISIBLE_DEVICES to visible_gpus[:gpus_per_node] ("" for none)
+        devices = tuple(local_slots(cfg, stage)[0] if gpus is None else gpus)
         ex = submitit.LocalExecutor(folder=folder)
-        ex.update_parameters(timeout_min=res["time_min"], signal_delay_s=sc.signal_delay_s)
+        ex.update_parameters(timeout_min=res["time_min"], signal_delay_s=sc.signal_delay_s,
+                             gpus_per_node=len(devices), visible_gpus=devices)
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=sc.max_restarts)
     additional: dict[str, Any] = dict(sc.additional)
@@ -206,8 +268,7 @@ def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependen
     if stage in ("train", "eval", "sample"):
         additional["requeue"] = True
     if res["gpus"] > 0:  # slurm.gres names the type for training; a sampling task asks its own count of it
-        kind = sc.gres.rsplit(":", 1)[0] if sc.gres else "gpu"
-        params["gres"] = sc.gres if stage == "train" and sc.gres else f"{kind}:{res['gpus']}"
+        params["gres"] = sc.gres if stage == "train" and sc.gres else f"{gres_kind(sc.gres)}:{res['gpus']}"
     params["additional_parameters"] = additional
     ex.update_parameters(**params)
     return ex

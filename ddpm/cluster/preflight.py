@@ -76,6 +76,26 @@ def _gpus_from_gres(gres: str) -> int:
     return total
 
 
+def gres_gpus(gres: str | None) -> int:
+    """GPUs per node an sbatch ``--gres`` asks for: ``gpu:a100:4`` -> 4, ``gpu:2`` -> 2, ``gpu`` or ``gpu:a100``
+    -> 1 (SLURM's default count); 0 for None or a gres without a gpu item; several gpu items add up."""
+    total = 0
+    for item in (gres or "").split(","):
+        fields = item.strip().removeprefix("gres/").split(":")
+        if fields[0] == "gpu":
+            total += int(fields[-1]) if len(fields) > 1 and fields[-1].isdigit() else 1
+    return total
+
+
+def gres_kind(gres: str | None) -> str:
+    """The GPU type of a gres without its count (``gpu:a100:4`` -> ``gpu:a100``, ``gpu:2`` -> ``gpu``)."""
+    for item in (gres or "").split(","):
+        fields = item.strip().removeprefix("gres/").split(":")
+        if fields[0] == "gpu":
+            return ":".join(fields[:-1] if len(fields) > 1 and fields[-1].isdigit() else fields)
+    return "gpu"
+
+
 def partitions() -> dict[str, Partition]:
     """Partitions as sinfo reports them (largest node per partition)."""
     out: dict[str, Partition] = {}
@@ -144,6 +164,24 @@ def check_slurm(cfg: Config, stages: list[str]) -> None:
                           f"{name} have {p.gpus}")
 
 
+def check_gres(cfg: Config, stages: list[str]) -> None:
+    """The GPUs the training job asks SLURM for (``slurm.gres``) are the ranks torchrun starts per node
+    (``infrastructure.num_gpus``, one GPU each): a mismatch idles GPUs or stops the job with the GPU line."""
+    sc, infra = cfg.slurm, cfg.infrastructure
+    if "train" not in stages or sc.gres is None:
+        return  # null: the job asks for gpu:<infrastructure.num_gpus>
+    asked = gres_gpus(sc.gres)
+    if infra.num_gpus == 0 and asked > 0:
+        raise ConfigError(f"slurm.gres: {sc.gres} asks for {asked} GPU(s) per node, but infrastructure.num_gpus "
+                          "is 0 (a CPU run: the GPUs would sit idle); fix: set slurm.gres=null for a CPU run, or "
+                          f"infrastructure.num_gpus={asked}")
+    if infra.num_gpus > 0 and asked != infra.num_gpus:
+        fix = f"slurm.gres={gres_kind(sc.gres)}:{infra.num_gpus}" + (f" or infrastructure.num_gpus={asked}" if asked
+                                                                     else "")
+        raise ConfigError(f"slurm.gres: {sc.gres} asks for {asked} GPU(s) per node, infrastructure.num_gpus is "
+                          f"{infra.num_gpus} (the ranks torchrun starts per node, one GPU each); fix: set {fix}")
+
+
 def check_resume_inputs(cfg: Config, stages: list[str]) -> None:
     """Starting at eval/select/sample/assemble needs what the earlier stage left in the run directory."""
     from ddpm.checkpoint import list_checkpoints
@@ -179,8 +217,9 @@ def check_eval(cfg: Config, stages: list[str]) -> None:
             raise ConfigError("sampling.checkpoint: best needs the eval stage (set eval.enabled=true)")
 
 
-def preflight(cfg: Config, cluster: str, stages: list[str]) -> None:
-    """Every check that can be made on the login node; raises one DDPMError line."""
+def preflight(cfg: Config, cluster: str, stages: list[str], dry_run: bool = False) -> None:
+    """Every check that can be made on the login node; raises one DDPMError line. A dry run prints SLURM's
+    scripts on any machine: their GPU request is checked too."""
     check_torch_floor()
     if "train" in stages:
         check_data(cfg)
@@ -188,6 +227,8 @@ def preflight(cfg: Config, cluster: str, stages: list[str]) -> None:
     check_free_space(cfg)
     check_resume_inputs(cfg, stages)
     check_eval(cfg, stages)
+    if cluster == "slurm" or dry_run:
+        check_gres(cfg, stages)
     if cluster == "slurm":
         check_slurm(cfg, stages)
 
