@@ -109,6 +109,9 @@ class TrainingConfig:
     """The signal SLURM sends before the time limit (sbatch --signal); SIGTERM (preemption) always stops too."""
     watchdog_s: int = 600
     """No trainer heartbeat for this long (a hung or lost rank): processes killed, job requeued; 0 = off."""
+    deterministic: bool = False
+    """Deterministic kernels only (cuDNN, torch.use_deterministic_algorithms; slower): bitwise-exact resume on
+    GPUs too (CPU runs are exact either way); false = cuDNN benchmark on CUDA."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "num_iterations", "log_every", "sample_every", "save_every", "num_samples"):
@@ -221,14 +224,16 @@ class InfrastructureConfig:
     """bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing)."""
     mixed_precision_on_cpu: bool = False
     """bf16 autocast on CPU too."""
-    channels_last: bool = True
-    """NHWC activations (faster convolutions; python -m tools.bench measures it)."""
+    channels_last: bool | None = None
+    """NHWC activations; null = by device: on for CPU (measured there: +5-13%, python -m tools.bench), off for
+    CUDA (not measured there; GroupNorm makes NHWC inputs contiguous, a copy per norm)."""
     compile: bool = False
     """torch.compile the network."""
     fused_adam: bool = True
     """One fused AdamW kernel, on CUDA and on CPU."""
     tf32: bool = True
-    """TF32 matmuls and convolutions on CUDA Ampere and newer."""
+    """TF32 matmuls and convolutions on CUDA Ampere and newer (training, sampling, eval); false = full fp32.
+    FID's Inception always runs in full fp32."""
 
     def __post_init__(self) -> None:
         require(self.num_gpus >= 0, "infrastructure.num_gpus", self.num_gpus, "an integer >= 0")

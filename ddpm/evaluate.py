@@ -102,8 +102,8 @@ def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = No
     sampling, out = eval_sampling(cfg), run_dir / "eval" / f"step_{step:08d}"
     fids = []
     for seed_set in range(cfg.eval.num_seeds):
-        npz = sample_loaded(ckpt, state, out, seed_set, sampling, device, progress,
-                            choice=f"eval of step {step}, seed set {seed_set}")
+        npz = sample_loaded(ckpt, state, out, seed_set, sampling, device, progress,  # TF32 as the run's config
+                            choice=f"eval of step {step}, seed set {seed_set}", tf32=cfg.infrastructure.tf32)
         with np.load(npz, allow_pickle=False) as data:
             stats = FIDStats.from_arrays(data)
         fids.append(fid_from_stats(stats, reference))

@@ -39,8 +39,9 @@ if TYPE_CHECKING:  # torch is not imported here: the assembly job merges statist
     from ddpm.inception import FIDFeatures
 
 FEATURE_DIM = 2048  # the pool3 width of ddpm.inception (not imported here: torchvision takes seconds)
-# Identifies the feature pipeline (network + input transform); stats from another pipeline never compare.
-PIPELINE = "pt_inception-2015-12-05/pool3/uint8-bilinear299-[-1,1]"
+INCEPTION_PRECISION = "fp32"  # ddpm.inception runs Inception in full IEEE fp32 (never TF32 or autocast)
+# Identifies the feature pipeline (network + input transform + arithmetic); stats from another never compare.
+PIPELINE = f"pt_inception-2015-12-05/pool3/uint8-bilinear299-[-1,1]/{INCEPTION_PRECISION}"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -51,13 +52,16 @@ class FIDStats:
     """Sufficient statistics of a feature set: n, sum f [D], sum f f^T [D, D] (float64).
 
     ``signature`` names how the images were prepared (data preprocessing + Inception
-    pipeline); two stats compare or merge only when their signatures are equal.
+    pipeline and its precision); two stats compare or merge only when their signatures are equal.
+    ``device`` records where Inception ran (cpu, cuda; "cpu+cuda" after a merge), for the record only:
+    fp32 features of the two agree to float rounding, so a CPU reference compares with GPU samples.
     """
 
     n: int = 0
     sum: np.ndarray = field(default_factory=lambda: np.zeros(FEATURE_DIM))
     sum_outer: np.ndarray = field(default_factory=lambda: np.zeros((FEATURE_DIM, FEATURE_DIM)))
     signature: str = ""
+    device: str = ""
 
     def update(self, features: np.ndarray | torch.Tensor) -> FIDStats:
         """Add features [N, D] (any float dtype; accumulated in float64). Returns self."""
@@ -75,8 +79,9 @@ class FIDStats:
         if other.signature != self.signature:
             raise FIDError(f"cannot merge FID statistics with different preprocessing "
                            f"({self.signature!r} vs {other.signature!r})")
+        devices = "+".join(sorted({d for s in (self, other) for d in s.device.split("+") if d}))
         return FIDStats(self.n + other.n, self.sum + other.sum, self.sum_outer + other.sum_outer,
-                        self.signature)
+                        self.signature, devices)
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """mu [D] and the unbiased covariance [D, D] (as ``np.cov(features, rowvar=False)``).
@@ -92,19 +97,21 @@ class FIDStats:
     def to_arrays(self, prefix: str = "fid_") -> dict[str, np.ndarray]:
         """Plain arrays for ``np.savez`` (also embedded in sample shards)."""
         return {f"{prefix}n": np.array(self.n, dtype=np.int64), f"{prefix}sum": self.sum,
-                f"{prefix}sum_outer": self.sum_outer, f"{prefix}signature": np.array(self.signature)}
+                f"{prefix}sum_outer": self.sum_outer, f"{prefix}signature": np.array(self.signature),
+                f"{prefix}device": np.array(self.device)}
 
     @classmethod
     def from_arrays(cls, arrays: Any, prefix: str = "fid_") -> FIDStats | None:
         """Inverse of :meth:`to_arrays`; None when ``arrays`` holds no statistics."""
         if f"{prefix}n" not in arrays:
             return None
+        device = str(arrays[f"{prefix}device"]) if f"{prefix}device" in arrays else ""  # absent in older files
         return cls(int(arrays[f"{prefix}n"]), np.asarray(arrays[f"{prefix}sum"], dtype=np.float64),
                    np.asarray(arrays[f"{prefix}sum_outer"], dtype=np.float64),
-                   str(arrays[f"{prefix}signature"]))
+                   str(arrays[f"{prefix}signature"]), device)
 
     def save(self, path: str | Path) -> None:
-        """Atomically write an npz with keys fid_n, fid_sum, fid_sum_outer, fid_signature."""
+        """Atomically write an npz with keys fid_n, fid_sum, fid_sum_outer, fid_signature, fid_device."""
         buf = io.BytesIO()
         np.savez(buf, **self.to_arrays())
         atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
@@ -159,7 +166,8 @@ def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
 
 
 def stats_signature(data_cfg: DataConfig | dict[str, Any]) -> str:
-    """Feature pipeline + the data preprocessing (``preprocess_signature``) the images went through."""
+    """Feature pipeline (with the Inception precision, ``fp32``) + the data preprocessing
+    (``preprocess_signature``) the images went through; not the device (see :class:`FIDStats`)."""
     from ddpm.data import preprocess_signature
 
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else DataConfig(**data_cfg)
@@ -176,7 +184,7 @@ def reference_stats(data_cfg: DataConfig, model: FIDFeatures, max_images: int | 
 
     source = build_source(data_cfg)
     n = len(source) if max_images is None else min(max_images, len(source))
-    stats = FIDStats(signature=stats_signature(data_cfg))
+    stats = FIDStats(signature=stats_signature(data_cfg), device=next(model.parameters()).device.type)
     for i in tqdm(range(0, n, batch_size), desc="fid ref", unit="batch", disable=not progress):
         images = source.get_batch(list(range(i, min(i + batch_size, n))))  # uint8 [B, S, S, 3]
         stats.update(inception_features(model, images, batch_size))
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if stats.n < 2:
         raise FIDError(f"data: only {stats.n} image(s); FID statistics need at least 2")
     stats.save(args.out)
-    print(f"{args.out}: FID statistics of {stats.n} images ({stats.signature})", flush=True)
+    print(f"{args.out}: FID statistics of {stats.n} images ({stats.signature}; Inception on {stats.device})",
+          flush=True)
     return 0
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models import Inception3
 
 from ddpm.errors import FIDError
+from ddpm.precision import full_fp32
 
 WEIGHTS_URL = pfi.FID_WEIGHTS_URL  # pytorch-fid's own file: the numbers papers cite
 WEIGHTS_NAME = WEIGHTS_URL.rsplit("/", 1)[-1]  # pt_inception-2015-12-05-6726825d.pth
@@ -106,7 +107,8 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
 
 @torch.no_grad()
 def inception_features(model: FIDFeatures, images: np.ndarray, batch_size: int = 50) -> np.ndarray:
-    """uint8 images [N, H, W, 3] (or grey, [N, H, W, 1]) -> pool3 features [N, 2048] float64 (computed in float32).
+    """uint8 images [N, H, W, 3] (or grey, [N, H, W, 1]) -> pool3 features [N, 2048] float64 (computed in full
+    IEEE float32, ``ddpm.fid.INCEPTION_PRECISION``: no TF32 or autocast, whatever the sampler ran in).
 
     pytorch-fid's path (``fid_score.get_activations``): ToTensor's x / 255 as float32 [B, 3, H, W],
     then the model's own bilinear resize to 299x299 (align_corners=False) and 2x - 1.
@@ -119,5 +121,6 @@ def inception_features(model: FIDFeatures, images: np.ndarray, batch_size: int =
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).contiguous().float().div(255)
-        out.append(model(x)[0].flatten(1).double().cpu().numpy())  # [B, 2048, 1, 1] -> [B, 2048]
+        with full_fp32(), torch.autocast(device.type, enabled=False):
+            out.append(model(x)[0].flatten(1).double().cpu().numpy())  # [B, 2048, 1, 1] -> [B, 2048]
     return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM))

@@ -43,6 +43,7 @@ from ddpm.envcheck import pick_device
 from ddpm.errors import CheckpointError, ConfigError, ShardError, cli_entry
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, file_sha256, new_dir
 from ddpm.outputs import SETTINGS_KEYS, shard_paths, shard_range
+from ddpm.precision import set_fp32_precision
 from ddpm.runlog import package_versions
 from ddpm.unet import UNet
 
@@ -200,8 +201,10 @@ def sample_shard(checkpoint: str | Path, out_dir: str | Path | None, shard: int 
 
 
 def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None, shard: int | None,
-                  s: SamplingConfig, device: str | None, progress: bool = True, choice: str | None = None) -> Path:
-    """:func:`sample_shard` for a checkpoint already loaded (``state`` read from ``ckpt``)."""
+                  s: SamplingConfig, device: str | None, progress: bool = True, choice: str | None = None,
+                  tf32: bool | None = None) -> Path:
+    """:func:`sample_shard` for a checkpoint already loaded (``state`` read from ``ckpt``); TF32 matmuls and
+    convolutions when ``tf32`` (None: the checkpoint's ``infrastructure.tf32``, true when it has none)."""
     if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
         shard = int(os.environ["SLURM_ARRAY_TASK_ID"])
     if shard is None:
@@ -217,6 +220,7 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
         print(f"{ckpt}: no EMA weights in the checkpoint; using the raw model weights", flush=True)
         s = dataclasses.replace(s, use_ema=False)
     device = checkpoint_device(state, device)
+    set_fp32_precision(state["config"].get("infrastructure", {}).get("tf32", True) if tf32 is None else tf32)
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt)
     mc = state["model_config"]
     size = mc.get("image_size", state["config"]["data"]["image_size"])
@@ -253,7 +257,8 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
     arrays: dict[str, np.ndarray] = {"arr_0": images}
     if inception is not None:
         from ddpm import fid as fidlib
-        stats = fidlib.FIDStats(signature=fid_signature).update(inception_features(inception, images))
+        stats = fidlib.FIDStats(signature=fid_signature, device=torch.device(device).type)
+        stats.update(inception_features(inception, images))
         arrays.update(stats.to_arrays())
     payload = _npz_bytes(**arrays)
     atomic_write_bytes(paths["npz"], lambda f: f.write(payload))

@@ -53,7 +53,7 @@ from ddpm.configtools import parse_with_overrides
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError, cli_entry
-from ddpm.precision import amp_dtype
+from ddpm.precision import amp_dtype, memory_format, set_fp32_precision
 from ddpm.train import build_optimizer
 from ddpm.unet import UNet
 from tools.diffusers_twin import build_pair, sample_of
@@ -316,15 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     args.sample_batch_sizes = args.sample_batch_sizes or ([64, 256] if cuda else [args.batch_size])
     args.steps = args.steps or ((10 if args.quick else 20) if cuda else (1 if args.quick else 2))
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    if cuda and infra.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_fp32_precision(infra.tf32)  # the trainer's matmul and convolution precision
     amp = amp_dtype(infra, device)  # the trainer's choice
-    mf = torch.channels_last if infra.channels_last else torch.contiguous_format
+    mf = memory_format(infra, device)  # the trainer's choice (channels_last null: on for CPU, off for CUDA)
     precision = f"{amp} autocast".replace("torch.", "") if amp else "fp32"
 
     print(f"tools.bench on {device.type}: {machine(device)}")
     print(f"config {args.config}: {cfg.data.image_size}x{cfg.data.image_size}, {precision}, "
-          f"{'channels_last' if infra.channels_last else 'contiguous'}, compile={infra.compile}, "
+          f"{'channels_last' if mf == torch.channels_last else 'contiguous'}, compile={infra.compile}, "
           f"fused_adam={bool(cuda and infra.fused_adam)}, tf32={bool(cuda and infra.tf32)}"
           f"{', quick' if args.quick else ''}")
     ours, theirs, parity = build_pair(cfg, device)

@@ -142,12 +142,13 @@ def training_speed(cfg: Config, env: Any, steps: int = 20, warmup: int = 3) -> t
     from torch.nn.parallel import DistributedDataParallel
 
     from ddpm.diffusion import DDPM
-    from ddpm.precision import amp_dtype
+    from ddpm.precision import amp_dtype, configure_backends, memory_format
     from ddpm.train import build_optimizer
     from ddpm.unet import UNet
 
     infra, cuda = cfg.infrastructure, env.device.type == "cuda"
-    layout = torch.channels_last if infra.channels_last else torch.contiguous_format
+    configure_backends(infra, cfg.training, env.device)  # the trainer's TF32, cuDNN and layout choices
+    layout = memory_format(infra, env.device)
     model = UNet.from_config(cfg.model, cfg.data.image_size).to(env.device, memory_format=layout)
     net = DistributedDataParallel(model, device_ids=[env.device] if cuda else None) if env.distributed else model
     ddpm, opt = DDPM.from_config(cfg.ddpm, net), build_optimizer(model.parameters(), cfg.training, infra)

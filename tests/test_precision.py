@@ -1,0 +1,274 @@
+"""ddpm/precision.py and the CUDA-only paths it decides, checked on the CPU.
+
+- the autocast dtype per compute capability (``torch.cuda`` queries faked): fp16 + grad scaler below sm80,
+  where ``is_bf16_supported()``'s default counts emulated bf16;
+- a checkpoint resumes across fp16 (scaler on) and bf16/fp32 (scaler state ``{}``) in both directions;
+- TF32 ("tf32") or full fp32 ("ieee") matmuls and convolutions after each entry point's setup: the trainer,
+  ``ddpm.sample``, ``ddpm.evaluate``; FID's Inception always "ieee", and its statistics record it;
+- ``training.deterministic`` and ``infrastructure.channels_last: null`` (on for CPU, off for CUDA).
+
+The flags are process-wide: every test gets them back as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_CONFIG
+
+import ddpm.train
+from ddpm import fid, inception
+from ddpm.checkpoint import load_checkpoint
+from ddpm.config import DataConfig, InfrastructureConfig, SamplingConfig, TrainingConfig, load_config
+from ddpm.precision import (
+    amp_dtype,
+    channels_last,
+    configure_backends,
+    describe_precision,
+    full_fp32,
+    memory_format,
+    restore_scaler,
+    set_fp32_precision,
+)
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+def tf32_flags() -> tuple[str, str]:
+    """(cuBLAS matmul, cuDNN conv) fp32 precision: "tf32", "ieee" or "none" (inherit)."""
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+@pytest.fixture(autouse=True)
+def restore_backend_flags(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores it afterwards
+    saved = (tf32_flags(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled())
+    yield
+    (matmul, conv), det, bench, algorithms = saved
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = det, bench
+    torch.use_deterministic_algorithms(algorithms)
+
+
+# ---- 1. bf16 only where it is native; resume across fp16 and bf16 ------------------------------------------
+
+
+def fake_card(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]) -> None:
+    """``torch.cuda`` answers as a card of ``capability`` would: bf16 native from sm80, emulated (True by
+    default, as torch's ``including_emulation=True``) below."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: capability[0] >= 8 or including_emulation)
+
+
+@pytest.mark.parametrize(("capability", "want"), [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_amp_dtype_is_bf16_only_on_native_bf16_cards(monkeypatch, capability, want):
+    fake_card(monkeypatch, capability)
+    assert torch.cuda.is_bf16_supported()  # the default counts emulation: the old check said bf16 on every card
+    assert amp_dtype(InfrastructureConfig(mixed_precision=True), CUDA) == want
+    assert amp_dtype(InfrastructureConfig(mixed_precision=False), CUDA) is None
+    line = describe_precision(want, CUDA)
+    sm = f"sm{capability[0]}{capability[1]}"
+    assert line == (f"fp16 autocast + grad scaler ({sm}: no native bf16)" if want == torch.float16
+                    else f"bf16 autocast ({sm})")
+    assert describe_precision(None, CPU) == "fp32"
+
+
+def steps(trainer: ddpm.train.Trainer, n: int) -> None:
+    for _ in range(n):
+        trainer.train_step(*trainer.next_batch())
+
+
+def test_resume_across_fp16_and_bf16_both_ways(make_trainer, tmp_path, monkeypatch, capsys):
+    """fp32 (scaler state {}) -> fp16 (a fresh, enabled scaler) -> fp32 again (the fp16 state is not needed)."""
+    run = tmp_path / "run"
+    plain = make_trainer(run)  # tiny_cpu: fp32 on CPU, the scaler disabled, as under bf16
+    steps(plain, 2)
+    assert plain.save() is not None and plain.state_dict()["scaler"] == {}
+
+    with monkeypatch.context() as m:  # this "card" has no bf16: the trainer picks fp16 and a grad scaler
+        m.setattr(ddpm.train, "amp_dtype", lambda infra, device: torch.float16)
+        half = make_trainer(run)
+    out = capsys.readouterr().out
+    assert "starting a fresh grad scaler" in out and "at step 2" in out
+    assert half.step == 2 and half.amp_dtype == torch.float16 and half.scaler.is_enabled()
+    assert half.scaler.get_scale() == 65536.0
+    steps(half, 1)  # fp16 autocast and the scaler on the CPU
+    scaler_state = half.state_dict()["scaler"]
+    assert scaler_state["scale"] > 0 and half.save() is not None
+
+    back = make_trainer(run)
+    assert "fp16 grad-scaler state: not needed" in capsys.readouterr().out
+    assert back.step == 3 and not back.scaler.is_enabled()
+    steps(back, 1)
+    assert back.step == 4
+
+    again = make_trainer(tmp_path / "other")  # fp16 -> fp16: the saved scale is loaded, as before
+    again.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    again.load_state_dict({**plain.state_dict(), "scaler": {**scaler_state, "scale": 1024.0}})
+    assert again.scaler.get_scale() == 1024.0
+
+
+def test_restore_scaler_replaces_an_incomplete_state(capsys):
+    used = torch.amp.GradScaler("cpu", enabled=True)
+    used.scale(torch.ones(()))  # creates the scale tensor
+    used.update(new_scale=8.0)
+    fresh = restore_scaler(used, {"scale": 2.0}, "cpu", print)  # mismatched: no partial load
+    assert fresh is not used and fresh.is_enabled() and fresh.get_scale() == 65536.0
+    assert capsys.readouterr().out.count("\n") == 1
+
+
+# ---- 2. TF32 both ways, in every entry point; Inception always fp32 ----------------------------------------
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_set_fp32_precision_sets_matmul_and_conv(tf32):
+    set_fp32_precision(tf32)
+    assert tf32_flags() == (("tf32",) * 2 if tf32 else ("ieee",) * 2)
+    set_fp32_precision(not tf32)
+    assert tf32_flags() == (("ieee",) * 2 if tf32 else ("tf32",) * 2)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_trainer_sets_tf32(make_trainer, tmp_path, tf32):
+    set_fp32_precision(not tf32)
+    make_trainer(tmp_path / "run", f"infrastructure.tf32={str(tf32).lower()}")
+    assert tf32_flags() == ((("tf32",) if tf32 else ("ieee",)) * 2)
+
+
+def tiny_sampling() -> SamplingConfig:
+    return SamplingConfig(num_steps=2, sampler="ddim", num_samples=2, num_shards=1, batch_size=2)
+
+
+@pytest.mark.parametrize("tf32", [True, False, None])
+def test_sample_sets_tf32_from_the_checkpoint(checkpoint, tmp_path, tf32):
+    from ddpm.sample import sample_loaded
+
+    state = load_checkpoint(checkpoint)
+    infra = state["config"]["infrastructure"]
+    if tf32 is None:
+        del infra["tf32"]  # a checkpoint from before the key: TF32 on, as the default
+    else:
+        infra["tf32"] = tf32
+    set_fp32_precision(tf32 is False)
+    sample_loaded(checkpoint, state, tmp_path / "out", 0, tiny_sampling(), "cpu", progress=False)
+    assert tf32_flags() == ((("ieee",) if tf32 is False else ("tf32",)) * 2)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_evaluate_sets_tf32_from_the_run_config(checkpoint, tmp_path, monkeypatch, tf32):
+    """evaluate_step samples with the run's infrastructure.tf32 (the checkpoint's config says true)."""
+    import ddpm.sample
+    from ddpm.evaluate import evaluate_step
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, run / "checkpoints" / "step_00000005.pt")
+    reference = tmp_path / "ref.npz"
+    fid.FIDStats(sum=np.zeros(2), sum_outer=np.zeros((2, 2)), signature="x").update(np.eye(2)).save(reference)
+    cfg = load_config(TINY_CONFIG, [f"sampling.fid_reference={reference}", f"infrastructure.tf32={tf32}".lower()])
+    real, seen = ddpm.sample.sample_loaded, []
+
+    class Sampled(Exception):
+        pass
+
+    def sample_without_fid(ckpt, state, out, shard, s, *args, **kwargs):  # the real one, minus Inception
+        real(ckpt, state, out, shard, dataclasses.replace(tiny_sampling(), seed_base=s.seed_base), *args, **kwargs)
+        seen.append(tf32_flags())
+        raise Sampled
+
+    monkeypatch.setattr(ddpm.sample, "sample_loaded", sample_without_fid)
+    set_fp32_precision(not tf32)
+    with pytest.raises(Sampled):
+        evaluate_step(run, cfg, 5, device="cpu", progress=False)
+    assert seen == [(("tf32",) if tf32 else ("ieee",)) * 2]
+
+
+class FlagRecorder(torch.nn.Module):
+    """Stands in for Inception: records the flags and autocast state its forward runs under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[tuple[str, str], bool]] = []
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.seen.append((tf32_flags(), torch.is_autocast_enabled("cpu")))
+        return [x.new_zeros(x.shape[0], inception.FEATURE_DIM, 1, 1)]
+
+
+def test_inception_runs_in_full_fp32_and_stats_record_it(images):
+    model = FlagRecorder()
+    set_fp32_precision(True)  # as a TF32 sampler left them
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inception.inception_features(model, np.zeros((3, 8, 8, 3), dtype=np.uint8), batch_size=2)
+    assert model.seen == [(("ieee", "ieee"), False)] * 2
+    assert tf32_flags() == ("tf32", "tf32")  # put back afterwards
+    with full_fp32():
+        assert tf32_flags() == ("ieee", "ieee")
+
+    data = DataConfig(source="folder", path=str(images), image_size=8, center_crop=None)
+    stats = fid.reference_stats(data, model, max_images=4, batch_size=2, progress=False)  # `python -m ddpm.fid ref`
+    assert stats.n == 4 and model.seen[-1] == (("ieee", "ieee"), False)
+    assert stats.signature == fid.stats_signature(data) and stats.signature.split("|")[0].endswith("/fp32")
+    assert stats.device == "cpu"
+
+
+def test_fid_stats_record_the_device_but_compare_across_devices(tmp_path):
+    f = np.random.default_rng(0).standard_normal((6, 3))
+    a = fid.FIDStats(sum=np.zeros(3), sum_outer=np.zeros((3, 3)), signature="s", device="cpu").update(f)
+    b = fid.FIDStats(sum=np.zeros(3), sum_outer=np.zeros((3, 3)), signature="s", device="cuda").update(f)
+    assert fid.fid_from_stats(a, b) == pytest.approx(0.0, abs=1e-9)  # the device is a record, not a signature
+    assert a.merge(b).device == "cpu+cuda" and a.merge(a).device == "cpu"
+    a.save(tmp_path / "a.npz")
+    assert fid.FIDStats.load(tmp_path / "a.npz").device == "cpu"
+    with np.load(tmp_path / "a.npz") as data:  # a file from before the field
+        old = {k: data[k] for k in data.files if k != "fid_device"}
+    assert fid.FIDStats.from_arrays(old).device == ""
+
+
+# ---- 4. training.deterministic, channels_last by device ----------------------------------------------------
+
+
+def test_deterministic_training_flags(make_trainer, tmp_path):
+    trainer = make_trainer(tmp_path / "det", "training.deterministic=true")
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    steps(trainer, 2)  # every op of a CPU training step has a deterministic kernel
+
+    make_trainer(tmp_path / "free")  # the default: back to torch's defaults (no benchmark on the CPU)
+    assert not torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_cudnn_benchmark_on_cuda_unless_deterministic():
+    infra = InfrastructureConfig()
+    configure_backends(infra, TrainingConfig(), CUDA)  # flags only: no GPU needed
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    configure_backends(infra, TrainingConfig(deterministic=True), CUDA)
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+
+
+def test_channels_last_null_is_on_for_cpu_off_for_cuda(tmp_path, make_trainer):
+    infra = load_config(TINY_CONFIG, ["infrastructure.channels_last=null"]).infrastructure
+    assert infra.channels_last is None and InfrastructureConfig().channels_last is None
+    assert channels_last(infra, CPU) and not channels_last(infra, CUDA)
+    assert memory_format(infra, CUDA) == torch.contiguous_format
+    for value in (True, False):
+        fixed = dataclasses.replace(infra, channels_last=value)
+        assert channels_last(fixed, CPU) == channels_last(fixed, CUDA) == value
+    yaml = tmp_path / "null.yaml"
+    yaml.write_text("infrastructure:\n  channels_last: null\n")
+    assert load_config(yaml).infrastructure.channels_last is None
+    trainer = make_trainer(tmp_path / "run", "infrastructure.channels_last=null")
+    assert trainer.memory_format == torch.channels_last
+    assert trainer.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
