@@ -99,6 +99,30 @@ def max_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+class LaggedMax:
+    """A flag per step, reduced over ranks (max) and read one step late: the host queues step s+1 before it waits
+    for step s's flag, so it never stalls the device; every rank reads the same value at the same step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def push(self, value: bool) -> bool:
+        """Queue this step's ``value``; return the previous step's value reduced over ranks (False at the first)."""
+        flag = max_across_ranks(torch.empty(1, device=self.device).fill_(float(value)))  # fill_: no host copy
+        event = None
+        if self.device.type == "cuda":
+            flag = flag.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        previous, self._pending = self._pending, (flag, event)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()  # the step before the one just queued
+        return bool(previous[0].item())
+
+
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (on a copy); identity for one process."""
     if not dist.is_initialized():

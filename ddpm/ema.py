@@ -54,35 +54,49 @@ class EMA:
             raise ValueError(f"start_step={start_step!r}: expected an integer >= 0")
         self.decay = float(decay)
         self.start_step = int(start_step)
+        self._cache: tuple[nn.Module, tuple[list[torch.Tensor], list[torch.Tensor], list[str]]] | None = None
         self.shadow: dict[str, torch.Tensor] = {
             name: (t.detach().float() if t.is_floating_point() else t.detach()).clone()
             for name, t in unwrap_model(model).state_dict(keep_vars=True).items()
         }
 
     def _split(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
-        """(float shadows, matching float32 model tensors, names of non-float tensors)."""
+        """(float shadows, matching float32 model tensors, names of non-float tensors); cached per model when every
+        weight is its parameter itself (float32: the optimizer updates them in place), rebuilt otherwise."""
+        if self._cache is not None and self._cache[0] is model:
+            return self._cache[1]
         current = unwrap_model(model).state_dict(keep_vars=True)
         if current.keys() != self.shadow.keys():
             missing = sorted(set(self.shadow) ^ set(current))[:5]
             raise ValueError(f"EMA: model keys differ from the shadow's (e.g. {missing})")
-        shadows, weights, others = [], [], []
+        shadows, weights, others, aliased = [], [], [], True
         for name, s in self.shadow.items():
             if s.is_floating_point():
                 shadows.append(s)
                 weights.append(current[name].detach().to(s.dtype))  # no copy for float32 weights
+                aliased &= weights[-1].data_ptr() == current[name].data_ptr()
             else:
                 others.append(name)
+        self._cache = (model, (shadows, weights, others)) if aliased else None
         return shadows, weights, others
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Fold the model's weights after optimizer step ``step`` into the shadow."""
+    def update(self, model: nn.Module, step: int, apply: torch.Tensor | None = None) -> None:
+        """Fold the model's weights after optimizer step ``step`` into the shadow.
+
+        ``apply``: a 0-dim tensor, 1.0 = fold in, 0.0 = leave the shadow as it is (a skipped step), decided on the
+        device without a host sync.
+        """
         shadows, weights, others = self._split(model)
-        if step < self.start_step:
+        if step < self.start_step:  # a skipped step left the weights as they were: copying them changes nothing
             torch._foreach_copy_(shadows, weights)
-        else:
+        elif apply is None:
             # decay * s + (1 - decay) * w == s + (1 - decay) * (w - s): one fused lerp per tensor group.
             torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
+        else:  # the same, with the weight (1 - decay) * apply kept on the device (a tensor Scalar would sync)
+            diffs = torch._foreach_sub(weights, shadows)
+            torch._foreach_mul_(diffs, apply * (1.0 - self.decay))
+            torch._foreach_add_(shadows, diffs)
         if others:
             current = unwrap_model(model).state_dict()
             for name in others:

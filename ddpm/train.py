@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddpm import dist
 from ddpm.checkpoint import FORMAT, load_latest, save_checkpoint
-from ddpm.config import Config, InfrastructureConfig, TrainingConfig, dump_config, load_config
+from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.data import create_dataloader_from_config, default_num_workers, save_image
@@ -38,16 +37,10 @@ from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
 from ddpm.envcheck import SetupError, check_torch_floor
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, DDPMError, cli_entry
+from ddpm.optim import build_optimizer, step_unless
 from ddpm.precision import amp_dtype, autocast, configure_backends, describe_precision, memory_format, restore_scaler
 from ddpm.runlog import RunLogger, write_provenance, write_status
 from ddpm.unet import UNet
-
-
-def build_optimizer(params: Iterable[torch.nn.Parameter], tc: TrainingConfig,
-                    infra: InfrastructureConfig) -> torch.optim.AdamW:
-    """AdamW of ``training``, fused when ``infrastructure.fused_adam`` (CUDA, CPU); the trainer's and the bench's."""
-    return torch.optim.AdamW(params, lr=tc.learning_rate, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                             fused=infra.fused_adam or None)
 
 
 def quartile_losses(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
@@ -79,7 +72,8 @@ class Trainer:
         self.ema = EMA(self.model, tc.ema_decay, tc.ema_start)
         net: torch.nn.Module = self.model
         if env.distributed:
-            net = DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
+            net = DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None,
+                                          gradient_as_bucket_view=True)  # no gradient copy
         if infra.compile:
             net = torch.compile(net)
         self.ddpm = DDPM.from_config(cfg.ddpm, net)
@@ -90,7 +84,8 @@ class Trainer:
         self.loader = create_dataloader_from_config(cfg.data, self.local_batch, env.rank, env.world_size,
                                                     seed=tc.seed, device=self.device)
         self.overfit = overfit_single_batch
-        self.step, self.skipped_steps = 0, 0
+        self.step, self._skipped = 0, torch.zeros((), device=self.device)  # non-finite steps, counted on the device
+        self._stop_flag = dist.LaggedMax(self.device)
         self.stop_requested = False  # set by a signal on this rank
         self.stop_now = False  # the flag reduced over ranks: every rank agrees on it
         self._stop_at: tuple[str, float] | None = None  # (signal name, monotonic time) of the first stop signal
@@ -138,6 +133,11 @@ class Trainer:
                                   "the config the run was started with") from None
         self._print(f"resumed from {path} at step {self.step}")
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (a read of the device counter: on log, save and status only)."""
+        return int(self._skipped.item())
+
     # ---- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly (collective: every rank must call it)."""
@@ -165,7 +165,7 @@ class Trainer:
         self.scaler = restore_scaler(self.scaler, state["scaler"], self.device.type, self._print)  # fp16 <-> bf16
         self.loader.load_state_dict(state["data"])
         self.step = int(state["step"])
-        self.skipped_steps = int(state["counters"]["skipped_steps"])
+        self._skipped.fill_(int(state["counters"]["skipped_steps"]))
         rng = state["rng"]
         if rng["world_size"] == self.env.world_size:
             mine = rng["ranks"][self.env.rank]
@@ -204,7 +204,9 @@ class Trainer:
     def train_step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward, backward, clip, AdamW, EMA; skips (and counts) a step whose gradients are not finite.
 
-        Also reduces the stop flag across ranks so every rank stops at the same step.
+        The host never waits for the device here (nanoGPT, torchtitan): the skip is decided on the device (the
+        optimizer's ``found_inf``, as torch's GradScaler passes it; the EMA folds in nothing), and the stop flag,
+        reduced over ranks so every rank stops at the same step, is read one step late.
         """
         tc = self.cfg.training
         lr = tc.lr_at(self.step)
@@ -216,22 +218,19 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = tc.gradient_clip_norm if tc.gradient_clip_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        # One host sync per step: (gradients not finite, stop requested), reduced over ranks.
-        flags = torch.stack([(~torch.isfinite(grad_norm)).float(),
-                             torch.tensor(float(self.stop_requested), device=grad_norm.device)])
-        not_finite, stop = (bool(v) for v in dist.max_across_ranks(flags).tolist())
-        if not_finite:
-            self.skipped_steps += 1
-            self.scaler.update()  # fp16: lowers the scale; bf16/fp32: no-op
-        else:
+        bad = (~torch.isfinite(grad_norm)).float()  # 0-dim, on the device; equal on every rank (DDP's gradients)
+        self._skipped += bad
+        if self.scaler.is_enabled():  # fp16: unscale_ found the same non-finite gradients
             self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.ema.update(self.model, self.step + 1)
+        else:
+            step_unless(self.optimizer, bad)
+        self.scaler.update()  # fp16: lowers the scale after a skipped step; bf16/fp32: no-op
+        self.ema.update(self.model, self.step + 1, apply=1.0 - bad)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.stop_now = stop
+        self.stop_now = self._stop_flag.push(self.stop_requested)
         return {**metrics, "grad_norm": grad_norm.detach(), "lr": torch.tensor(lr),
-                "skipped_steps": torch.tensor(float(self.skipped_steps))}
+                "skipped_steps": self._skipped.clone()}
 
     # ---- the loop ----------------------------------------------------------------------------------
     def fit(self) -> str:

@@ -53,8 +53,8 @@ from ddpm.configtools import parse_with_overrides
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError, cli_entry
+from ddpm.optim import build_optimizer
 from ddpm.precision import amp_dtype, memory_format, set_fp32_precision
-from ddpm.train import build_optimizer
 from ddpm.unet import UNet
 from tools.diffusers_twin import build_pair, sample_of
 

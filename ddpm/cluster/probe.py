@@ -142,8 +142,8 @@ def training_speed(cfg: Config, env: Any, steps: int = 20, warmup: int = 3) -> t
     from torch.nn.parallel import DistributedDataParallel
 
     from ddpm.diffusion import DDPM
+    from ddpm.optim import build_optimizer
     from ddpm.precision import amp_dtype, configure_backends, memory_format
-    from ddpm.train import build_optimizer
     from ddpm.unet import UNet
 
     infra, cuda = cfg.infrastructure, env.device.type == "cuda"
