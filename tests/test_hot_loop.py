@@ -45,3 +45,31 @@ def test_the_stop_flag_is_read_one_step_late(make_trainer, tmp_path):
 def test_lagged_max_returns_the_previous_steps_value():
     flag = dist.LaggedMax(torch.device("cpu"))
     assert [flag.push(v) for v in (True, False, False, True, True)] == [False, True, False, False, True]
+
+
+def test_a_stop_at_a_grid_step_resumes_bitwise(make_trainer, tmp_path):
+    """Dropout 0.1 on the CPU: a stop that lands on a grid step skips that grid; resumed, the run ends with the same
+    weights, EMA and optimizer state as one that drew the grid (the grid never touches the training RNG)."""
+    from slurm_helpers import assert_same_training_state
+
+    from ddpm.checkpoint import load_latest
+
+    common = ["model.dropout=0.1", "training.num_iterations=8", "training.sample_every=4", "training.save_every=100",
+              "training.num_samples=2"]
+    ref = make_trainer(tmp_path / "ref", *common)
+    assert ref.fit() == "done" and (tmp_path / "ref" / "grids" / "step_00000004.png").is_file()
+    first = make_trainer(tmp_path / "run", *common)
+    beat = first.heartbeat
+
+    def stop_at_the_grid(force: bool = False) -> None:  # what a stop signal at step 4 sets, just before the grid
+        if first.step == 4:
+            first.stop_requested = True
+        beat(force)
+
+    first.heartbeat = stop_at_the_grid
+    assert first.fit() == "stopped" and first.step == 6  # queued with step 5, read after step 6
+    assert not (tmp_path / "run" / "grids" / "step_00000004.png").exists()  # the stop skipped the grid
+    first.close()
+    second = make_trainer(tmp_path / "run", *common)
+    assert second.step == 6 and second.fit() == "done"
+    assert_same_training_state(load_latest(tmp_path / "ref")[1], load_latest(tmp_path / "run")[1])
