@@ -1,6 +1,6 @@
 """ddpm-slurm: a DDPM (Ho et al. 2020) trained and sampled as a SLURM batch workflow.
 
-The public API (DESIGN.md, Contracts), imported on first use so that ``import ddpm`` stays cheap::
+The public API (docs/design.md, Contracts), imported on first use so that ``import ddpm`` stays cheap::
 
     from ddpm import UNet, DDPM, EMA, load_config, create_dataloader_from_config, save_image
     cfg = load_config("configs/tiny_cpu.yaml")

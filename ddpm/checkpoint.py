@@ -10,7 +10,7 @@ renamed into place, and only then named by LATEST; a process killed at any
 moment leaves the previous checkpoint loadable. A full disk is one
 CheckpointError line, with the previous checkpoint intact and nothing deleted.
 A run whose checkpoints all fail to load is an error, never a silent start
-from step 0. Contents (see DESIGN.md)::
+from step 0. Contents (see docs/design.md)::
 
     format, step, model, model_config, ddpm, ema, optimizer, scaler, rng, data, config, counters
 """

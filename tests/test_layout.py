@@ -1,4 +1,4 @@
-"""The package's shape (issue 15, DESIGN.md): no import cycle, model/math/data code free of process and
+"""The package's shape (issue 15, docs/design.md): no import cycle, model/math/data code free of process and
 cluster code, files of at most 400 lines, a docstring under every config key."""
 
 from __future__ import annotations
