@@ -28,17 +28,27 @@ from ddpm.config import DDPMConfig, Sampler, Spacing, Variance, choices
 VARIANCES, SAMPLERS, SPACINGS = choices(Variance), choices(Sampler), choices(Spacing)  # declared in ddpm.config
 
 
-def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> np.ndarray:
-    """The ``num_steps`` timesteps a sampler visits, ascending int64 [S] (diffusers' ``timestep_spacing``).
+def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading", sampler: str = "ddpm") -> np.ndarray:
+    """The ``num_steps`` timesteps ``sampler`` visits, ascending int64 [S], as diffusers' scheduler for that
+    sampler picks them (its ``timestep_spacing``, ``steps_offset=0``).
 
-    leading (DDIM paper): t_i = i * (T // S), so 0, 20, ..., 980 for T=1000, S=50;
-    trailing: round(arange(T, 0, -T/S)) - 1, which always includes T - 1.
+    leading, ddpm / ddim (DDIM paper; DDPMScheduler, DDIMScheduler): t_i = i * (T // S), i = 0..S-1, so 0, 20,
+    ..., 980 for T=1000, S=50; leading, dpmpp_2m (DPMSolverMultistepScheduler): S + 1 points i * (T // (S + 1)),
+    i = 0..S, without t = 0 (its last step goes to sigma = 0 instead), so 90, 180, ..., 900 for S=10;
+    trailing, every sampler: round(arange(T, 0, -T/S)) - 1, which always includes T - 1.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep_spacing {spacing!r} (expected one of {', '.join(SPACINGS)})")
-    if int(num_steps) != num_steps or not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps={num_steps!r}: expected an integer in [1, {num_timesteps}] (the T)")
-    if spacing == "leading":
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
+    solver_leading = spacing == "leading" and sampler == "dpmpp_2m"  # T // (S + 1) >= 1 needs S <= T - 1
+    most = num_timesteps - 1 if solver_leading else num_timesteps
+    if int(num_steps) != num_steps or not 1 <= num_steps <= most:
+        what = "dpmpp_2m with leading spacing: T // (num_steps + 1) >= 1" if solver_leading else "the T"
+        raise ValueError(f"num_steps={num_steps!r}: expected an integer in [1, {most}] ({what})")
+    if solver_leading:
+        ts = np.arange(1, num_steps + 1, dtype=np.int64) * (num_timesteps // (num_steps + 1))
+    elif spacing == "leading":
         ts = np.arange(0, num_steps, dtype=np.int64) * (num_timesteps // num_steps)
     else:
         ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(np.int64) - 1
@@ -286,9 +296,10 @@ class DDPM:
         "ddim": Song et al. eq. 12 with ``eta`` (0: deterministic; 1: ancestral variance), the last step
         going to abar = 1 (the x0 prediction); "dpmpp_2m": DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2),
         deterministic (``eta`` unused), its last step also to abar = 1 (diffusers' final_sigmas_type="zero").
-        Timesteps are picked by ``timestep_spacing`` ("leading" or "trailing", as in diffusers). With ``seeds``
-        (one int per image) image i uses its own ``torch.Generator`` for its initial noise and every step's
-        noise, so it depends on seeds[i] only. ``x_T`` [B, *image_shape] replaces the initial noise (the
+        ``timestep_spacing`` ("leading" or "trailing") picks the timesteps as diffusers' scheduler for the
+        sampler does (``make_timesteps``; leading differs for dpmpp_2m). With ``seeds`` (one int per image)
+        image i uses its own ``torch.Generator`` for its initial noise and every step's noise, so it depends on
+        seeds[i] only. ``x_T`` [B, *image_shape] replaces the initial noise (the
         generators still draw and drop it). ``clip_denoised`` clamps every x0 prediction to [-1, 1].
         The model runs in eval mode under no_grad, on its parameters' device; its mode is restored. It is
         called as ``model(x [B, ...], t [1])``: one timestep broadcast over the batch, so the time embedding
@@ -302,7 +313,7 @@ class DDPM:
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta={eta!r}: expected a float in [0, 1]")
         steps = self.num_timesteps if num_steps is None else num_steps
-        timesteps = make_timesteps(self.num_timesteps, steps, timestep_spacing)  # ascending [S]
+        timesteps = make_timesteps(self.num_timesteps, steps, timestep_spacing, sampler)  # ascending [S]
         shape = (batch_size, *[int(d) for d in image_shape])
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")

@@ -1,11 +1,13 @@
-"""Parity with diffusers: ``DDPMScheduler`` / ``DDIMScheduler`` and ``UNet2DModel`` against ``ddpm``.
+"""Parity with diffusers: ``DDPMScheduler`` / ``DDIMScheduler`` / ``DPMSolverMultistepScheduler`` and
+``UNet2DModel`` against ``ddpm``.
 
 diffusers is a test extra (``pip install -e '.[test]'``): without it this module fails at collection, it
 does not skip. What is compared, and to what tolerance:
 
 * schedule: our float64 betas / alphas / alphas_cumprod against diffusers' float32 ones, to float32
   rounding (betas 2e-7 relative, alphas_cumprod 1e-6 relative; measured 1.1e-7 and 3.6e-7), and the
-  timesteps each sampler visits (exactly);
+  timesteps each sampler visits (exactly) for every ``timestep_spacing`` we accept: leading is T // S spaced
+  from 0 in DDPM/DDIM, T // (S + 1) spaced from T // (S + 1) in DPM-Solver (its last step goes to sigma 0);
 * one ancestral step (``DDPM.reverse_process`` against ``DDPMScheduler.step``, fixed_small and fixed_large,
   with and without x0 clipping, t from 0 to T-1), in float64 with our float64 schedule put into the
   scheduler, so only the step's algebra is compared: 1e-12 relative (measured 1.5e-13);
@@ -14,7 +16,10 @@ does not skip. What is compared, and to what tolerance:
   and 50 steps (and all 1000), DDIM with eta 0 and 1 at 10 and 50 steps, leading and trailing spacing. They
   run in float32, against diffusers as it is (2e-5 relative to the largest value, 1e-4 at 1000 steps:
   its float32 schedule's rounding accumulates; measured up to 4.8e-6 and 2.1e-5) and against diffusers
-  given our float64 schedule (3e-6; measured up to 7.8e-7, float32 arithmetic alone);
+  given our float64 schedule (3e-6; measured up to 7.8e-7, float32 arithmetic alone); and DPM-Solver++(2M)
+  (``sampler="dpmpp_2m"``) against ``DPMSolverMultistepScheduler`` picking its own timesteps (its
+  ``timestep_spacing``), 10 and 20 steps, every spacing, with and without clipping, to the same tolerances
+  (measured up to 7.8e-7 and 8.1e-7; tests/test_dpm_solver.py has the rest of its tests);
 * the U-Net: ours and the ``UNet2DModel`` twin of ``tools.diffusers_twin`` (base 32, channel_mult [1, 2],
   attention at 8x8 with 2 heads, 16x16 images), holding the same random weights, give the same eps in
   eval mode: float64 1e-12 relative (measured ~3e-15), float32 1e-5 (measured 1.4e-6); equal parameter
@@ -42,13 +47,13 @@ import torch
 from torch import nn
 
 try:
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as err:  # a hard failure, not a skip: diffusers is part of the test extra
     raise ImportError("tests/test_diffusers_parity.py needs diffusers, a test extra: pip install -e '.[test]'") \
         from err
 
-from ddpm.config import Config, DataConfig, DDPMConfig, ModelConfig, SamplingConfig
+from ddpm.config import Config, DataConfig, DDPMConfig, ModelConfig, SamplingConfig, Spacing, choices
 from ddpm.diffusion import DDPM, make_timesteps
 from ddpm.unet import UNet
 from tools.diffusers_twin import build_pair, diffusers_loop, diffusers_to_ours, diffusers_unet, sample_of
@@ -58,8 +63,10 @@ SCHEDULE = dict(beta_start=BETA_START, beta_end=BETA_END, beta_schedule="linear"
 # float32 loops, relative to the largest value of diffusers' result: against diffusers as it is (its float32
 # schedule's rounding grows with the number of steps) and against diffusers given our float64 schedule
 # (float32 arithmetic alone: a few ulps whatever the number of steps).
-STOCK_RTOL = {10: 2e-5, 50: 2e-5, 1000: 1e-4}  # measured up to 2.8e-6 (10), 4.8e-6 (50), 2.1e-5 (1000)
+STOCK_RTOL = {10: 2e-5, 20: 2e-5, 50: 2e-5, 1000: 1e-4}  # measured up to 2.8e-6 (10), 4.8e-6 (50), 2.1e-5 (1000)
 FLOAT64_SCHEDULE_RTOL = 3e-6  # measured up to 7.8e-7
+SPACINGS = choices(Spacing)  # every timestep_spacing DDPM.sample accepts
+SCHEDULERS = ((DDPMScheduler, "ddpm"), (DDIMScheduler, "ddim"), (DPMSolverMultistepScheduler, "dpmpp_2m"))
 
 
 def max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -124,14 +131,23 @@ def test_schedule_matches_diffusers(num_timesteps: int) -> None:
                                        msg=lambda m, n=name, c=cls.__name__: f"{c}.{n}: {m}")
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("spacing", SPACINGS)
 def test_timesteps_match_diffusers(spacing: str) -> None:
-    for steps in (1, 10, 50, 1000):
-        ours = make_timesteps(T, steps, spacing)[::-1]  # diffusers lists them descending
-        for cls in (DDPMScheduler, DDIMScheduler):
+    """Each sampler visits the timesteps diffusers' scheduler for it picks from its ``timestep_spacing``."""
+    for steps in (1, 10, 20, 50, T - 1, T):
+        for cls, sampler in SCHEDULERS:
             sched = cls(num_train_timesteps=T, timestep_spacing=spacing, **SCHEDULE)
             sched.set_timesteps(steps)
+            if (sampler, spacing, steps) == ("dpmpp_2m", "leading", T):  # T // (T + 1) = 0: t = 0, T times
+                assert sched.timesteps.tolist() == [0] * T
+                with pytest.raises(ValueError, match=f"num_steps={T}: expected an integer in \\[1, {T - 1}\\]"):
+                    make_timesteps(T, steps, spacing, sampler)
+                continue
+            ours = make_timesteps(T, steps, spacing, sampler)[::-1]  # diffusers lists them descending
             assert sched.timesteps.tolist() == ours.tolist(), (cls.__name__, steps)
+    if spacing == "leading":  # T // S from 0 (DDIM paper) vs T // (S + 1) without 0 (DPM-Solver)
+        assert make_timesteps(T, 10, spacing, "ddim").tolist() == list(range(0, 1000, 100))
+        assert make_timesteps(T, 10, spacing, "dpmpp_2m").tolist() == list(range(90, 901, 90))
 
 
 # ---- one ancestral step, float64 --------------------------------------------------------------------------
@@ -244,6 +260,46 @@ def test_ddim_sampler_matches_ddim_scheduler_loop(eta: float, steps: int, spacin
     # diffusers' default DDIM (use_clipped_model_output=False) is another sampler once x0 is clipped
     (default, _), _, _ = loop_pair(DDIMScheduler, ddpm, steps, eta, use_clipped_model_output=False, **kw)
     assert max_rel(ours, default) > 1e-3
+
+
+def dpm_solver_loop(model: nn.Module, x_T: torch.Tensor, steps: int, spacing: str, clip: bool,
+                    alphas_cumprod: torch.Tensor | None = None, timesteps: list[int] | None = None) -> torch.Tensor:
+    """diffusers' DPM-Solver++(2M) loop from ``x_T`` [B, ...] -> x0 [B, ...]: its timesteps from its own
+    ``timestep_spacing`` (or ``timesteps``, descending), optionally our float64 alphas_cumprod [T].
+
+    dpmsolver++, order 2, midpoint, lower_order_final, final_sigmas_type "zero"; clipping is its
+    ``thresholding=True, sample_max_value=1.0`` (the threshold s is clamped to [1, 1]: a clamp to [-1, 1]).
+    """
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=T, **SCHEDULE, algorithm_type="dpmsolver++",
+                                        solver_order=2, solver_type="midpoint", lower_order_final=True,
+                                        euler_at_final=False, final_sigmas_type="zero", prediction_type="epsilon",
+                                        thresholding=clip, sample_max_value=1.0, timestep_spacing=spacing)
+    if alphas_cumprod is not None:
+        sched.alphas_cumprod = alphas_cumprod  # set_timesteps derives its sigmas from it
+    sched.set_timesteps(None if timesteps is not None else steps, timesteps=timesteps)
+    x = x_T
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(model(x, t.reshape(1)), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp_2m_sampler_matches_dpm_solver_multistep_loop(steps: int, spacing: str, clip: bool) -> None:
+    """``DDPM.sample(sampler="dpmpp_2m")`` == the DPMSolverMultistepScheduler loop, each picking its own
+    timesteps from ``timestep_spacing``; the toy eps (its x0 prediction leaves [-1, 1] at large t)."""
+    ddpm = ddpm_with_toy()
+    _, x_T = seeded(SEEDS, SHAPE)
+    ours = ddpm.sample(len(SEEDS), SHAPE, num_steps=steps, sampler="dpmpp_2m", timestep_spacing=spacing,
+                       seeds=SEEDS, x_T=x_T, progress=False, clip_denoised=clip)
+    what = f"dpmpp_2m {steps} {spacing} clip={clip}"
+    assert_close(ours, dpm_solver_loop(ddpm.model, x_T, steps, spacing, clip), STOCK_RTOL[steps], what)
+    theirs64 = dpm_solver_loop(ddpm.model, x_T, steps, spacing, clip, ddpm.alphas_cumprod)
+    assert_close(ours, theirs64, FLOAT64_SCHEDULE_RTOL, f"{what}, our float64 schedule in diffusers")
+    # clipping engages here, so the clip=True case compares the clamped branch
+    assert max_rel(ours, dpm_solver_loop(ddpm.model, x_T, steps, spacing, not clip)) > 1e-3
 
 
 # ---- the U-Net and its diffusers twin --------------------------------------------------------------------
