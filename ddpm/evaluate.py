@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -36,7 +37,7 @@ import numpy as np
 
 from ddpm.config import Config, SamplingConfig, load_config
 from ddpm.errors import CheckpointError, DDPMError, cli_entry
-from ddpm.fsio import atomic_write_text, file_sha256
+from ddpm.fsio import atomic_write_text, file_sha256, file_sha256_once
 
 
 def eval_steps(cfg: Config) -> list[int]:
@@ -80,16 +81,20 @@ def read_result(run_dir: Path, step: int) -> dict[str, Any] | None:
 
 
 def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = None, progress: bool = True) -> dict:
-    """FID of the checkpoint of ``step`` for each seed set; its row (also written to ``eval/step_<N>.json``)."""
+    """FID of the checkpoint of ``step`` for each seed set; its row (also written to ``eval/step_<N>.json``).
+
+    The checkpoint is read and hashed once, and the FID Inception loaded once, for all the seed sets."""
     from ddpm.checkpoint import load_checkpoint
     from ddpm.fid import FIDStats, fid_from_stats
+    from ddpm.inception import load_inception
     from ddpm.sample import sample_loaded
 
     ckpt = checkpoint_of(run_dir, step)
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt}: checkpoint of step {step} not found (set training.milestone_every before "
                               "training: other checkpoints are deleted as newer ones are written)")
-    settings = _settings(cfg, file_sha256(ckpt))
+    sha = file_sha256_once(ckpt)  # the one hash of this task (the seed sets' shards record it too)
+    settings = _settings(cfg, sha)
     done = read_result(run_dir, step)
     if done is not None and done.get("settings") == settings:
         print(f"eval: step {step} already evaluated (FID {done['mean']:.3f}); skipping", flush=True)
@@ -100,15 +105,17 @@ def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = No
     reference = FIDStats.load(cfg.sampling.fid_reference)  # one line when missing or unreadable
     state = load_checkpoint(ckpt)
     sampling, out = eval_sampling(cfg), run_dir / "eval" / f"step_{step:08d}"
+    inception = functools.cache(load_inception)  # loaded by the first seed set, shared by the others
     fids = []
     for seed_set in range(cfg.eval.num_seeds):
         npz = sample_loaded(ckpt, state, out, seed_set, sampling, device, progress,  # TF32 as the run's config
-                            choice=f"eval of step {step}, seed set {seed_set}", tf32=cfg.infrastructure.tf32)
+                            choice=f"eval of step {step}, seed set {seed_set}", tf32=cfg.infrastructure.tf32,
+                            checkpoint_sha256=sha, inception_loader=inception)
         with np.load(npz, allow_pickle=False) as data:
             stats = FIDStats.from_arrays(data)
         fids.append(fid_from_stats(stats, reference))
     mean = statistics.fmean(fids)
-    row = {"step": step, "checkpoint": str(ckpt), "checkpoint_sha256": settings["checkpoint_sha256"],
+    row = {"step": step, "checkpoint": str(ckpt), "checkpoint_sha256": sha,
            "fid": fids, "mean": mean, "std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
            "num_samples": cfg.eval.num_samples, "settings": settings, "complete": True}
     atomic_write_text(result_path(run_dir, step), json.dumps(row, indent=2) + "\n")  # last: marks completion
@@ -175,7 +182,8 @@ def resolve_checkpoint(run_dir: Path, cfg: Config) -> tuple[Path, str]:
         raise DDPMError(f"sampling.checkpoint=best: no readable {fid_json} (run the eval stage: launch.py "
                         "--stage eval with eval.enabled=true, or set sampling.checkpoint=latest)") from None
     path = Path(best["checkpoint"])
-    if not path.is_file() or file_sha256(path) != best["checkpoint_sha256"]:
+    # remembered: the sampling task that asked goes on to hash the same file (ddpm.sample.sample_loaded)
+    if not path.is_file() or file_sha256_once(path) != best["checkpoint_sha256"]:
         raise CheckpointError(f"sampling.checkpoint=best: {path} is missing or not the file eval/fid.json scored")
     return path, f"best: lowest mean FID of the eval stage ({best['mean']:.3f} at step {best['step']}, eval/fid.json)"
 

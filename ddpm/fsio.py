@@ -55,6 +55,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# (resolved path, device, inode, size, mtime_ns) -> sha256 of the files :func:`file_sha256_once` hashed
+_SHA256_SEEN: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def file_sha256_once(path: str | Path) -> str:
+    """:func:`file_sha256`, remembered for the life of the process while the file stays the same (same inode,
+    size and mtime): a task that names one checkpoint several times (resolving ``sampling.checkpoint: best``,
+    then sampling from it) reads a 1 GB file once. A file replaced (atomic writes: a new inode) or rewritten is
+    hashed again."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_SEEN:
+        _SHA256_SEEN[key] = file_sha256(path)
+    return _SHA256_SEEN[key]
+
+
 def new_dir(parent: Path) -> Path:
     """A new, empty ``parent/<YYYYmmdd-HHMMSS>[-i]`` directory (never one that exists)."""
     stamp, i = time.strftime("%Y%m%d-%H%M%S"), 0

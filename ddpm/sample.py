@@ -27,8 +27,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,11 +42,14 @@ from ddpm.data import to_uint8
 from ddpm.diffusion import DDPM
 from ddpm.envcheck import pick_device
 from ddpm.errors import CheckpointError, ConfigError, ShardError, cli_entry
-from ddpm.fsio import atomic_write_bytes, atomic_write_text, file_sha256, new_dir
+from ddpm.fsio import atomic_write_bytes, atomic_write_text, file_sha256, file_sha256_once, new_dir
 from ddpm.outputs import SETTINGS_KEYS, shard_paths, shard_range
 from ddpm.precision import set_fp32_precision
 from ddpm.runlog import package_versions
 from ddpm.unet import UNet
+
+if TYPE_CHECKING:
+    from ddpm.inception import FIDFeatures
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -202,9 +206,17 @@ def sample_shard(checkpoint: str | Path, out_dir: str | Path | None, shard: int 
 
 def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None, shard: int | None,
                   s: SamplingConfig, device: str | None, progress: bool = True, choice: str | None = None,
-                  tf32: bool | None = None) -> Path:
+                  tf32: bool | None = None, checkpoint_sha256: str | None = None,
+                  inception_loader: Callable[[str | None, str], FIDFeatures] | None = None) -> Path:
     """:func:`sample_shard` for a checkpoint already loaded (``state`` read from ``ckpt``); TF32 matmuls and
-    convolutions when ``tf32`` (None: the checkpoint's ``infrastructure.tf32``, true when it has none)."""
+    convolutions when ``tf32`` (None: the checkpoint's ``infrastructure.tf32``, true when it has none).
+
+    A caller that draws several shards from one checkpoint (the eval stage's seed sets) shares the work that is
+    the same for all of them: ``checkpoint_sha256`` is the sha256 of ``ckpt`` (None: hashed here, once per
+    process and file, :func:`~ddpm.fsio.file_sha256_once`); with ``s.fid``, ``inception_loader(s.fid_weights,
+    device)`` gives the FID Inception (None: :func:`ddpm.inception.load_inception`; a memoised one loads it
+    once for all the shards, still here: before any sampling, and never when FID is off).
+    """
     if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
         shard = int(os.environ["SLURM_ARRAY_TASK_ID"])
     if shard is None:
@@ -225,14 +237,15 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
     mc = state["model_config"]
     size = mc.get("image_size", state["config"]["data"]["image_size"])
     start, stop = shard_range(s.num_samples, s.num_shards, shard)
-    settings = {"checkpoint_sha256": file_sha256(ckpt), "image_shape": [size, size, mc["in_channels"]],
+    sha = checkpoint_sha256 if checkpoint_sha256 is not None else file_sha256_once(ckpt)
+    settings = {"checkpoint_sha256": sha, "image_shape": [size, size, mc["in_channels"]],
                 **s.pixel_settings(), "shard": shard, "start": start, "stop": stop}
     inception, fid_signature = None, None
     if s.fid:  # fail on missing/mismatched Inception weights before any sampling
         from ddpm import fid as fidlib
         from ddpm.inception import inception_features, load_inception
 
-        inception = load_inception(s.fid_weights, device)
+        inception = (inception_loader or load_inception)(s.fid_weights, device)
         fid_signature = fidlib.stats_signature(state["config"]["data"])
 
     paths = shard_paths(out, shard)

@@ -1,6 +1,6 @@
 """``python -m tools.bench``'s sampling part: a row per sampler x batch size, and its precision choice.
 
-Runs the real command (as ``__main__``: tools.bench_sampling imports tools.bench back) with ``--quick`` on
+Runs the real command (as ``__main__``, in a subprocess) with ``--quick`` on
 configs/tiny_cpu.yaml widened to 32 channels (the diffusers twin needs widths divisible by 32): seconds.
 """
 

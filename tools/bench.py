@@ -39,7 +39,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,53 +55,14 @@ from ddpm.errors import ConfigError, DDPMError, cli_entry
 from ddpm.optim import build_optimizer
 from ddpm.precision import amp_dtype, memory_format, set_fp32_precision
 from ddpm.unet import UNet
+from tools.bench_sampling import Pressure, matmul_peak, report_sampling, timed
 from tools.diffusers_twin import build_pair, sample_of
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ddpm_babel.yaml"
 GLIBC_KEEP = "glibc.malloc.trim_threshold=17179869184:glibc.malloc.mmap_threshold=33554432"
-# ---- timing helpers -----------------------------------------------------------------------------------
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of ``fn()``, the device synchronized before and after."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    begin = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - begin
 
 
-class Pressure:
-    """Share of wall time some task waited for a CPU (Linux PSI) during a ``with`` block: the noise gauge."""
-
-    def __enter__(self) -> Pressure:
-        self.begin, self.stall = time.perf_counter(), self._stall()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        end, self.wall = self._stall(), time.perf_counter() - self.begin
-        self.share = None if end is None or self.stall is None else (end - self.stall) / self.wall
-
-    @staticmethod
-    def _stall() -> float | None:
-        with contextlib.suppress(OSError, IndexError, ValueError), open("/proc/pressure/cpu") as f:
-            return float(f.readline().split("total=")[1]) / 1e6
-        return None
-
-    def __str__(self) -> str:
-        if self.share is None:
-            return "CPU pressure unknown"
-        return f"CPU pressure {100 * self.share:.0f}%: " + (
-            "other work competed for the CPUs, figures are noisy" if self.share > 0.1 else "quiet machine")
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: int = 20) -> float:
-    """FLOP/s of a large square matmul (the device's practical peak for ``dtype``)."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    return 2 * n**3 * iters / timed(lambda: [a @ b for _ in range(iters)], device)
-
-
+# ---- timing helpers: timed, Pressure, matmul_peak live in tools.bench_sampling (imported one way) ------
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
@@ -342,8 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         train_rate = report_training(cfg, ours, theirs, device, args, amp, mf, precision)
     del theirs
     if "sample" in parts:
-        from tools.bench_sampling import report_sampling  # here: it imports this module's timing helpers
-
         report_sampling(cfg, ours, device, args)
     if "data" in parts:
         report_data(cfg, device, args, train_rate)

@@ -12,12 +12,18 @@ Two tables:
 
 With ``--quick`` a few steps are timed (respaced: the same work per step) and the per-step time is
 multiplied by the step count; without it each sampler runs once in full.
+
+It also holds the timing helpers both parts use (``timed``, ``Pressure``, ``matmul_peak``): ``tools.bench``
+imports this module and this module imports nothing of ``tools.bench``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,10 +32,52 @@ from ddpm.config import Config
 from ddpm.configtools import apply_overrides, read_yaml
 from ddpm.diffusion import DDPM
 from ddpm.sample import compiled_for_sampling
-from tools.bench import Pressure, matmul_peak, timed
 from tools.diffusers_twin import diffusers_loop
 
 DIFFUSERS_SAMPLERS = ("ddpm", "ddim")
+
+
+# ---- timing helpers: tools.bench's training part uses them too (it imports this module, never the reverse)
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, the device synchronized before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    begin = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - begin
+
+
+class Pressure:
+    """Share of wall time some task waited for a CPU (Linux PSI) during a ``with`` block: the noise gauge."""
+
+    def __enter__(self) -> Pressure:
+        self.begin, self.stall = time.perf_counter(), self._stall()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end, self.wall = self._stall(), time.perf_counter() - self.begin
+        self.share = None if end is None or self.stall is None else (end - self.stall) / self.wall
+
+    @staticmethod
+    def _stall() -> float | None:
+        with contextlib.suppress(OSError, IndexError, ValueError), open("/proc/pressure/cpu") as f:
+            return float(f.readline().split("total=")[1]) / 1e6
+        return None
+
+    def __str__(self) -> str:
+        if self.share is None:
+            return "CPU pressure unknown"
+        return f"CPU pressure {100 * self.share:.0f}%: " + (
+            "other work competed for the CPUs, figures are noisy" if self.share > 0.1 else "quiet machine")
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: int = 20) -> float:
+    """FLOP/s of a large square matmul (the device's practical peak for ``dtype``)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    return 2 * n**3 * iters / timed(lambda: [a @ b for _ in range(iters)], device)
 
 
 def sampler_steps(cfg: Config) -> list[tuple[str, int]]:
