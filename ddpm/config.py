@@ -51,6 +51,9 @@ class ModelConfig:
     """Feature-map sizes (pixels) with self-attention after each ResBlock."""
     num_heads: int = 4
     """Attention heads; must divide the channels at every attention."""
+    num_head_channels: int | None = None
+    """Fixed attention head size (improved-diffusion's option): width / num_head_channels heads at each attention;
+    null = model.num_heads everywhere. diffusers' UNet2DModel has one head size (README, Share a model)."""
     dropout: float = 0.1
     """Dropout inside the ResBlocks."""
     use_scale_shift_norm: bool = True
@@ -65,6 +68,8 @@ class ModelConfig:
         require(all(r >= 1 for r in self.attention_resolutions), "model.attention_resolutions",
                 self.attention_resolutions, "a list of resolutions >= 1")
         require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a float in [0, 1)")
+        require(self.num_head_channels is None or self.num_head_channels >= 1, "model.num_head_channels",
+                self.num_head_channels, "null or an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,9 @@ class TrainingConfig:
     deterministic: bool = False
     """Deterministic kernels only (cuDNN, torch.use_deterministic_algorithms; slower): bitwise-exact resume on
     GPUs too (CPU runs are exact either way); false = cuDNN benchmark on CUDA."""
+    init_from: str | None = field(default=None, metadata=PATH)
+    """A diffusers UNet2DModel folder (published, or an export of ours) a new run starts from (a run that has a
+    checkpoint resumes from it instead); the model section must describe the same network."""
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "num_iterations", "log_every", "sample_every", "save_every", "num_samples"):
@@ -169,7 +177,8 @@ class SamplingConfig:
     eta: float = field(default=0.0, metadata={"pixels": True})
     """DDIM stochasticity: 0 deterministic, 1 matches DDPM's variance."""
     timestep_spacing: Spacing = field(default="leading", metadata={"pixels": True})
-    """Which timesteps a respaced sampler visits (diffusers' timestep_spacing)."""
+    """Which timesteps a sampler visits, as diffusers' scheduler for that sampler picks them (timestep_spacing):
+    trailing T-1 down by T/S; leading multiples of T//S from 0 (ddpm, ddim), of T//(S+1) from T//(S+1) (dpmpp_2m)."""
     num_samples: int = field(default=10000, metadata={"pixels": True})
     """Images in the final set (the npz)."""
     num_shards: int = field(default=8, metadata={"pixels": True})
@@ -303,7 +312,7 @@ class Config:
         """Checks that span sections (each section has checked itself)."""
         m = self.model
         problem = architecture_problem(self.data.image_size, m.channel_mult, m.attention_resolutions,
-                                       m.base_channels, m.num_heads)
+                                       m.base_channels, m.num_heads, m.num_head_channels)
         if problem is not None:
             require(False, *problem)
         T = self.ddpm.num_timesteps

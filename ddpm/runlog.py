@@ -143,6 +143,15 @@ def write_provenance(run_dir: Path, cfg: Config, env: dist.DistEnv) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
+def add_to_provenance(run_dir: Path, **fields: Any) -> None:
+    """Add ``fields`` (plain types) to this start's record of provenance.json, e.g. the weights a new run started
+    from (``training.init_from``). Rank 0 only, after :func:`write_provenance`."""
+    path = run_dir / "provenance.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"starts": [{}]}
+    record["starts"][-1].update(fields)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+
 def write_status(run_dir: Path, state: str, step: int, skipped_steps: int, **extra: Any) -> None:
     """What the wrapper and ``launch.py status`` read.
 

@@ -109,10 +109,8 @@ class Trainer:
             signal.signal(getattr(signal, f"SIG{name}"), request_stop)
 
     def _resume(self) -> None:
-        """Load the newest checkpoint that loads (rank 0 chooses; every rank reads the same file).
-
-        Checkpoints that exist but none of which loads stop every rank with rank 0's one-line error.
-        """
+        """Load the newest checkpoint that loads (rank 0 chooses, every rank reads it; if none of them loads, rank 0's
+        one-line error stops every rank). A run without one starts from training.init_from when set."""
         found, error = None, None
         if self.env.is_main:
             try:
@@ -123,6 +121,9 @@ class Trainer:
         if error is not None:
             raise CheckpointError(error)
         if path is None:
+            if self.cfg.training.init_from:  # a new run from a diffusers model folder (ddpm.export)
+                from ddpm.export import start_from
+                self._print(start_from(self.model, self.ema, self.cfg, self.run_dir if self.env.is_main else None))
             return
         state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)
         try:

@@ -13,6 +13,9 @@ zero-initialised output conv.
     eps = model(x_t, t)                     # x_t [B, C, H, W], t LongTensor [B] -> [B, C, H, W]
     UNet(**model.config_dict())             # rebuilds the architecture from a checkpoint
 
+This file ships verbatim inside exports of shapes diffusers' ``UNet2DModel`` cannot express (``ddpm.export``,
+loaded with ``trust_remote_code=True``): it imports torch and, relatively, ``ddpm.architecture`` only.
+
 The forward has no data-dependent Python control flow (``torch.compile``
 friendly) and keeps ``channels_last`` inputs in that layout: attention works on
 ``[B, HW, C]`` token views, which are free views of a ``channels_last`` tensor.
@@ -28,13 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm.architecture import architecture_problem
-from ddpm.config import ModelConfig
+from .architecture import ModelShape, architecture_problem, heads_at, num_groups
 
-
-def num_groups(channels: int, max_groups: int = 32) -> int:
-    """Largest divisor of ``channels`` that is <= ``max_groups`` (32 for the usual widths, fewer when tiny)."""
-    return max(g for g in range(1, max_groups + 1) if channels % g == 0)
+__all__ = ["UNet", "num_groups"]
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -161,6 +160,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         use_scale_shift_norm: bool = True,
         image_size: int = 64,
+        num_head_channels: int | None = None,
     ):
         super().__init__()
         self._config = dict(
@@ -169,9 +169,11 @@ class UNet(nn.Module):
             attention_resolutions=[int(r) for r in attention_resolutions], num_heads=int(num_heads),
             dropout=float(dropout), use_scale_shift_norm=bool(use_scale_shift_norm), image_size=int(image_size),
         )
+        if num_head_channels is not None:  # absent when null: the config of every checkpoint before the option
+            self._config["num_head_channels"] = int(num_head_channels)
         mults = self._config["channel_mult"]
         attn_res = set(self._config["attention_resolutions"])
-        _validate(image_size, mults, attn_res, base_channels, num_heads)
+        _validate(image_size, mults, attn_res, base_channels, num_heads, num_head_channels)
         emb_ch = 4 * base_channels
         self.base_channels = base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
@@ -181,7 +183,7 @@ class UNet(nn.Module):
             return ResBlock(cin, cout, emb_ch, dropout, use_scale_shift_norm)
 
         def attn(ch: int, res: int) -> nn.Module:
-            return AttentionBlock(ch, num_heads) if res in attn_res else nn.Identity()
+            return AttentionBlock(ch, heads_at(ch, num_heads, num_head_channels)) if res in attn_res else nn.Identity()
 
         # Encoder: remember the width of every skip (conv_in, each block, each downsample).
         ch, res, skips = base_channels, image_size, [base_channels]
@@ -199,7 +201,7 @@ class UNet(nn.Module):
                 res //= 2
                 skips.append(ch)
         self.mid_block1 = block(ch, ch)
-        self.mid_attn = AttentionBlock(ch, num_heads)
+        self.mid_attn = AttentionBlock(ch, heads_at(ch, num_heads, num_head_channels))
         self.mid_block2 = block(ch, ch)
         # Decoder: num_res_blocks + 1 blocks per level, each consuming one skip.
         self.up = nn.ModuleList()
@@ -216,14 +218,14 @@ class UNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, image_size: int) -> UNet:
-        """Build from the ``model`` config section and ``data.image_size``."""
+    def from_config(cls, model_cfg: ModelShape, image_size: int) -> UNet:
+        """Build from the ``model`` config section (``ddpm.config.ModelConfig``) and ``data.image_size``."""
         return cls(
             in_channels=model_cfg.in_channels, base_channels=model_cfg.base_channels,
             channel_mult=model_cfg.channel_mult, num_res_blocks=model_cfg.num_res_blocks,
             attention_resolutions=model_cfg.attention_resolutions, num_heads=model_cfg.num_heads,
             dropout=model_cfg.dropout, use_scale_shift_norm=model_cfg.use_scale_shift_norm,
-            image_size=image_size,
+            image_size=image_size, num_head_channels=model_cfg.num_head_channels,
         )
 
     def config_dict(self) -> dict[str, Any]:
@@ -237,7 +239,8 @@ class UNet(nn.Module):
         embedding is then computed once ([1, 4 * base]) and broadcast, which is cheaper and keeps every
         image's output independent of the batch size (small-M matmuls are not batch-invariant).
         """
-        emb = self.time_mlp(timestep_embedding(t.reshape(-1), self.base_channels))  # [B or 1, 4 * base]
+        emb = timestep_embedding(t.reshape(-1), self.base_channels)  # float32, like diffusers' UNet2DModel
+        emb = self.time_mlp(emb.to(self.conv_in.weight.dtype))  # [B or 1, 4 * base]; a no-op unless model.double()
         emb_act = F.silu(emb)  # every ResBlock's embedding projection starts with SiLU: apply it once
         h = self.conv_in(x)
         skips = [h]
@@ -257,12 +260,15 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def _validate(image_size: int, mults: list[int], attn_res: set[int], base: int, num_heads: int) -> None:
+def _validate(image_size: int, mults: list[int], attn_res: set[int], base: int, num_heads: int,
+              num_head_channels: int | None) -> None:
     """Raise ValueError naming the value when the architecture cannot be built for ``image_size``."""
     if not mults or min(mults) < 1 or image_size < 1 or num_heads < 1:
         raise ValueError(f"channel_mult={mults}, image_size={image_size}, num_heads={num_heads}: expected a "
                          "non-empty list of integers >= 1, an image size >= 1 and num_heads >= 1")
-    problem = architecture_problem(image_size, mults, sorted(attn_res), base, num_heads)
+    if num_head_channels is not None and num_head_channels < 1:
+        raise ValueError(f"num_head_channels={num_head_channels}: expected None or an integer >= 1")
+    problem = architecture_problem(image_size, mults, sorted(attn_res), base, num_heads, num_head_channels)
     if problem is not None:
         key, value, expected = problem
         raise ValueError(f"{key.split('.')[-1]}={value!r}: expected {expected}")

@@ -129,6 +129,14 @@ def check_data(cfg: Config) -> None:
         raise DataError(f"data.path: {d.path} does not exist (data.source {d.source})")
 
 
+def check_init_from(cfg: Config) -> None:
+    """``training.init_from`` names a diffusers model folder (its own config.json, or a pipeline's unet/)."""
+    src = cfg.training.init_from
+    if src and not ((Path(src) / "config.json").is_file() or (Path(src) / "unet" / "config.json").is_file()):
+        raise DataError(f"training.init_from: {src} is not a diffusers model folder (no config.json or "
+                        "unet/config.json; python -m ddpm.export writes one)")
+
+
 def check_run_root(cfg: Config) -> None:
     root = Path(cfg.run.root)
     try:
@@ -223,6 +231,7 @@ def preflight(cfg: Config, cluster: str, stages: list[str], dry_run: bool = Fals
     check_torch_floor()
     if "train" in stages:
         check_data(cfg)
+        check_init_from(cfg)
     check_run_root(cfg)
     check_free_space(cfg)
     check_resume_inputs(cfg, stages)

@@ -1,0 +1,399 @@
+"""Share a model the way the field does: a run as a diffusers pipeline folder, and new runs from one.
+
+    python -m ddpm.export RUN_DIR --out DIR [--checkpoint best|latest|step_N|PATH] [--no-ema] [--overwrite]
+    training.init_from: DIR     # ddpm.train: a new run starts from a diffusers UNet2DModel folder
+
+DIR holds ``model_index.json`` (a ``DDPMPipeline``), ``scheduler/scheduler_config.json`` (a ``DDPMScheduler``
+with our schedule, variance, x0 clipping and timestep spacing), ``unet/config.json`` and
+``unet/diffusion_pytorch_model.safetensors``, ``README.md`` (a model card the Hub reads) and ``samples.png``
+(the run's ``samples/grid.png``, when there is one). Exact or nothing, two routes:
+
+* a ``UNet2DModel`` (``diffusers.DDPMPipeline.from_pretrained(DIR)``) when ``ddpm.architecture.unet2d_config``
+  says it computes what ours does: one GroupNorm group count and one attention head size for the whole network
+  (widths divisible by 32, and ``model.num_head_channels`` set or attention at one width only);
+* otherwise our U-Net as a custom component (``ddpm.diffusers_unet.DDPMUNet`` with ``ddpm/unet.py`` and
+  ``ddpm/architecture.py``, in ``unet/``), loaded with ``trust_remote_code=True``. The reference config (4 heads at
+  widths 256 and 512) takes this route.
+
+The exported network's eps is checked against ours before anything is written. The folder is built under a
+temporary name beside ``--out`` and renamed at the end; nothing of the run directory changes. diffusers and
+safetensors are the ``export`` extra; they are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+
+from ddpm.architecture import unet2d_config
+from ddpm.checkpoint import load_checkpoint, load_resolved
+from ddpm.config import Config, ModelConfig, SamplingConfig, config_from_dict
+from ddpm.errors import CheckpointError, ConfigError, DDPMError, cli_entry
+from ddpm.fsio import file_sha256
+from ddpm.unet import UNet
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ddpm.ema import EMA
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+CUSTOM_FILES = {"ddpm_unet.py": "diffusers_unet.py", "unet.py": "unet.py", "architecture.py": "architecture.py"}
+_RES = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+        "skip": "conv_shortcut"}  # ResBlock: ours -> diffusers' ResnetBlock2D
+_CONFIG_KEYS = {"sample_size": "data.image_size", "in_channels": "model.in_channels",
+                "block_out_channels": "model.base_channels and channel_mult",
+                "layers_per_block": "model.num_res_blocks",
+                "down_block_types": "model.attention_resolutions", "up_block_types": "model.attention_resolutions",
+                "attention_head_dim": "model.num_heads or num_head_channels",
+                "resnet_time_scale_shift": "model.use_scale_shift_norm"}  # UNet2DModel key -> the key that sets it
+
+
+# ---- UNet2DModel <-> ours: the names of the same weights -------------------------------------------------
+def module_pairs(levels: int, blocks: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(plain, attention) pairs of module names (ours, diffusers' ``UNet2DModel``) for ``len(channel_mult)`` levels
+    of ``num_res_blocks`` blocks. A plain pair holds the same ``weight`` and ``bias``; an attention pair maps our
+    ``norm``, ``qkv`` (q, k, v stacked on dim 0) and ``proj`` to ``group_norm``, ``to_q/k/v`` and ``to_out.0``.
+    Pairs of modules a given shape lacks (a 1x1 skip, attention off) are listed too: the converters skip them."""
+    plain = [("time_mlp.0", "time_embedding.linear_1"), ("time_mlp.2", "time_embedding.linear_2"),
+             ("conv_in", "conv_in"), ("norm_out", "conv_norm_out"), ("conv_out", "conv_out")]
+    attn = [("mid_attn", "mid_block.attentions.0")]
+    res = [("mid_block1", "mid_block.resnets.0"), ("mid_block2", "mid_block.resnets.1")]
+    for i in range(levels):
+        for side, theirs, n in (("down", "down_blocks", blocks), ("up", "up_blocks", blocks + 1)):
+            res += [(f"{side}.{i}.res.{j}", f"{theirs}.{i}.resnets.{j}") for j in range(n)]
+            attn += [(f"{side}.{i}.attn.{j}", f"{theirs}.{i}.attentions.{j}") for j in range(n)]
+        if i < levels - 1:
+            plain += [(f"down.{i}.resample.conv", f"down_blocks.{i}.downsamplers.0.conv"),
+                      (f"up.{i}.resample.conv", f"up_blocks.{i}.upsamplers.0.conv")]
+    plain += [(f"{o}.{a}", f"{t}.{b}") for o, t in res for a, b in _RES.items()]
+    return plain, attn
+
+
+def _convert(sd: dict[str, torch.Tensor], levels: int, blocks: int, to_ours: bool) -> dict[str, torch.Tensor]:
+    """``sd`` renamed by :func:`module_pairs`, in either direction; weights without a pair are left out."""
+    out: dict[str, torch.Tensor] = {}
+    plain, attn = module_pairs(levels, blocks)
+    for ours, theirs in plain + [(f"{o}.norm", f"{t}.group_norm") for o, t in attn] + [
+            (f"{o}.proj", f"{t}.to_out.0") for o, t in attn]:
+        src, dst = (theirs, ours) if to_ours else (ours, theirs)
+        for p in ("weight", "bias"):
+            if f"{src}.{p}" in sd:
+                out[f"{dst}.{p}"] = sd[f"{src}.{p}"]
+    for ours, theirs in attn:
+        for p in ("weight", "bias"):
+            if to_ours and f"{theirs}.to_q.{p}" in sd:
+                out[f"{ours}.qkv.{p}"] = torch.cat([sd[f"{theirs}.to_{c}.{p}"] for c in "qkv"])
+            elif not to_ours and f"{ours}.qkv.{p}" in sd:
+                for c, part in zip("qkv", sd[f"{ours}.qkv.{p}"].chunk(3), strict=True):
+                    out[f"{theirs}.to_{c}.{p}"] = part.clone()
+    return out
+
+
+def diffusers_to_ours(sd: dict[str, torch.Tensor], levels: int, blocks: int) -> dict[str, torch.Tensor]:
+    """A ``UNet2DModel`` state dict under our names (q, k, v stacked into ``qkv``). Raises KeyError naming the
+    first weight of ``sd`` with no place in ours."""
+    out = _convert(sd, levels, blocks, to_ours=True)
+    used = set(_convert(out, levels, blocks, to_ours=False))
+    extra = [k for k in sd if k not in used]
+    if extra:
+        raise KeyError(f"{extra[0]} has no counterpart in our U-Net ({len(extra)} such weights)")
+    return out
+
+
+def ours_to_diffusers(sd: dict[str, torch.Tensor], levels: int, blocks: int) -> dict[str, torch.Tensor]:
+    """Our state dict under ``UNet2DModel``'s names (``qkv`` split into ``to_q``, ``to_k``, ``to_v``)."""
+    return _convert(sd, levels, blocks, to_ours=False)
+
+
+# ---- the pipeline's parts ---------------------------------------------------------------------------------
+def scheduler_config(cfg: Config) -> dict[str, Any]:
+    """``DDPMScheduler`` settings of our ancestral sampler: linear betas, eps prediction, ``ddpm.variance``
+    (fixed_small = beta~_t, fixed_large = beta_t), x0 clipped to [-1, 1] (``DDPM.sample``'s ``clip_denoised``),
+    and ``sampling.timestep_spacing`` for fewer steps than T."""
+    d = cfg.ddpm
+    return dict(num_train_timesteps=d.num_timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
+                beta_schedule="linear", trained_betas=None, variance_type=d.variance, clip_sample=True,
+                clip_sample_range=1.0, prediction_type="epsilon", thresholding=False,
+                timestep_spacing=cfg.sampling.timestep_spacing, steps_offset=0, rescale_betas_zero_snr=False)
+
+
+def diffusers_model(model_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> tuple[nn.Module, bool]:
+    """(the diffusers model holding ``weights``, whether it is a plain ``UNet2DModel``) for a checkpoint's
+    ``model_config``: a ``UNet2DModel`` when one computes what ours does, else ``DDPMUNet`` (our code)."""
+    from diffusers import UNet2DModel
+
+    from ddpm.diffusers_unet import DDPMUNet
+
+    conf = dict(model_config)
+    size = conf.pop("image_size")
+    mc = ModelConfig(**conf)
+    ucfg, _ = unet2d_config(mc, size)
+    if ucfg is not None:
+        net = UNet2DModel(**ucfg)
+        net.load_state_dict(ours_to_diffusers(weights, len(mc.channel_mult), mc.num_res_blocks))
+    else:
+        net = DDPMUNet(sample_size=size, **conf)
+        net.load_state_dict(weights)
+    return net.eval(), ucfg is not None
+
+
+@torch.no_grad()
+def check_same_eps(ours: UNet, theirs: nn.Module, num_timesteps: int) -> float:
+    """max |eps_ours - eps_theirs| on random x_t at t = 0, T/2, T-1 (float32); ValueError when it exceeds
+    1e-4 x the output's scale (a different network, never written)."""
+    c, s = ours.config_dict()["in_channels"], ours.config_dict()["image_size"]
+    x = torch.randn(3, c, s, s, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, num_timesteps // 2, num_timesteps - 1])
+    a, b = ours.eval()(x, t), theirs(x, t, return_dict=False)[0]
+    diff = float((a - b).abs().max())
+    if not diff <= 1e-4 * max(float(a.abs().max()), 1.0):
+        raise ValueError(f"the diffusers model's eps differs from ours by {diff:.3g}")
+    return diff
+
+
+# ---- export --------------------------------------------------------------------------------------------
+def resolve(run_dir: Path, choice: str | None) -> tuple[Path, dict[str, Any]]:
+    """(path, state) of ``--checkpoint``: best (eval/fid.json), latest, step_<N> or a file; default best when
+    the eval stage ran, else latest. One CheckpointError line when missing or unreadable."""
+    from ddpm.evaluate import resolve_checkpoint
+
+    choice = choice or ("best" if (run_dir / "eval" / "fid.json").is_file() else "latest")
+    if choice not in ("best", "latest") and not (choice.startswith("step_") and choice[5:].isdigit()):
+        return Path(choice), load_checkpoint(choice)
+    # resolve_checkpoint reads sampling.checkpoint only: a config naming the choice is all it needs
+    path, _ = resolve_checkpoint(run_dir, Config(sampling=SamplingConfig(checkpoint=choice)))
+    return load_resolved(path)
+
+
+def export(run_dir: Path, out: Path, checkpoint: str | None = None, use_ema: bool = True, overwrite: bool = False,
+           license_id: str = "other") -> Path:
+    """Write the pipeline folder of one checkpoint of ``run_dir`` at ``out`` (see the module docstring)."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not run_dir.is_dir():
+        raise DDPMError(f"{run_dir}: no such run directory")
+    if out.resolve().is_relative_to(run_dir.resolve()):
+        raise DDPMError(f"--out {out}: inside the run directory {run_dir}, which export never changes")
+    if out.exists() and not overwrite:
+        raise DDPMError(f"--out {out}: exists (pass --overwrite to replace it)")
+    path, state = resolve(run_dir, checkpoint)
+    if use_ema and "shadow" not in (state.get("ema") or {}):
+        raise CheckpointError(f"{path}: has no EMA weights (export the raw weights with --no-ema)")
+    weights = state["ema"]["shadow"] if use_ema else state["model"]
+    cfg = config_from_dict(state["config"])
+    try:
+        import diffusers
+        from diffusers import DDPMScheduler
+    except ImportError:
+        raise DDPMError("export needs diffusers and safetensors: pip install -e '.[export]'") from None
+    ours = UNet(**state["model_config"])
+    ours.load_state_dict(weights)
+    net, plain = diffusers_model(state["model_config"], weights)
+    try:
+        check_same_eps(ours, net, cfg.ddpm.num_timesteps)
+    except ValueError as err:
+        raise DDPMError(f"{path}: not exported: {err}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        net.save_pretrained(tmp / "unet", safe_serialization=True)
+        if not plain:
+            for name, source in CUSTOM_FILES.items():
+                shutil.copyfile(Path(__file__).with_name(source), tmp / "unet" / name)
+        DDPMScheduler(**scheduler_config(cfg)).save_pretrained(tmp / "scheduler")
+        unet_entry = ["diffusers", "UNet2DModel"] if plain else ["ddpm_unet", "DDPMUNet"]
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+            "scheduler": ["diffusers", "DDPMScheduler"], "unet": unet_entry}, indent=2) + "\n")
+        grid = run_dir / "samples" / "grid.png"
+        if grid.is_file():
+            shutil.copyfile(grid, tmp / "samples.png")
+        (tmp / "README.md").write_text(model_card(run_dir, cfg, path, state, use_ema, plain, license_id))
+        if out.exists():  # --overwrite: the old folder goes only once the new one is complete
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _shared_config(cfg: Config) -> dict[str, Any]:
+    """The sections that made the weights, without local paths (data.path and the like: nobody else's)."""
+    out = {}
+    for name in ("model", "training", "ddpm", "data", "sampling"):
+        sec = getattr(cfg, name)
+        out[name] = {f.name: getattr(sec, f.name) for f in dataclasses.fields(sec) if not f.metadata.get("path")}
+    return out
+
+
+def _fid_lines(run_dir: Path, step: int) -> list[str]:
+    """The model card's FID paragraph from eval/fid.json, when the eval stage ran."""
+    try:
+        fid = json.loads((run_dir / "eval" / "fid.json").read_text())
+        best, rows = fid["best"], {int(r["step"]): r for r in fid["rows"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    how = (f"{fid.get('num_seeds')} set(s) of {fid.get('num_samples')} samples, {fid.get('sampler')} sampler with "
+           f"{fid.get('num_steps')} steps, reference statistics `{Path(str(fid.get('fid_reference'))).name}`")
+    row = rows.get(step)
+    this = (f"FID of this checkpoint: **{row['mean']:.2f}** (std {row['std']:.2f})" if row is not None
+            else "This checkpoint was not evaluated")
+    return ["## Evaluation", "", f"{this}; the run's best: {best['mean']:.2f} at step {best['step']}. "
+            f"Each FID is the mean over {how} (`python -m ddpm.evaluate`, Inception pt_inception-2015-12-05).", ""]
+
+
+def model_card(run_dir: Path, cfg: Config, path: Path, state: dict[str, Any], use_ema: bool, plain: bool,
+               license_id: str) -> str:
+    """README.md of the export: the Hub's YAML header, what was trained how, FID, samples, how to load."""
+    step, d, s = int(state["step"]), cfg.ddpm, cfg.data.image_size
+    tags = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm", "ddpm-slurm", cfg.data.source]
+    header = yaml.safe_dump({"library_name": "diffusers", "pipeline_tag": "unconditional-image-generation",
+                             "license": license_id, "tags": tags}, sort_keys=False)
+    trust = "" if plain else ", trust_remote_code=True"
+    route = ("a diffusers `UNet2DModel` (checked to give our network's eps)" if plain else
+             "our U-Net as a custom diffusers component (`unet/ddpm_unet.py` with `unet.py` and `architecture.py`, "
+             "the code it was trained with): `UNet2DModel` has one attention head size and one GroupNorm group count "
+             "for the whole network, this one does not, so loading needs `trust_remote_code=True`")
+    grid = []
+    if (run_dir / "samples" / "grid.png").is_file():
+        try:
+            m = json.loads((run_dir / "samples" / "metrics.json").read_text())
+            what = f" (step {m.get('step')}, {m['sampler']['sampler']} sampler, {m['sampler']['num_steps']} steps)"
+        except (OSError, ValueError, KeyError, TypeError):
+            what = ""
+        grid = ["## Samples", "", "![samples](samples.png)", "", f"The run's final sample grid{what}.", ""]
+    load = [
+        "```python", "import torch", "from diffusers import DDPMPipeline", "",
+        f'pipe = DDPMPipeline.from_pretrained("THIS_FOLDER_OR_REPO"{trust})',
+        f"images = pipe(batch_size=16, num_inference_steps={d.num_timesteps}, "
+        "generator=torch.Generator().manual_seed(0)).images  # PIL images", "```", "",
+        "Fewer steps respace the schedule (`num_inference_steps=100`). Upload this folder with",
+        "`huggingface-cli upload USER/REPO THIS_FOLDER .`; fine-tune from it with `training.init_from: THIS_FOLDER` "
+        "in a ddpm-slurm config whose `model` section matches `unet/config.json`.", ""]
+    body = [
+        f"# DDPM {s}x{s}: {cfg.run.name}", "",
+        f"An unconditional DDPM (Ho et al. 2020) trained with ddpm-slurm on `{cfg.data.source}` images at {s}x{s}: "
+        f"the {'EMA' if use_ema else 'raw (not EMA)'} weights of step {step} ({step * cfg.training.batch_size:,} "
+        f"images seen, batch {cfg.training.batch_size}), checkpoint `{path.name}`. The network is {route}.", "",
+        f"Schedule: T = {d.num_timesteps}, linear betas {d.beta_start} to {d.beta_end}, eps prediction, variance "
+        f"{d.variance}, x0 clipped to [-1, 1], timestep spacing {cfg.sampling.timestep_spacing}: the `DDPMScheduler` "
+        "in `scheduler/` takes the ancestral step our sampler takes. (diffusers adds noise at a last step t > 0, "
+        "which trailing spacing has; Ho et al.'s Algorithm 2 does not.)", "",
+        *_fid_lines(run_dir, step), *grid, "## Use", "", *load,
+        "## Training config", "", "```yaml", yaml.safe_dump(_shared_config(cfg), sort_keys=False).rstrip(), "```", ""]
+    return f"---\n{header}---\n\n" + "\n".join(body)
+
+
+# ---- training.init_from -------------------------------------------------------------------------------
+def _first_difference(theirs: dict[str, Any], mc: ModelConfig, image_size: int) -> str | None:
+    """The first field of a diffusers model config (``UNet2DModel`` or our ``DDPMUNet``) that is not this run's
+    network, as "field=value, but ... gives value"; None when the weights fit. Dropout is the run's own choice."""
+    cls = theirs.get("_class_name")
+    if cls == "DDPMUNet":
+        ours = {"sample_size": image_size, **{f.name: getattr(mc, f.name) for f in dataclasses.fields(mc)}}
+        keys = {k: "data.image_size" if k == "sample_size" else f"model.{k}" for k in ours}
+        if mc.num_head_channels:  # the head count follows from the head size
+            keys.pop("num_heads")
+        full = {"num_head_channels": None, **theirs}  # exports from before the option have none
+    elif cls == "UNet2DModel":
+        from diffusers import UNet2DModel
+
+        mine, why = unet2d_config(mc, image_size)
+        if mine is None:
+            return f"a UNet2DModel, which this run's model section cannot be: {why}"
+        sig = inspect.signature(UNet2DModel.__init__).parameters
+        defaults = {k: list(p.default) if isinstance(p.default, tuple) else p.default for k, p in sig.items()}
+        ours = {**mine, **{k: v for k, v in defaults.items() if k not in mine}}  # in mine's order
+        full = {**defaults, **{k: list(v) if isinstance(v, tuple) else v for k, v in theirs.items()}}
+        chans = full.get("block_out_channels") or [0]
+        full["time_embedding_dim"] = full.get("time_embedding_dim") or 4 * chans[0]
+        if full.get("attn_norm_num_groups") is None and full.get("resnet_time_scale_shift") == "default":
+            full["attn_norm_num_groups"] = full.get("norm_num_groups")  # the middle attention's norm
+        widths = {c for c, b in zip(chans, full.get("down_block_types") or [], strict=False) if "Attn" in b}
+        if full.get("attention_head_dim") is None and widths | {chans[-1]} == {mine["attention_head_dim"]}:
+            full["attention_head_dim"] = mine["attention_head_dim"]  # None: one head as wide as its block
+        keys = {k: _CONFIG_KEYS.get(k, "") for k in [*ours, *full] if k != "self"}
+    else:
+        return f"_class_name={cls!r}: expected UNet2DModel (or DDPMUNet, an export of ours)"
+    for key, ours_key in keys.items():
+        if key != "dropout" and not key.startswith("_") and full.get(key) != ours.get(key):
+            given = f"this run's {ours_key} gives" if ours_key else "our U-Net has"
+            return f"{key}={full.get(key)!r}, but {given} {ours.get(key)!r}"
+    return None
+
+
+def start_from(model: UNet, ema: EMA, cfg: Config, run_dir: Path | None) -> str:
+    """Load ``training.init_from`` (a diffusers model folder, or a pipeline folder with ``unet/``) into ``model``
+    and the EMA shadow: a new run's starting weights, bitwise those of the file. ``run_dir`` (the main rank's;
+    None elsewhere) gets the source in provenance.json. Returns the line to print; a mismatch is one ConfigError
+    naming the first differing field, a missing or unreadable file one CheckpointError."""
+    from ddpm.runlog import add_to_provenance
+
+    src = Path(str(cfg.training.init_from))
+    folder = src / "unet" if (src / "unet" / "config.json").is_file() else src
+    try:
+        theirs = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"training.init_from: {folder / 'config.json'}: not a readable diffusers model "
+                              f"config ({type(err).__name__})") from None
+    problem = _first_difference(theirs, cfg.model, cfg.data.image_size)
+    if problem is not None:
+        raise ConfigError(f"training.init_from: {folder}: {problem}")
+    file = folder / WEIGHTS
+    try:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(file))
+        if theirs["_class_name"] == "UNet2DModel":
+            weights = diffusers_to_ours(weights, len(cfg.model.channel_mult), cfg.model.num_res_blocks)
+        model.load_state_dict(weights)
+    except ImportError:
+        raise DDPMError("training.init_from needs safetensors and diffusers: pip install -e '.[export]'") from None
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"training.init_from: {file}: {reason}") from None
+    for name, value in model.state_dict().items():
+        ema.shadow[name].copy_(value)
+    if run_dir is not None:
+        add_to_provenance(run_dir, init_from={"path": str(folder.resolve()), "class": theirs["_class_name"],
+                                              "weights_sha256": file_sha256(file)})
+    return f"started from {folder} ({theirs['_class_name']}, {file.name})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path, help="the run directory")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write (refused if it exists)")
+    p.add_argument("--checkpoint", help="best, latest, step_<N> or a checkpoint file (default: best when "
+                   "eval/fid.json exists, else latest)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the new one is ready)")
+    p.add_argument("--license", default="other", help="the model card's license field (default: other)")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = export(args.run_dir, args.out, args.checkpoint, not args.no_ema, args.overwrite, args.license)
+    print(f"exported {args.run_dir} -> {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
