@@ -316,8 +316,11 @@ class Config:
         if problem is not None:
             require(False, *problem)
         T = self.ddpm.num_timesteps
-        for key, steps in (("sampling.num_steps", self.sampling.num_steps), ("eval.num_steps", self.eval.num_steps)):
-            require(steps <= T, key, steps, f"at most ddpm.num_timesteps ({T})")
+        for key, part in (("sampling", self.sampling), ("eval", self.eval)):
+            require(part.num_steps <= T, f"{key}.num_steps", part.num_steps, f"at most ddpm.num_timesteps ({T})")
+            if part.sampler == "dpmpp_2m" and part.timestep_spacing == "leading":  # T//(S+1) must be >= 1
+                require(part.num_steps < T, f"{key}.num_steps", part.num_steps,
+                        f"at most ddpm.num_timesteps - 1 ({T - 1}) for dpmpp_2m with leading spacing")
         world = self.infrastructure.world_size
         require(self.training.batch_size % world == 0, "training.batch_size", self.training.batch_size,
                 f"divisible by the {world} training ranks (infrastructure.num_nodes x GPUs or nproc_per_node)")

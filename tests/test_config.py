@@ -172,6 +172,8 @@ def test_a_section_built_anywhere_is_validated():
                                           "the U-Net has for data.image_size=64: a subset of [64, 32, 16, 8])"),
     (["sampling.num_steps=5000"], "sampling.num_steps: invalid value 5000 (expected at most ddpm.num_timesteps "
                                   "(1000))"),
+    (["eval.sampler=dpmpp_2m", "eval.timestep_spacing=leading", "eval.num_steps=1000"],
+     "eval.num_steps: invalid value 1000 (expected at most ddpm.num_timesteps - 1 (999) for dpmpp_2m with leading"),
     (["infrastructure.num_gpus=0", "infrastructure.nproc_per_node=3"],
      "training.batch_size: invalid value 64 (expected divisible by the 3 training ranks"),
 ])
