@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import time
 from collections.abc import Callable
@@ -232,7 +233,8 @@ def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
 
     sc = cfg.slurm
     probe_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, root=str(root), name="node"),
-                                    slurm=dataclasses.replace(sc, time_min=min(sc.time_min, 30)))
+                                    slurm=dataclasses.replace(sc, time_min=min(sc.time_min, max(
+                                        30, math.ceil((sc.signal_delay_s + 60) / 60) + 1))))  # short, yet valid
     run_dir = probe_cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(probe_cfg, run_dir / "config.yaml")
