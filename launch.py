@@ -222,7 +222,7 @@ def status(run_dir: Path) -> int:
     from ddpm.checkpoint import list_checkpoints
     from ddpm.cluster.preflight import job_state
     from ddpm.outputs import shard_paths
-    from ddpm.runlog import read_status, stalled_for
+    from ddpm.runlog import RunState, read_status, stalled_for
 
     if not (run_dir / "config.yaml").is_file():
         raise DDPMError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -246,7 +246,7 @@ def status(run_dir: Path) -> int:
         print(f"  error: {train['error']}")
     train_job = job_state(jobs["train"]) if jobs.get("cluster") == "slurm" and "train" in jobs else "GONE"
     alive = train_job.split("(")[0] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
-    if train and train.get("state") != "done" and not alive:  # e.g. cancelled on preemption (PreemptMode=CANCEL)
+    if train and train.get("state") != RunState.DONE and not alive:  # e.g. cancelled on preemption (PreemptMode=CANCEL)
         print(f"  resume: python launch.py --config {run_dir}/config.yaml run.root={run_dir.resolve().parent}"
               "   (continues from the last checkpoint)")
     if cfg.eval.enabled:

@@ -2,7 +2,7 @@
 
     <run_dir>/tb/               TensorBoard events (rank 0; purge_step on resume: no duplicate points)
     <run_dir>/provenance.json   git commit + dirty flag, package versions, hosts, SLURM job ids, per start
-    <run_dir>/status.json       {"state": "running" | "done" | "stopped" | ..., "step": N, "heartbeat": t}
+    <run_dir>/status.json       {"schema": 1, "state": RunState, "step": N, "heartbeat": t, "error": line, ...}
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import platform
 import socket
 import subprocess
 import time
+from enum import Enum
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpm.config import Config, TrainingConfig
+from ddpm.errors import DDPMError
 from ddpm.fsio import atomic_write_text
 
 # torch is imported where it is used: the status functions serve launch.py and the job wrapper, which do not
@@ -152,14 +154,30 @@ def add_to_provenance(run_dir: Path, **fields: Any) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
-def write_status(run_dir: Path, state: str, step: int, skipped_steps: int, **extra: Any) -> None:
-    """What the wrapper and ``launch.py status`` read.
+class RunState(str, Enum):
+    """A training run's state in ``status.json``: the trainer and the wrapper write it, the wrapper, the doctor
+    and ``launch.py status`` read it."""
 
-    ``state``: starting | running (``heartbeat``: a Unix time refreshed every few seconds) | done |
-    stopped (checkpoint durable: requeue me) | stalled (the watchdog ended it) | failed (``error``: one line).
-    """
+    STARTING = "starting"  # the wrapper started torchrun; the trainer has not written yet
+    RUNNING = "running"  # training; ``heartbeat`` (a Unix time) refreshed every few seconds
+    DONE = "done"
+    STOPPED = "stopped"  # a stop signal; the checkpoint is durable: requeue
+    STALLED = "stalled"  # no heartbeat for training.watchdog_s: the wrapper killed it; requeue
+    LOST = "lost"  # a rank died (or NCCL's watchdog aborted them): requeue from the last checkpoint
+    FAILED = "failed"  # ``error``: one line a user must act on; never requeued
+
+    def __str__(self) -> str:  # f-strings and format() print the value (Python 3.11 would print RunState.DONE)
+        return self.value
+
+
+STATUS_SCHEMA = 1  # the layout of status.json; a reader refuses a newer one in one line
+
+
+def write_status(run_dir: Path, state: RunState, step: int, skipped_steps: int, **extra: Any) -> None:
+    """What the wrapper and ``launch.py status`` read: ``state``, ``step``, the heartbeat, and ``extra`` (``error``,
+    ``last_save_s``, ``lost_streak``)."""
     atomic_write_text(run_dir / "status.json", json.dumps(
-        {"state": state, "step": step, "skipped_steps": skipped_steps,
+        {"schema": STATUS_SCHEMA, "state": RunState(state).value, "step": step, "skipped_steps": skipped_steps,
          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "heartbeat": time.time(),
          "slurm_job_id": os.environ.get("SLURM_JOB_ID"), **extra}) + "\n")
 
@@ -170,12 +188,20 @@ def stalled_for(status: dict[str, Any], watchdog_s: int) -> float | None:
     Start-up (rendezvous, data, resume) is not watched: torchrun's and the process group's timeouts bound it.
     """
     age = time.time() - float(status.get("heartbeat") or time.time())
-    return age if watchdog_s and status.get("state") == "running" and age > watchdog_s else None
+    return age if watchdog_s and status.get("state") == RunState.RUNNING and age > watchdog_s else None
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
+    """``status.json`` with ``state`` as a :class:`RunState`; None when there is none (or it is being replaced).
+    A newer schema or an unknown state is one DDPMError line, not a guess."""
     path = Path(run_dir) / "status.json"
     try:
-        return json.loads(path.read_text())
+        status = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    schema, state = status.get("schema", 1), status.get("state")
+    known = {s.value for s in RunState}
+    if not isinstance(schema, int) or schema > STATUS_SCHEMA or state not in known:
+        raise DDPMError(f"{path}: unknown run state {state!r} (status schema {schema!r}; this version reads schema "
+                        f"{STATUS_SCHEMA}, states {', '.join(sorted(known))}): written by a newer ddpm-slurm?")
+    return {**status, "state": RunState(state)}

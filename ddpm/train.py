@@ -39,7 +39,7 @@ from ddpm.envcheck import SetupError, check_torch_floor
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, DDPMError, cli_entry
 from ddpm.optim import build_optimizer, step_unless
 from ddpm.precision import amp_dtype, autocast, configure_backends, describe_precision, memory_format, restore_scaler
-from ddpm.runlog import RunLogger, write_provenance, write_status
+from ddpm.runlog import RunLogger, RunState, write_provenance, write_status
 from ddpm.unet import UNet
 
 
@@ -239,7 +239,7 @@ class Trainer:
         tc = self.cfg.training
         if self.env.is_main:
             dump_config(self.cfg, self.run_dir / "config.yaml")
-            write_status(self.run_dir, "running", self.step, self.skipped_steps)  # a crash leaves this
+            write_status(self.run_dir, RunState.RUNNING, self.step, self.skipped_steps)  # a crash leaves this
         self._print(f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on "
                     f"{self.env.world_size} x {self.device.type}, global batch {tc.batch_size}, "
                     f"{describe_precision(self.amp_dtype, self.device)}, step {self.step}/{tc.num_iterations}, "
@@ -256,7 +256,7 @@ class Trainer:
             if save := self.stop_now or self.step % tc.save_every == 0 or self.step == tc.num_iterations:
                 self.save()
             self.heartbeat(force=grid or save)
-        state = "done" if self.step >= tc.num_iterations else "stopped"
+        state = RunState.DONE if self.step >= tc.num_iterations else RunState.STOPPED
         if self.env.is_main:
             write_status(self.run_dir, state, self.step, self.skipped_steps, last_save_s=self._last_save_s)
         print(f"[rank {self.env.rank}] {state} at step {self.step} ({self.skipped_steps} non-finite steps skipped)",
@@ -284,7 +284,7 @@ class Trainer:
         if not self.env.is_main or (not force and now - self._last_beat < 5.0):
             return
         self._last_beat = now
-        write_status(self.run_dir, "running", self.step, self.skipped_steps, last_save_s=self._last_save_s)
+        write_status(self.run_dir, RunState.RUNNING, self.step, self.skipped_steps, last_save_s=self._last_save_s)
 
     def save(self) -> Path | None:
         """Checkpoint (collective). A failed write (a full disk) stops every rank with rank 0's one line."""
@@ -347,11 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception, state: str = "failed") -> None:
+def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception,
+                    state: RunState = RunState.FAILED) -> None:
     """``status.json`` says ``state`` (failed; lost: a peer died), with the one-line error, for the wrapper and
     ``launch.py status`` (best effort: on a full disk even this small file may not fit)."""
     line = str(err).partition("\n")[0]
-    if state == "lost":
+    if state == RunState.LOST:
         print(f"[rank {env.rank}] lost a peer after step {step}: {line}", flush=True)
     with contextlib.suppress(OSError):
         if env.is_main and run_dir.is_dir():
@@ -384,13 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:  # another rank died mid-collective (its node or process): the wrapper requeues
         if not dist.peer_lost(err):
             raise
-        _record_failure(run_dir, env, trainer.step, err, state="lost")
+        _record_failure(run_dir, env, trainer.step, err, state=RunState.LOST)
         return EXIT_FAILURE
     finally:
         trainer.close()
         del trainer  # free the DDP wrapper before the process group goes (see dist.cleanup)
         dist.cleanup()
-    return EXIT_REQUEUE if state == "stopped" and "TORCHELASTIC_RUN_ID" not in os.environ else EXIT_OK
+    return EXIT_REQUEUE if state == RunState.STOPPED and "TORCHELASTIC_RUN_ID" not in os.environ else EXIT_OK
 
 
 if __name__ == "__main__":

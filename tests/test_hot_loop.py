@@ -73,3 +73,27 @@ def test_a_stop_at_a_grid_step_resumes_bitwise(make_trainer, tmp_path):
     second = make_trainer(tmp_path / "run", *common)
     assert second.step == 6 and second.fit() == "done"
     assert_same_training_state(load_latest(tmp_path / "ref")[1], load_latest(tmp_path / "run")[1])
+
+
+def test_status_json_is_typed_and_refuses_what_it_does_not_know(tmp_path):
+    """``status.json`` carries a schema; an unknown state or a newer schema is one line in ``launch.py status``."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from ddpm.config import dump_config, load_config
+    from ddpm.runlog import STATUS_SCHEMA, RunState, read_status, write_status
+
+    write_status(tmp_path, RunState.STOPPED, 7, 0, error=None)
+    status = read_status(tmp_path)
+    assert status["state"] is RunState.STOPPED and status["schema"] == STATUS_SCHEMA
+    assert f"{status['state']}" == "stopped" == status["state"]
+    root = Path(__file__).resolve().parent.parent
+    dump_config(load_config(root / "configs" / "tiny_cpu.yaml"), tmp_path / "config.yaml")
+    for bad in ({"state": "paused", "step": 1}, {"schema": STATUS_SCHEMA + 1, "state": "done", "step": 1}):
+        (tmp_path / "status.json").write_text(json.dumps(bad))
+        proc = subprocess.run([sys.executable, "launch.py", "status", str(tmp_path)], capture_output=True, text=True,
+                              cwd=root, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+        assert lines[0].startswith(f"error: {tmp_path}/status.json: unknown run state {bad['state']!r}")

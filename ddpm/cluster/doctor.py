@@ -194,7 +194,7 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
 
     from ddpm.checkpoint import load_latest
     from ddpm.cluster.preflight import job_state
-    from ddpm.runlog import read_status
+    from ddpm.runlog import RunState, read_status
 
     job, run_dir = jobs["stopped"]
     report("ok", "submitted", f"job {job} (stop path) and {jobs['reference'][0]} (reference) to "
@@ -217,7 +217,7 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
 
     if not _wait(lambda: done("stopped") and done("reference"), timeout):
         return report("FAIL", "resume", f"job {job} did not finish in {timeout:.0f} s ({job_state(job)}); see {log}")
-    if "resumed from" not in log.read_text() or (read_status(run_dir) or {}).get("state") != "done":
+    if "resumed from" not in log.read_text() or (read_status(run_dir) or {}).get("state") != RunState.DONE:
         return report("FAIL", "resume", f"job {job} did not resume and finish; see {log}")
     report("ok", "resume", f"job {job} resumed from its checkpoint and finished")
     a, b = load_latest(run_dir)[1], load_latest(jobs["reference"][1])[1]

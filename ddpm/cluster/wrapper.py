@@ -44,7 +44,7 @@ from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
 from ddpm.envcheck import check_torch_floor
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, ConfigError, DDPMError, cli_entry
-from ddpm.runlog import read_status, stalled_for, write_status
+from ddpm.runlog import RunState, read_status, stalled_for, write_status
 
 
 def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None = None,
@@ -194,7 +194,7 @@ class Attempt:
     @staticmethod
     def read(run_dir: Path) -> Attempt:
         status, ckpts = read_status(run_dir) or {}, list_checkpoints(run_dir)
-        streak = int(status.get("lost_streak") or 0) if status.get("state") in ("lost", "starting") else 0
+        streak = int(status.get("lost_streak") or 0) if status.get("state") in (RunState.LOST, RunState.STARTING) else 0
         return Attempt(ckpts[-1][0] if ckpts else -1, streak)
 
 
@@ -219,7 +219,7 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     node = int(os.environ.get("SLURM_NODEID", "0"))
     before = Attempt.read(run_dir)
     if node == 0:  # a crash before the trainer's first write must not read as an earlier attempt's "stopped"
-        write_status(run_dir, "starting", -1, 0, lost_streak=before.lost_streak)
+        write_status(run_dir, RunState.STARTING, -1, 0, lost_streak=before.lost_streak)
     print("running:", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
     signals: list[tuple[str, float]] = []
@@ -238,7 +238,7 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     rc = supervise(proc, run_dir, cfg.training.watchdog_s, signals)
     status = read_status(run_dir) or {}
     state, step = status.get("state"), status.get("step")
-    if rc == 0 and state == "done":
+    if rc == 0 and state == RunState.DONE:
         # nothing is left to save: a stop signal now (the time limit's, just as training ended) must not kill
         # this process as it exits (Python restores default handlers at exit, but keeps SIG_IGN), or the job
         # would end FAILED and its afterok dependents never start
@@ -247,29 +247,29 @@ def run_training(run_dir: Path, cfg: Config) -> str:
         print(f"training done at step {step}", flush=True)
         return "done"
     if rc is None:
-        state = "stalled"
+        state = RunState.STALLED
         if node == 0:
-            write_status(run_dir, "stalled", int(step or 0), int(status.get("skipped_steps") or 0),
+            write_status(run_dir, RunState.STALLED, int(step or 0), int(status.get("skipped_steps") or 0),
                          error=f"no heartbeat for {cfg.training.watchdog_s} s (training.watchdog_s)")
         print(f"training stalled after step {step}; resuming from the last checkpoint", flush=True)
-    elif state == "stopped":
+    elif state == RunState.STOPPED:
         took = f" {time.monotonic() - signals[0][1]:.1f} s after {signals[0][0]}" if signals else ""
         print(f"training stopped at step {step}; checkpoint is durable{took}", flush=True)
-    elif state == "failed" and status.get("error"):  # the trainer's one line (no GPU, unreadable checkpoints,
+    elif state == RunState.FAILED and status.get("error"):  # the trainer's one line (no GPU, unreadable checkpoints,
         raise DDPMError(f"training failed: {status['error']}")  # a full disk): fix and resubmit; never requeued
-    elif rc != 0 and state in ("lost", "starting", "running"):  # a rank died (or NCCL's watchdog aborted them all)
-        state = "lost"
+    elif rc != 0 and state in (RunState.LOST, RunState.STARTING, RunState.RUNNING):  # a rank died (or NCCL's
+        state = RunState.LOST  # watchdog aborted them all)
         streak = lost_streak(before, run_dir)
         why = status.get("error") or f"torchrun exited with {rc} while the trainer was {status.get('state')}"
         if node == 0:
-            write_status(run_dir, "lost", int(step or 0), int(status.get("skipped_steps") or 0), error=why,
+            write_status(run_dir, RunState.LOST, int(step or 0), int(status.get("skipped_steps") or 0), error=why,
                          lost_streak=streak)
         if streak >= CRASH_LOOP:
             raise RuntimeError(f"training failed: a crash loop, not requeued: {streak} attempts in a row lost a rank "
                                f"without a new checkpoint (last: {why}); see {run_dir}/logs")
         print(f"training lost a rank after step {step} ({why}); resuming from the last checkpoint", flush=True)
     else:
-        raise RuntimeError(f"training failed: torchrun exited with {rc}, status {state!r}; see {run_dir}/logs")
+        raise RuntimeError(f"training failed: torchrun exited with {rc}, status '{state}'; see {run_dir}/logs")
     if node == 0 and requeue_self(cfg.slurm.max_restarts):
         time.sleep(600)  # scontrol requeue ends this job; never report success or failure
     return state
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:  # every node writes the same resolved config (atomically)
         dump_config(cfg, run_dir / "config.yaml")
     state = run_training(run_dir, cfg)
-    return EXIT_OK if state == "done" else EXIT_REQUEUE if state == "stopped" else EXIT_FAILURE
+    return EXIT_OK if state == RunState.DONE else EXIT_REQUEUE if state == RunState.STOPPED else EXIT_FAILURE
 
 
 if __name__ == "__main__":
