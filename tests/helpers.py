@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -22,3 +25,14 @@ def randomize(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model
+
+
+def launch(*args: str, cluster: str = "slurm", config: Path = TINY_CONFIG, timeout: float = 120,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python launch.py --config CONFIG --cluster CLUSTER ARGS...`` from the repository root, output captured.
+
+    ``env``: variables added to this process's environment (e.g. ``{"OMP_NUM_THREADS": "1"}``).
+    """
+    return subprocess.run([sys.executable, "launch.py", "--config", str(config), "--cluster", cluster, *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, **(env or {})})
