@@ -25,17 +25,16 @@ unfinished are cancelled at the end.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from helpers import CHECKPOINT_LR, CHECKPOINT_STEPS, TINY_CONFIG
+from helpers import CHECKPOINT_LR, CHECKPOINT_STEPS, ROOT, TINY_CONFIG, signal_handlers_restored
 from slurm_helpers import (
     CLUSTER_SH,
     PARTITION,
@@ -49,6 +48,9 @@ from slurm_helpers import (
 
 if TYPE_CHECKING:
     from ddpm.train import Trainer
+
+if str(ROOT) not in sys.path:  # launch.py, for the tests that call launch.main(argv) in process (python -m pytest
+    sys.path.append(str(ROOT))  # has it already, as the working directory)
 
 _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 
@@ -154,21 +156,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-# every signal a Trainer may take over (training.stop_signal and SIGTERM)
-_TRAINER_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-
-
-@contextlib.contextmanager
-def _signal_handlers_restored() -> Iterator[None]:
-    """A Trainer installs stop handlers and ``close()`` ignores those signals: give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in _TRAINER_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
 def _new_trainer(images: Path, run_dir: Path, *overrides: str, overfit: bool = False,
                  device: str = "cpu") -> Trainer:
     import torch
@@ -191,7 +178,7 @@ def make_trainer(images: Path) -> Iterator[Callable[..., Trainer]]:
         trainers.append(trainer)
         return trainer
 
-    with _signal_handlers_restored():
+    with signal_handlers_restored():
         yield make
         for trainer in trainers:
             trainer.close()
@@ -210,7 +197,7 @@ def make_checkpoint(images: Path, tmp_path_factory: pytest.TempPathFactory) -> C
         key = (overrides, steps)
         if key not in made:
             run_dir = tmp_path_factory.mktemp("trained_run")
-            with _signal_handlers_restored(), torch.random.fork_rng(devices=[]):
+            with signal_handlers_restored(), torch.random.fork_rng(devices=[]):
                 trainer = _new_trainer(images, run_dir, f"training.learning_rate={CHECKPOINT_LR}", *overrides)
                 try:
                     for _ in range(steps):

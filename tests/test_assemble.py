@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import CHECKPOINT_STEPS, ROOT
+from helpers import CHECKPOINT_STEPS, run_main
 from PIL import Image
 
 from ddpm import assemble as asm
@@ -109,13 +106,13 @@ def test_missing_shard_named(good: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "samples_12x8x8x3.npz").exists()
 
 
-def test_cli_missing_shard_exit_2(good: Path, tmp_path: Path) -> None:
+def test_cli_missing_shard_exit_2(good: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     shards = copy_shards(good, tmp_path / "run" / "samples" / "shards", range(2))
-    proc = subprocess.run([sys.executable, "-m", "ddpm.assemble", str(tmp_path / "run"), "--expect-shards", "3"],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0
-    assert proc.stderr.startswith("error: shard 2 of 3 missing:") and str(shards / "shard_2.npz") in proc.stderr
+    proc = run_main(asm.main, [tmp_path / "run", "--expect-shards", "3"], capsys)
+    assert proc.code == 2
+    assert proc.err.strip().count("\n") == 0
+    assert proc.err.startswith("error: shard 2 of 3 missing:") and str(shards / "shard_2.npz") in proc.err
+    assert not list((tmp_path / "run" / "samples").glob("samples_*.npz"))
 
 
 def test_overlap_refused(good: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, run_main
 from PIL import Image
 
 from ddpm.config import DataConfig
@@ -28,7 +29,9 @@ from ddpm.data import (
     to_uint8,
     unnormalize,
 )
+from ddpm.data import pack as pack_mod
 from ddpm.data.base import preprocess
+from ddpm.data.pack import main as pack_main
 from ddpm.data.pack import pack_dataset
 from ddpm.data.sources import build_source, preprocess_signature, sidecar_path
 from ddpm.errors import DataError
@@ -36,7 +39,6 @@ from ddpm.outputs import enlarge_factor
 from tools.digits import digit_images, export_digits
 from tools.digits import main as digits_main
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(20, 30), (40, 24), (33, 33), (17, 50), (64, 48), (25, 25), (30, 20), (48, 64), (21, 37)]
 
 
@@ -323,27 +325,27 @@ def _write_config(path: Path, data: dict[str, object]) -> Path:
     return path
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
-def test_cli_pack_bench_and_error(folder: Path, tmp_path: Path) -> None:
+def test_cli_pack_bench_and_error(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     config = _write_config(tmp_path / "c.yaml", {"source": "folder", "path": folder, "image_size": 16,
                                                  "center_crop": None, "num_workers": 0})
     out = tmp_path / "packed.npy"
-    done = _run("ddpm.data", "pack", "--config", str(config), "--out", str(out), "data.image_size=8",
-               "model.attention_resolutions=[4]")
-    assert done.returncode == 0, done.stderr
+    done = run_main(pack_main, ["pack", "--config", config, "--out", out, "data.image_size=8",
+                                "model.attention_resolutions=[4]"], capsys)
+    assert done.code == 0, done.err
+    assert done.out.strip().splitlines()[-1].startswith(f"packed {len(SIZES)} images (8x8, ")
     assert np.load(out, mmap_mode="r").shape == (len(SIZES), 8, 8, 3)
-    bench = _run("ddpm.data", "bench", "--config", str(config), "--seconds", "0.2", "--batch-size", "4",
-                 "--device", "cpu")
-    assert bench.returncode == 0, bench.stderr
-    rates = [line for line in bench.stdout.splitlines() if "images/s" in line]
+    real_bench = pack_mod.bench  # its default ``out`` is the sys.stdout of import time, not the captured one
+    monkeypatch.setattr(pack_mod, "bench", lambda *a, **k: real_bench(*a, **k, out=sys.stdout))
+    bench = run_main(pack_main, ["bench", "--config", config, "--seconds", "0.2", "--batch-size", "4",
+                                 "--device", "cpu"], capsys)
+    assert bench.code == 0, bench.err
+    rates = [line for line in bench.out.splitlines() if "images/s" in line]
     assert len(rates) == 2 and rates[0].split()[0] == "folder" and rates[1].split()[0] == "packed"
-    bad = _run("ddpm.data", "pack", "--config", str(config), "--out", str(tmp_path / "x.npy"),
-               f"data.path={tmp_path / 'missing'}")
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == [f"error: data.path: {tmp_path / 'missing'} does not exist"]
+    bad = run_main(pack_main, ["pack", "--config", config, "--out", tmp_path / "x.npy",
+                               f"data.path={tmp_path / 'missing'}"], capsys)
+    assert bad.code == 2
+    assert bad.err_lines == [f"error: data.path: {tmp_path / 'missing'} does not exist"]
     assert not (tmp_path / "x.npy").exists()
 
 
