@@ -44,6 +44,7 @@ from ddpm.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, DDPMError, cli_entry
 from ddpm.evaluate import eval_steps, read_result
 from ddpm.fsio import atomic_write_text
 from ddpm.plan import disk_plan
+from ddpm.rundir import RunDir
 
 STAGES = ("train", "eval", "select", "sample", "assemble")
 ARRAYS = {"eval": "eval_tasks", "sample": "sample_tasks"}  # jobs.json: the task ids of each array stage
@@ -208,27 +209,27 @@ def print_summary(cfg: Config, run_dir: Path, jobs: dict[str, Any]) -> None:
     for stage in STAGES:
         if stage in jobs:
             print(f"{stage + ' job:':<13} {jobs[stage]}")
-    print(f"logs:         {run_dir}/logs/<job id>/")
-    print(f"tensorboard:  tensorboard --logdir {run_dir}/tb")
+    run = RunDir(run_dir)
+    print(f"logs:         {run.logs}/<job id>/")
+    print(f"tensorboard:  tensorboard --logdir {run.tb}")
     print(f"status:       python launch.py status {run_dir}")
     n, s, c = cfg.sampling.num_samples, cfg.data.image_size, cfg.model.in_channels
     if "eval" in jobs:
-        print(f"eval:         {run_dir}/eval/fid.json (tensorboard: eval/fid)")
-    print(f"outputs:      {run_dir}/samples/samples_{n}x{s}x{s}x{c}.npz, grid.png, metrics.json")
+        print(f"eval:         {run.fid} (tensorboard: eval/fid)")
+    print(f"outputs:      {run.samples.npz((n, s, s, c))}, {run.samples.grid.name}, {run.samples.metrics.name}")
 
 
 def status(run_dir: Path) -> int:
     """Stage, job states (squeue/scontrol, not sacct), last step and checkpoint, shard progress."""
     from ddpm.checkpoint import list_checkpoints
-    from ddpm.cluster.preflight import job_state
-    from ddpm.outputs import shard_paths
+    from ddpm.cluster.squeue import job_state
     from ddpm.runlog import RunState, read_status, stalled_for
 
-    if not (run_dir / "config.yaml").is_file():
-        raise DDPMError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    jobs_path = run_dir / "jobs.json"
-    jobs = json.loads(jobs_path.read_text()) if jobs_path.is_file() else {}
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise DDPMError(f"{run_dir}: not a run directory (no {run.config.name})")
+    cfg = load_config(run.config)
+    jobs = json.loads(run.jobs.read_text()) if run.jobs.is_file() else {}
     print(f"run dir: {run_dir}")
     for stage in STAGES:
         if stage in jobs:
@@ -247,20 +248,20 @@ def status(run_dir: Path) -> int:
     train_job = job_state(jobs["train"]) if jobs.get("cluster") == "slurm" and "train" in jobs else "GONE"
     alive = train_job.split("(")[0] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
     if train and train.get("state") != RunState.DONE and not alive:  # e.g. cancelled on preemption (PreemptMode=CANCEL)
-        print(f"  resume: python launch.py --config {run_dir}/config.yaml run.root={run_dir.resolve().parent}"
+        print(f"  resume: python launch.py --config {run.config} run.root={run_dir.resolve().parent}"
               "   (continues from the last checkpoint)")
     if cfg.eval.enabled:
         results = [r for r in (read_result(run_dir, step) for step in eval_steps(cfg)) if r is not None]
         best = min(results, key=lambda r: r["mean"], default=None)
         print(f"eval: {len(results)}/{len(eval_steps(cfg))} checkpoints evaluated" +
               (f"; best so far: step {best['step']} (FID {best['mean']:.3f})" if best else ""))
-        if (run_dir / "eval" / "fid.json").is_file():
-            chosen = json.loads((run_dir / "eval" / "fid.json").read_text())["best"]
-            print(f"selected: step {chosen['step']} ({run_dir}/eval/fid.json)")
-    shards = [shard_paths(run_dir / "samples" / "shards", k) for k in range(cfg.sampling.num_shards)]
-    done, partial = sum(p["json"].is_file() for p in shards), sum(p["partial"].is_file() for p in shards)
+        if run.fid.is_file():
+            chosen = json.loads(run.fid.read_text())["best"]
+            print(f"selected: step {chosen['step']} ({run.fid})")
+    shards = [run.samples.shard(k) for k in range(cfg.sampling.num_shards)]
+    done, partial = sum(f.json.is_file() for f in shards), sum(f.partial.is_file() for f in shards)
     print(f"sampling: {done}/{cfg.sampling.num_shards} shards complete, {partial} in progress")
-    outputs = sorted((run_dir / "samples").glob("samples_*.npz"))
+    outputs = run.samples.assembled()
     print(f"assembly: {outputs[0] if outputs else 'not done'}")
     return EXIT_OK
 
@@ -280,27 +281,28 @@ def main(argv: list[str] | None = None) -> int:
     cluster = detect_cluster(args.cluster)
     stages = plan_stages(cfg, args.stage, args.only)
     run_dir = cfg.run_dir.resolve()
+    run = RunDir(run_dir)
     preflight(cfg, cluster, stages, dry_run=args.dry_run)
     print(f"preflight ok: cluster {cluster}, stages {' -> '.join(stages)}, run dir {run_dir}", flush=True)
     if args.dry_run:
         print(*disk_plan(cfg).lines(), f"(run.root has {shutil.disk_usage(cfg.run.root).free / 2**30:.1f} GiB free)")
     if not args.dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        dump_config(cfg, run.config)
     try:
         jobs = submit(cfg, run_dir, cluster, stages, args.dry_run)
     finally:  # submitit's local executor leaves its folder pattern behind as an empty directory
-        if (placeholder := run_dir / "logs" / "%j").is_dir() and not any(placeholder.iterdir()):
+        if (placeholder := run.submitit_folder).is_dir() and not any(placeholder.iterdir()):
             placeholder.rmdir()
     if args.dry_run:
         return EXIT_OK
-    jobs_path = run_dir / "jobs.json"  # a later --stage keeps the ids of the earlier stages
-    earlier = json.loads(jobs_path.read_text()) if jobs_path.is_file() else {}
+    # a later --stage keeps the ids of the earlier stages
+    earlier = json.loads(run.jobs.read_text()) if run.jobs.is_file() else {}
     jobs = {**earlier, **jobs}
-    atomic_write_text(jobs_path, json.dumps(jobs, indent=2) + "\n")
+    atomic_write_text(run.jobs, json.dumps(jobs, indent=2) + "\n")
     print_summary(cfg, run_dir, jobs)
     if cluster == "local" and not jobs.get("stopped"):
-        grid = run_dir / "samples" / "grid.png"
+        grid = run.samples.grid
         print(f"done: {grid}" if grid.is_file() else "done")
     return EXIT_REQUEUE if jobs.get("stopped") else EXIT_OK
 

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,30 +30,27 @@ import numpy as np
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.errors import ShardError, cli_entry
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, new_dir
-from ddpm.outputs import SETTINGS_KEYS, SHARED_KEYS, enlarge, shard_paths, tile, write_png
+from ddpm.outputs import SHARED_KEYS, ShardSpec, enlarge, first_difference, tile, write_png
+from ddpm.rundir import RunDir, SampleSet, shard_files, shard_index
 from ddpm.runlog import package_versions
-
-_SHARD = re.compile(r"^shard_(\d+)\.(json|npz|partial\.npz)$")
 
 
 def locate(path: str | Path) -> tuple[Path, Path]:
-    """(shards directory, output directory) for a run dir, a samples dir or a shards dir."""
+    """(shards directory, the directory of the sample set the outputs go to) for a run dir, a samples dir or a
+    shards dir."""
     p = Path(path)
     if not p.is_dir():
         raise ShardError(f"{p}: no such directory (expected a run, samples or shards directory)")
-    if (p / "samples" / "shards").is_dir():
-        return p / "samples" / "shards", p / "samples"
-    if (p / "shards").is_dir():
-        return p / "shards", p
-    return p, (p.parent if p.name == "shards" else p)
+    shards, out = SampleSet.locate(p)
+    return shards, out.path
 
 
 def load_shard_metas(shards_dir: Path, expect_shards: int | None = None) -> list[dict[str, Any]]:
     """The json of every shard 0..K-1, checked for presence, consistency and exact coverage of [0, N)."""
-    found = sorted({int(m.group(1)) for p in shards_dir.iterdir() if (m := _SHARD.match(p.name))})
+    found = sorted({k for p in shards_dir.iterdir() if (k := shard_index(p.name)) is not None})
     metas: dict[int, dict[str, Any]] = {}
     for k in found:
-        jp = shard_paths(shards_dir, k)["json"]
+        jp = shard_files(shards_dir, k).json
         try:
             metas[k] = json.loads(jp.read_text()) if jp.is_file() else {}
         except (OSError, ValueError):
@@ -71,24 +67,23 @@ def load_shard_metas(shards_dir: Path, expect_shards: int | None = None) -> list
     extra = [k for k in found if k >= expect_shards]
     if extra:
         raise ShardError(f"shard {extra[0]} found but only {expect_shards} expected: "
-                         f"{shard_paths(shards_dir, extra[0])['json']}")
+                         f"{shard_files(shards_dir, extra[0]).json}")
     for k in range(expect_shards):
-        paths = shard_paths(shards_dir, k)
-        if not metas.get(k, {}).get("complete") or not paths["npz"].is_file():
-            how = " (only a partial shard)" if paths["partial"].is_file() else ""
-            raise ShardError(f"shard {k} of {expect_shards} missing{how}: {paths['npz']}")
+        files = shard_files(shards_dir, k)
+        if not metas.get(k, {}).get("complete") or not files.npz.is_file():
+            how = " (only a partial shard)" if files.partial.is_file() else ""
+            raise ShardError(f"shard {k} of {expect_shards} missing{how}: {files.npz}")
     out: list[dict[str, Any]] = []
     for k in range(expect_shards):
-        paths, meta = shard_paths(shards_dir, k), metas[k]
-        absent = [key for key in (*SETTINGS_KEYS, "count") if key not in meta]
-        if absent:
-            raise ShardError(f"shard {k}: {paths['json']} lacks {', '.join(absent)}")
-        if meta.get("shard") != k or meta.get("num_shards") != expect_shards:
-            raise ShardError(f"shard {k}: {paths['json']} says shard {meta.get('shard')} of {meta.get('num_shards')}")
-        for key in SHARED_KEYS:
-            if out and meta.get(key) != out[0].get(key):
-                raise ShardError(f"shard {k} inconsistent with shard 0: {key} {meta.get(key)!r} "
-                                 f"vs {out[0].get(key)!r} ({paths['json']})")
+        jp, meta = shard_files(shards_dir, k).json, metas[k]
+        spec = ShardSpec.from_dict(meta, f"shard {k}: {jp}")  # one line naming what the json lacks
+        if "count" not in meta:
+            raise ShardError(f"shard {k}: {jp} lacks count")
+        if spec.shard != k or spec.get("num_shards") != expect_shards:
+            raise ShardError(f"shard {k}: {jp} says shard {spec.shard} of {spec.get('num_shards')}")
+        differs = first_difference(meta, out[0], SHARED_KEYS) if out else None  # the staleness rule of ddpm.shards
+        if differs:
+            raise ShardError(f"shard {k} inconsistent with shard 0: {differs} ({jp})")
         out.append(meta)
     _check_coverage(out)
     return out
@@ -113,7 +108,7 @@ def _load_arrays(shards_dir: Path, meta: dict[str, Any]) -> tuple[np.ndarray, An
     """(uint8 images [stop-start, H, W, C], FIDStats or None) of one shard, checked."""
     from ddpm.fid import FIDStats
 
-    k, p = meta["shard"], shard_paths(shards_dir, meta["shard"])["npz"]
+    k, p = meta["shard"], shard_files(shards_dir, meta["shard"]).npz
     try:
         payload = p.read_bytes()  # read once: hashed, then parsed
     except OSError as err:
@@ -169,20 +164,19 @@ def _reference(metas: list[dict[str, Any]], fid_reference: str | None) -> tuple[
     return ref, str(path)
 
 
-def _keep_previous(out_dir: Path, digest: str) -> None:
+def _keep_previous(out: SampleSet, digest: str) -> None:
     """Move outputs of a different earlier assembly to ``previous/<time>/`` so nothing is lost."""
-    metrics = out_dir / "metrics.json"
     try:
-        old = json.loads(metrics.read_text()) if metrics.is_file() else None
+        old = json.loads(out.metrics.read_text()) if out.metrics.is_file() else None
     except (OSError, ValueError):
         old = {}
     if old is None or old.get("shards_sha256") == digest:
         return
-    dest = new_dir(out_dir / "previous")
-    for name in ("metrics.json", "grid.png", str(old.get("samples", ""))):
-        if name and (out_dir / name).is_file():
-            os.replace(out_dir / name, dest / name)
-    print(f"{out_dir}: outputs of an earlier, different assembly moved to {dest}", flush=True)
+    dest = new_dir(out.previous)
+    for path in (out.metrics, out.grid, out.path / str(old.get("samples", ""))):
+        if path != out.path and path.is_file():
+            os.replace(path, dest / path.name)
+    print(f"{out.path}: outputs of an earlier, different assembly moved to {dest}", flush=True)
 
 
 def assemble(path: str | Path, expect_shards: int | None = None, fid_reference: str | None = None,
@@ -191,21 +185,22 @@ def assemble(path: str | Path, expect_shards: int | None = None, fid_reference: 
     from ddpm.fid import fid_from_stats
 
     shards_dir, out_dir = locate(path)
+    out = SampleSet(out_dir)
     metas = load_shard_metas(shards_dir, expect_shards)
     ref, ref_path = _reference(metas, fid_reference)  # before writing anything
     parts = [_load_arrays(shards_dir, m) for m in sorted(metas, key=lambda m: m["start"])]
     images = np.concatenate([imgs for imgs, _ in parts])
     n, h, w, c = images.shape
     digest = hashlib.sha256("".join(m.get("npz_sha256") or "" for m in metas).encode()).hexdigest()
-    _keep_previous(out_dir, digest)
+    _keep_previous(out, digest)
 
-    npz_path = out_dir / f"samples_{n}x{h}x{w}x{c}.npz"
+    npz_path = out.npz((n, h, w, c))
     atomic_write_bytes(npz_path, lambda f: np.savez(f, arr_0=images))
-    write_png(tile(enlarge(images[:grid_size])), out_dir / "grid.png")  # atomic; small images x k
+    write_png(tile(enlarge(images[:grid_size])), out.grid)  # atomic; small images x k
     m0 = metas[0]
     mean, std = channel_stats(images)
     metrics: dict[str, Any] = {
-        "num_samples": n, "image_shape": [h, w, c], "samples": npz_path.name, "grid": "grid.png",
+        "num_samples": n, "image_shape": [h, w, c], "samples": npz_path.name, "grid": out.grid.name,
         "checkpoint": m0.get("checkpoint"), "checkpoint_sha256": m0["checkpoint_sha256"], "step": m0.get("step"),
         "checkpoint_choice": m0.get("checkpoint_choice"),
         "sampler": {k: m0[k] for k in ("sampler", "num_steps", "eta", "timestep_spacing")},
@@ -219,10 +214,16 @@ def assemble(path: str | Path, expect_shards: int | None = None, fid_reference: 
         metrics.update(fid=fid_from_stats(stats, ref), fid_reference=ref_path, fid_num_samples=stats.n,
                        fid_reference_num_images=ref.n)
     metrics.update(shards_sha256=digest, versions=package_versions())
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out.metrics, json.dumps(metrics, indent=2) + "\n")
     fid_text = f", FID {metrics['fid']:.3f}" if metrics["fid"] is not None else ""
     print(f"assembled {n} samples from {len(metas)} shards -> {npz_path}{fid_text}", flush=True)
     return npz_path
+
+
+def assemble_stage(run_dir: str | Path, num_shards: int) -> Path:
+    """The assembly job of run ``run_dir``: its ``num_shards`` shards -> ``samples/``; returns the npz path."""
+    apply_cpu_budget(cpu_budget("assemble"))
+    return assemble(RunDir(Path(run_dir)).samples.path, num_shards)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,14 +18,16 @@ from step 0. Contents (see docs/design.md)::
 from __future__ import annotations
 
 import errno
-import re
+import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from ddpm.errors import CheckpointError
-from ddpm.fsio import atomic_write_bytes, atomic_write_text
+from ddpm.errors import CheckpointError, DDPMError
+from ddpm.fsio import atomic_write_bytes, atomic_write_text, file_sha256_once
+from ddpm.rundir import RunDir
 
 # torch is imported where tensors are read or written: listing checkpoints (launch.py's preflight and status)
 # does not load it.
@@ -34,11 +36,10 @@ if TYPE_CHECKING:
 
 FORMAT = "ddpm-slurm/1"
 REQUIRED_KEYS = ("format", "step", "model", "model_config", "ddpm", "config")
-_NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(Path(run_dir)).checkpoints
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -46,7 +47,7 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     ckpt_dir = checkpoint_dir(run_dir)
     if not ckpt_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    found = [(step, p) for p in ckpt_dir.iterdir() if (step := RunDir.checkpoint_step(p)) is not None]
     return sorted(found)
 
 
@@ -71,10 +72,10 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int =
     multiple of ``milestone_every`` (when > 0). Returns the checkpoint path. A full disk raises
     CheckpointError before or while writing; the checkpoints already there stay as they were.
     """
-    step = int(state["step"])
-    ckpt_dir = checkpoint_dir(run_dir)
+    step, run = int(state["step"]), RunDir(Path(run_dir))
+    ckpt_dir = run.checkpoints
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{step:08d}.pt"
+    path = run.checkpoint(step)
     need, free = _estimated_bytes(state), shutil.disk_usage(ckpt_dir).free
     if need > free:
         raise CheckpointError(_no_space(ckpt_dir, path, need, free))
@@ -82,7 +83,7 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int =
 
     try:
         atomic_write_bytes(path, lambda f: torch.save(state, f))
-        atomic_write_text(ckpt_dir / "LATEST", path.name + "\n")
+        atomic_write_text(run.latest, path.name + "\n")
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -133,7 +134,7 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu",
     """
     ckpt_dir = checkpoint_dir(run_dir)
     candidates = [p for _, p in reversed(list_checkpoints(run_dir))]
-    latest = ckpt_dir / "LATEST"
+    latest = RunDir(Path(run_dir)).latest
     named = ckpt_dir / latest.read_text().strip() if latest.is_file() else None
     if named in candidates:
         candidates.remove(named)
@@ -168,3 +169,55 @@ def load_resolved(path_or_run_dir: str | Path,
             raise CheckpointError(f"{p}: no loadable checkpoint in {checkpoint_dir(p)}")
         return found
     raise CheckpointError(f"{p}: no such checkpoint file or run directory")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """``sampling.checkpoint`` read: ``latest`` (the newest valid checkpoint), ``best`` (the eval stage's choice,
+    eval/fid.json), ``step_<N>`` (that step's checkpoint) or a path to a checkpoint file."""
+
+    kind: Literal["latest", "best", "step", "path"]
+    step: int | None = None
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> CheckpointRef:
+        """The reference ``text`` names; ValueError when it is none of the four forms."""
+        if text in ("latest", "best"):
+            return cls(text)  # type: ignore[arg-type]
+        if text.startswith("step_") and text[5:].isdigit():
+            return cls("step", step=int(text[5:]))
+        if text.endswith(".pt") or "/" in text:
+            return cls("path", path=text)
+        raise ValueError(text)
+
+    def resolve(self, run_dir: str | Path) -> tuple[Path, str]:
+        """(checkpoint file, or the run directory for ``latest``: its newest valid one, why) in run ``run_dir``.
+
+        One line when the file is missing, eval/fid.json is unreadable, or the file it scored has changed."""
+        run = RunDir(Path(run_dir))
+        if self.kind == "latest":
+            return run.path, "latest: the newest valid checkpoint"
+        if self.kind in ("step", "path"):
+            path = run.checkpoint(self.step) if self.kind == "step" else Path(self.path).expanduser()
+            name = f"step_{self.step}" if self.kind == "step" else self.path
+            if not path.is_file():
+                raise CheckpointError(f"sampling.checkpoint={name}: {path} does not exist")
+            return path, f"{name}: sampling.checkpoint"
+        try:
+            best = json.loads(run.fid.read_text())["best"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DDPMError(f"sampling.checkpoint=best: no readable {run.fid} (run the eval stage: launch.py "
+                            "--stage eval with eval.enabled=true, or set sampling.checkpoint=latest)") from None
+        path = Path(best["checkpoint"])
+        # remembered: the sampling task that asked goes on to hash the same file (ddpm.shards.sample_loaded)
+        if not path.is_file() or file_sha256_once(path) != best["checkpoint_sha256"]:
+            raise CheckpointError(f"sampling.checkpoint=best: {path} is missing or not the file "
+                                  f"{run.fid.relative_to(run.path)} scored")
+        return path, (f"best: lowest mean FID of the eval stage ({best['mean']:.3f} at step {best['step']}, "
+                      f"{run.fid.relative_to(run.path)})")
+
+
+def final_reference(checkpoint: str | None, eval_enabled: bool) -> CheckpointRef:
+    """The final set's checkpoint: ``sampling.checkpoint``, or when null best if the eval stage runs, else latest."""
+    return CheckpointRef.parse(checkpoint or ("best" if eval_enabled else "latest"))

@@ -8,7 +8,8 @@ the final samples come from (``sampling.checkpoint: best``).
 
 Task k evaluates ``checkpoints/step_<N>.pt`` for N = ``eval_steps(cfg)[k]``: every multiple of
 ``training.milestone_every`` (milestones are never deleted) and the last step. It draws ``eval.num_seeds`` sets
-of ``eval.num_samples`` images with the eval sampler (set s: seeds ``seed_base + s * num_samples + i``) as the
+of ``eval.sampling.num_samples`` images with the eval sampler (``eval.sampling``; set s: seeds ``seed_base + s *
+num_samples + i``) as the
 shards of :mod:`ddpm.sample` (batch by batch resumable, skipped when complete, Inception statistics stored) and
 compares each set with ``sampling.fid_reference`` (Heusel et al. 2017, eq. 6; :mod:`ddpm.fid`). Files::
 
@@ -35,9 +36,11 @@ from typing import Any
 
 import numpy as np
 
+from ddpm.checkpoint import CheckpointRef
 from ddpm.config import Config, SamplingConfig, load_config
 from ddpm.errors import CheckpointError, DDPMError, cli_entry
 from ddpm.fsio import atomic_write_text, file_sha256, file_sha256_once
+from ddpm.rundir import RunDir
 
 
 def eval_steps(cfg: Config) -> list[int]:
@@ -48,26 +51,23 @@ def eval_steps(cfg: Config) -> list[int]:
 
 
 def checkpoint_of(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:08d}.pt"
+    return RunDir(run_dir).checkpoint(step)
 
 
 def result_path(run_dir: Path, step: int) -> Path:
-    return run_dir / "eval" / f"step_{step:08d}.json"
+    return RunDir(run_dir).eval_result(step)
 
 
 def eval_sampling(cfg: Config) -> SamplingConfig:
-    """The eval stage's sampler as a sampling section: one shard per seed set, Inception statistics on."""
+    """``eval.sampling`` as the stage runs it: one shard per seed set, sampling's FID weights and reference."""
     e, s = cfg.eval, cfg.sampling
-    return SamplingConfig(num_steps=e.num_steps, sampler=e.sampler, timestep_spacing=e.timestep_spacing,
-                          num_samples=e.num_samples * e.num_seeds, num_shards=e.num_seeds, batch_size=e.batch_size,
-                          seed_base=e.seed_base, use_ema=s.use_ema, precision=s.precision, fid=True,
-                          fid_weights=s.fid_weights, fid_reference=s.fid_reference)
+    return dataclasses.replace(e.sampling, num_samples=e.sampling.num_samples * e.num_seeds, num_shards=e.num_seeds,
+                               fid_weights=s.fid_weights, fid_reference=s.fid_reference)
 
 
 def _settings(cfg: Config, sha: str) -> dict[str, Any]:
     reference = cfg.sampling.fid_reference
-    return {"checkpoint_sha256": sha, **dataclasses.asdict(cfg.eval), "use_ema": cfg.sampling.use_ema,
-            "precision": cfg.sampling.precision, "fid_reference": reference,
+    return {"checkpoint_sha256": sha, **cfg.to_dict()["eval"], "fid_reference": reference,
             "fid_reference_sha256": file_sha256(reference) if reference and Path(reference).is_file() else None}
 
 
@@ -87,7 +87,7 @@ def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = No
     from ddpm.checkpoint import load_checkpoint
     from ddpm.fid import FIDStats, fid_from_stats
     from ddpm.inception import load_inception
-    from ddpm.sample import sample_loaded
+    from ddpm.shards import sample_loaded
 
     ckpt = checkpoint_of(run_dir, step)
     if not ckpt.is_file():
@@ -104,7 +104,7 @@ def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = No
                         "`python -m ddpm.fid ref`)")
     reference = FIDStats.load(cfg.sampling.fid_reference)  # one line when missing or unreadable
     state = load_checkpoint(ckpt)
-    sampling, out = eval_sampling(cfg), run_dir / "eval" / f"step_{step:08d}"
+    sampling, out = eval_sampling(cfg), RunDir(run_dir).eval_shards(step)
     inception = functools.cache(load_inception)  # loaded by the first seed set, shared by the others
     fids = []
     for seed_set in range(cfg.eval.num_seeds):
@@ -117,7 +117,7 @@ def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = No
     mean = statistics.fmean(fids)
     row = {"step": step, "checkpoint": str(ckpt), "checkpoint_sha256": sha,
            "fid": fids, "mean": mean, "std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
-           "num_samples": cfg.eval.num_samples, "settings": settings, "complete": True}
+           "num_samples": cfg.eval.sampling.num_samples, "settings": settings, "complete": True}
     atomic_write_text(result_path(run_dir, step), json.dumps(row, indent=2) + "\n")  # last: marks completion
     print(f"eval: step {step}: FID {mean:.3f} ({', '.join(f'{f:.3f}' for f in fids)}) -> "
           f"{result_path(run_dir, step)}", flush=True)
@@ -129,7 +129,7 @@ def _write_tensorboard(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     points when the selection runs again)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    tb = run_dir / "tb" / "eval"
+    tb = RunDir(run_dir).tb_eval
     tb.mkdir(parents=True, exist_ok=True)
     for old in tb.glob("events.out.tfevents.*"):
         old.unlink()
@@ -153,39 +153,17 @@ def select(run_dir: Path, cfg: Config) -> dict[str, Any]:
               f"`python -m ddpm.evaluate task {run_dir} --index K`", flush=True)
     if not rows:
         raise DDPMError(f"eval: none of the {len(steps)} checkpoints was evaluated; see the eval tasks' logs in "
-                        f"{run_dir}/logs")
+                        f"{RunDir(run_dir).logs}")
     best = min(rows, key=lambda r: (r["mean"], -r["step"]))  # a tie goes to the later checkpoint
-    summary = {"rows": rows, "best": best, "missing_steps": missing, "num_samples": cfg.eval.num_samples,
-               "num_seeds": cfg.eval.num_seeds, "sampler": cfg.eval.sampler, "num_steps": cfg.eval.num_steps,
+    e = cfg.eval.sampling
+    summary = {"rows": rows, "best": best, "missing_steps": missing, "num_samples": e.num_samples,
+               "num_seeds": cfg.eval.num_seeds, "sampler": e.sampler, "num_steps": e.num_steps,
                "fid_reference": cfg.sampling.fid_reference}
-    atomic_write_text(run_dir / "eval" / "fid.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(RunDir(run_dir).fid, json.dumps(summary, indent=2) + "\n")
     _write_tensorboard(run_dir, rows)
     print(f"eval: best checkpoint: step {best['step']} (mean FID {best['mean']:.3f} over {cfg.eval.num_seeds} "
-          f"seed set(s) of {cfg.eval.num_samples}) among {len(rows)} -> {run_dir}/eval/fid.json", flush=True)
+          f"seed set(s) of {e.num_samples}) among {len(rows)} -> {RunDir(run_dir).fid}", flush=True)
     return summary
-
-
-def resolve_checkpoint(run_dir: Path, cfg: Config) -> tuple[Path, str]:
-    """(checkpoint file or run directory, why) for the final samples, from ``sampling.checkpoint``."""
-    choice = cfg.sampling.checkpoint or ("best" if cfg.eval.enabled else "latest")
-    if choice == "latest":
-        return run_dir, "latest: the newest valid checkpoint"
-    if choice.startswith("step_"):
-        path = checkpoint_of(run_dir, int(choice[5:]))
-        if not path.is_file():
-            raise CheckpointError(f"sampling.checkpoint={choice}: {path} does not exist")
-        return path, f"{choice}: sampling.checkpoint"
-    fid_json = run_dir / "eval" / "fid.json"
-    try:
-        best = json.loads(fid_json.read_text())["best"]
-    except (OSError, ValueError, KeyError):
-        raise DDPMError(f"sampling.checkpoint=best: no readable {fid_json} (run the eval stage: launch.py "
-                        "--stage eval with eval.enabled=true, or set sampling.checkpoint=latest)") from None
-    path = Path(best["checkpoint"])
-    # remembered: the sampling task that asked goes on to hash the same file (ddpm.sample.sample_loaded)
-    if not path.is_file() or file_sha256_once(path) != best["checkpoint_sha256"]:
-        raise CheckpointError(f"sampling.checkpoint=best: {path} is missing or not the file eval/fid.json scored")
-    return path, f"best: lowest mean FID of the eval stage ({best['mean']:.3f} at step {best['step']}, eval/fid.json)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,17 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not (args.run_dir / "config.yaml").is_file():
-        raise DDPMError(f"{args.run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(args.run_dir / "config.yaml")
+    run = RunDir(args.run_dir)
+    if not run.config.is_file():
+        raise DDPMError(f"{args.run_dir}: not a run directory (no {run.config.name})")
+    cfg = load_config(run.config)
     steps = eval_steps(cfg)
     if args.command == "steps":
         print("\n".join(map(str, steps)))
     elif args.command == "select":
         select(args.run_dir, cfg)
     elif args.command == "best":
-        print(resolve_checkpoint(args.run_dir, dataclasses.replace(
-            cfg, sampling=dataclasses.replace(cfg.sampling, checkpoint="best")))[0])
+        print(CheckpointRef("best").resolve(run.path)[0])
     else:
         from ddpm.cpus import apply_cpu_budget, cpu_budget
         from ddpm.envcheck import pick_device

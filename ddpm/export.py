@@ -36,10 +36,11 @@ import torch
 import yaml
 
 from ddpm.architecture import unet2d_config
-from ddpm.checkpoint import load_checkpoint, load_resolved
-from ddpm.config import Config, ModelConfig, SamplingConfig, config_from_dict
+from ddpm.checkpoint import CheckpointRef, load_checkpoint, load_resolved
+from ddpm.config import Config, ModelConfig, config_from_dict
 from ddpm.errors import CheckpointError, ConfigError, DDPMError, cli_entry
 from ddpm.fsio import file_sha256
+from ddpm.rundir import RunDir
 from ddpm.unet import UNet
 
 if TYPE_CHECKING:
@@ -166,13 +167,11 @@ def check_same_eps(ours: UNet, theirs: nn.Module, num_timesteps: int) -> float:
 def resolve(run_dir: Path, choice: str | None) -> tuple[Path, dict[str, Any]]:
     """(path, state) of ``--checkpoint``: best (eval/fid.json), latest, step_<N> or a file; default best when
     the eval stage ran, else latest. One CheckpointError line when missing or unreadable."""
-    from ddpm.evaluate import resolve_checkpoint
-
-    choice = choice or ("best" if (run_dir / "eval" / "fid.json").is_file() else "latest")
-    if choice not in ("best", "latest") and not (choice.startswith("step_") and choice[5:].isdigit()):
+    choice = choice or ("best" if RunDir(run_dir).fid.is_file() else "latest")
+    try:
+        path, _ = CheckpointRef.parse(choice).resolve(run_dir)
+    except ValueError:  # any other file name
         return Path(choice), load_checkpoint(choice)
-    # resolve_checkpoint reads sampling.checkpoint only: a config naming the choice is all it needs
-    path, _ = resolve_checkpoint(run_dir, Config(sampling=SamplingConfig(checkpoint=choice)))
     return load_resolved(path)
 
 
@@ -216,7 +215,7 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, use_ema: boo
         (tmp / "model_index.json").write_text(json.dumps({
             "_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
             "scheduler": ["diffusers", "DDPMScheduler"], "unet": unet_entry}, indent=2) + "\n")
-        grid = run_dir / "samples" / "grid.png"
+        grid = RunDir(run_dir).samples.grid
         if grid.is_file():
             shutil.copyfile(grid, tmp / "samples.png")
         (tmp / "README.md").write_text(model_card(run_dir, cfg, path, state, use_ema, plain, license_id))
@@ -244,7 +243,7 @@ def _shared_config(cfg: Config) -> dict[str, Any]:
 def _fid_lines(run_dir: Path, step: int) -> list[str]:
     """The model card's FID paragraph from eval/fid.json, when the eval stage ran."""
     try:
-        fid = json.loads((run_dir / "eval" / "fid.json").read_text())
+        fid = json.loads(RunDir(run_dir).fid.read_text())
         best, rows = fid["best"], {int(r["step"]): r for r in fid["rows"]}
     except (OSError, ValueError, KeyError, TypeError):
         return []
@@ -270,9 +269,9 @@ def model_card(run_dir: Path, cfg: Config, path: Path, state: dict[str, Any], us
              "the code it was trained with): `UNet2DModel` has one attention head size and one GroupNorm group count "
              "for the whole network, this one does not, so loading needs `trust_remote_code=True`")
     grid = []
-    if (run_dir / "samples" / "grid.png").is_file():
+    if RunDir(run_dir).samples.grid.is_file():
         try:
-            m = json.loads((run_dir / "samples" / "metrics.json").read_text())
+            m = json.loads(RunDir(run_dir).samples.metrics.read_text())
             what = f" (step {m.get('step')}, {m['sampler']['sampler']} sampler, {m['sampler']['num_steps']} steps)"
         except (OSError, ValueError, KeyError, TypeError):
             what = ""

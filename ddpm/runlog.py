@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ddpm.config import Config, TrainingConfig
 from ddpm.errors import DDPMError
 from ddpm.fsio import atomic_write_text
+from ddpm.rundir import RunDir
 
 # torch is imported where it is used: the status functions serve launch.py and the job wrapper, which do not
 # load torch (seconds of start-up on every job).
@@ -49,7 +50,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events at steps > start_step (written after that checkpoint) are dropped.
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(str(RunDir(run_dir).tb), purge_step=start_step + 1 if start_step else None)
         self._last_time, self._last_step = time.perf_counter(), start_step
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
@@ -130,7 +131,7 @@ def write_provenance(run_dir: Path, cfg: Config, env: dist.DistEnv) -> None:
     if not env.is_main:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "provenance.json"
+    path = RunDir(run_dir).provenance
     record = json.loads(path.read_text()) if path.is_file() else {"starts": []}
     record["starts"].append({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -148,7 +149,7 @@ def write_provenance(run_dir: Path, cfg: Config, env: dist.DistEnv) -> None:
 def add_to_provenance(run_dir: Path, **fields: Any) -> None:
     """Add ``fields`` (plain types) to this start's record of provenance.json, e.g. the weights a new run started
     from (``training.init_from``). Rank 0 only, after :func:`write_provenance`."""
-    path = run_dir / "provenance.json"
+    path = RunDir(run_dir).provenance
     record = json.loads(path.read_text()) if path.is_file() else {"starts": [{}]}
     record["starts"][-1].update(fields)
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
@@ -176,7 +177,7 @@ STATUS_SCHEMA = 1  # the layout of status.json; a reader refuses a newer one in 
 def write_status(run_dir: Path, state: RunState, step: int, skipped_steps: int, **extra: Any) -> None:
     """What the wrapper and ``launch.py status`` read: ``state``, ``step``, the heartbeat, and ``extra`` (``error``,
     ``last_save_s``, ``lost_streak``)."""
-    atomic_write_text(run_dir / "status.json", json.dumps(
+    atomic_write_text(RunDir(run_dir).status, json.dumps(
         {"schema": STATUS_SCHEMA, "state": RunState(state).value, "step": step, "skipped_steps": skipped_steps,
          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "heartbeat": time.time(),
          "slurm_job_id": os.environ.get("SLURM_JOB_ID"), **extra}) + "\n")
@@ -194,7 +195,7 @@ def stalled_for(status: dict[str, Any], watchdog_s: int) -> float | None:
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     """``status.json`` with ``state`` as a :class:`RunState`; None when there is none (or it is being replaced).
     A newer schema or an unknown state is one DDPMError line, not a guess."""
-    path = Path(run_dir) / "status.json"
+    path = RunDir(run_dir).status
     try:
         status = json.loads(path.read_text())
     except (OSError, ValueError):

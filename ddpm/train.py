@@ -39,6 +39,7 @@ from ddpm.envcheck import SetupError, check_torch_floor
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, DDPMError, cli_entry
 from ddpm.optim import build_optimizer, step_unless
 from ddpm.precision import amp_dtype, autocast, configure_backends, describe_precision, memory_format, restore_scaler
+from ddpm.rundir import RunDir
 from ddpm.runlog import RunLogger, RunState, write_provenance, write_status
 from ddpm.unet import UNet
 
@@ -61,6 +62,7 @@ class Trainer:
             raise ConfigError(f"training.batch_size: {tc.batch_size} is not divisible by world size {env.world_size}")
         self.local_batch = tc.batch_size // env.world_size
         self.device, cuda = env.device, env.device.type == "cuda"
+        self.amp_dtype = amp_dtype(infra, self.device)  # before any work: bf16 on a card without it is one line
         workers = default_num_workers(cfg.data.num_workers, self.device, cfg.data.source)  # the loader's count
         self.budget = apply_cpu_budget(cpu_budget("train", self.device, workers))  # per rank
         torch.manual_seed(tc.seed + env.rank)  # dropout; overwritten by the checkpoint on resume
@@ -78,7 +80,6 @@ class Trainer:
             net = torch.compile(net)
         self.ddpm = DDPM.from_config(cfg.ddpm, net)
         self.optimizer = build_optimizer(self.model.parameters(), tc, infra)
-        self.amp_dtype = amp_dtype(infra, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.loader = create_dataloader_from_config(cfg.data, self.local_batch, env.rank, env.world_size,
@@ -238,7 +239,7 @@ class Trainer:
         """Train to ``num_iterations`` or until a stop signal; returns "done" or "stopped"."""
         tc = self.cfg.training
         if self.env.is_main:
-            dump_config(self.cfg, self.run_dir / "config.yaml")
+            dump_config(self.cfg, RunDir(self.run_dir).config)
             write_status(self.run_dir, RunState.RUNNING, self.step, self.skipped_steps)  # a crash leaves this
         self._print(f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on "
                     f"{self.env.world_size} x {self.device.type}, global batch {tc.batch_size}, "
@@ -320,7 +321,7 @@ class Trainer:
             tc.num_samples, (self.cfg.model.in_channels, self.cfg.data.image_size, self.cfg.data.image_size),
             num_steps=sc.num_steps, sampler=sc.sampler, eta=sc.eta, timestep_spacing=sc.timestep_spacing,
             seeds=list(range(tc.num_samples)), progress=False)
-        path = self.run_dir / "grids" / f"step_{self.step:08d}.png"
+        path = RunDir(self.run_dir).grid(self.step)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(images, path)
         self.logger.image(self.step, images)

@@ -27,18 +27,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ddpm.architecture import checkpoint_bytes
-from ddpm.cluster.probe import PROBE_FILE, storage_speed, time_checkpoint
+from ddpm.cluster.probe import storage_speed, time_checkpoint
 from ddpm.config import Config, dump_config, load_config
 from ddpm.envcheck import check_torch_floor
 from ddpm.errors import DDPMError
 from ddpm.plan import run_plan
+from ddpm.rundir import RunDir
 
 TINY = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
         "model.attention_resolutions=[4]", "model.num_heads=2", "model.dropout=0.0", "training.batch_size=8",
         "training.num_iterations=200", "training.save_every=100", "training.log_every=10",
         "training.sample_every=100000", "training.ema_start=2", "ddpm.num_timesteps=50", "sampling.num_steps=10",
         "data.source=folder", "data.image_size=8", "data.center_crop=null", "data.num_workers=1",
-        "infrastructure.num_gpus=0", "infrastructure.nproc_per_node=1", "infrastructure.mixed_precision=false",
+        "infrastructure.num_gpus=0", "infrastructure.nproc_per_node=1", "infrastructure.precision=fp32",
         "slurm.cpus_per_task=1", "slurm.mem_gb=2", "slurm.time_min=10", "slurm.signal_delay_s=120",
         "slurm.max_restarts=2", "slurm.gres=null", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 
@@ -136,7 +137,7 @@ def _tiny_run(cfg: Config, root: Path, name: str) -> tuple[Config, Path]:
     tiny = load_config(None, [*TINY, *keep, f"data.path={root / 'data'}", f"run.root={root}", f"run.name={name}"])
     run_dir = tiny.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(tiny, run_dir / "config.yaml")
+    dump_config(tiny, RunDir(run_dir).config)
     return tiny, run_dir
 
 
@@ -170,7 +171,7 @@ def _restarts(job: str) -> int:
 def check_stop_path(cfg: Config, report: Report, timeout: float, root: Path) -> None:
     """Step 3: a tiny job stopped by the stop signal must checkpoint, be requeued, resume and match."""
     from ddpm.cluster.executors import TrainTask, make_executor
-    from ddpm.cluster.preflight import job_state
+    from ddpm.cluster.squeue import job_state
 
     _write_images(root / "data")
     jobs: dict[str, tuple[str, Path]] = {}
@@ -197,13 +198,13 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
     import torch
 
     from ddpm.checkpoint import load_latest
-    from ddpm.cluster.preflight import job_state
+    from ddpm.cluster.squeue import job_state
     from ddpm.runlog import RunState, read_status
 
     job, run_dir = jobs["stopped"]
     report("ok", "submitted", f"job {job} (stop path) and {jobs['reference'][0]} (reference) to "
            f"{cfg.slurm.partition or 'the default partition'}; files in {root}")
-    log = run_dir / "logs" / job / f"{job}_0_log.out"
+    log = RunDir(run_dir).job_log(job)
     if not _wait(lambda: (read_status(run_dir) or {}).get("step", -1) >= 20, timeout):
         return report("FAIL", "running", f"job {job} did not reach step 20 in {timeout:.0f} s "
                       f"({job_state(job)}); see {log}")
@@ -233,7 +234,7 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
 def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
     """Step 2: one short job with the training resources runs the probe; its lines, then the run plan."""
     from ddpm.cluster.executors import ProbeTask, make_executor
-    from ddpm.cluster.preflight import job_state
+    from ddpm.cluster.squeue import job_state
 
     sc = cfg.slurm
     probe_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, root=str(root), name="node"),
@@ -241,7 +242,7 @@ def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
                                         30, math.ceil((sc.signal_delay_s + 60) / 60) + 1))))  # short, yet valid
     run_dir = probe_cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(probe_cfg, run_dir / "config.yaml")
+    dump_config(probe_cfg, RunDir(run_dir).config)
     try:
         job = make_executor(probe_cfg, run_dir, "train", "slurm").submit(ProbeTask(run_dir)).job_id
     except Exception as err:  # sbatch refused the training resources
@@ -250,11 +251,11 @@ def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
     report("ok", "node job", f"job {job} with the training resources (partition "
            f"{sc.partition or 'default'}, {cfg.infrastructure.num_nodes} node(s), gres {sc.gres or 'none'}, "
            f"{sc.cpus_per_task} CPUs, {sc.mem_gb} GB)")
-    log = run_dir / "logs" / job / f"{job}_0_log.out"
+    log = RunDir(run_dir).job_log(job)
     if not _wait(lambda: job_state(job).split("(")[0] in ENDED, timeout):
         subprocess.run(["scancel", job], capture_output=True, timeout=60)
         return report("FAIL", "node job", f"job {job} did not finish in {timeout:.0f} s ({job_state(job)}); see {log}")
-    probe_file = run_dir / PROBE_FILE
+    probe_file = RunDir(run_dir).probe
     if not probe_file.is_file():
         return report("FAIL", "node job", f"job {job} ended {job_state(job)} without a report; see {log}")
     result = json.loads(probe_file.read_text())

@@ -16,6 +16,7 @@ from ddpm.config import Config
 from ddpm.envcheck import check_torch_floor
 from ddpm.errors import ConfigError, DataError, DDPMError
 from ddpm.plan import check_free_space
+from ddpm.rundir import RunDir
 
 
 def _run(cmd: list[str]) -> str:
@@ -194,16 +195,20 @@ def check_resume_inputs(cfg: Config, stages: list[str]) -> None:
     """Starting at eval/select/sample/assemble needs what the earlier stage left in the run directory."""
     from ddpm.checkpoint import list_checkpoints
 
-    if stages[0] in ("eval", "sample") and not list_checkpoints(cfg.run_dir):
-        raise DDPMError(f"--stage {stages[0]}: no checkpoint in {cfg.run_dir}/checkpoints (train first)")
-    if stages[0] == "assemble" and not (cfg.run_dir / "samples" / "shards").is_dir():
-        raise DDPMError(f"--stage assemble: no shards in {cfg.run_dir}/samples/shards (sample first)")
+    run = RunDir(cfg.run_dir)
+    if stages[0] in ("eval", "sample") and not list_checkpoints(run.path):
+        raise DDPMError(f"--stage {stages[0]}: no checkpoint in {run.checkpoints} (train first)")
+    if stages[0] == "assemble" and not run.samples.shards.is_dir():
+        raise DDPMError(f"--stage assemble: no shards in {run.samples.shards} (sample first)")
 
 
 def check_eval(cfg: Config, stages: list[str]) -> None:
     """The eval stage's inputs (reference statistics, Inception weights, the checkpoints when training is done)
     and, without an eval stage ahead, the checkpoint ``sampling.checkpoint`` names."""
-    from ddpm.evaluate import checkpoint_of, eval_steps, resolve_checkpoint
+    from ddpm.checkpoint import final_reference
+    from ddpm.evaluate import eval_steps
+
+    run = RunDir(cfg.run_dir)
 
     if "eval" in stages:
         from ddpm.fid import FIDStats
@@ -214,13 +219,13 @@ def check_eval(cfg: Config, stages: list[str]) -> None:
                               "make one with `python -m ddpm.fid ref`)")
         FIDStats.load(cfg.sampling.fid_reference)
         resolve_weights(cfg.sampling.fid_weights)
-        missing = [s for s in eval_steps(cfg) if not checkpoint_of(cfg.run_dir, s).is_file()]
+        missing = [s for s in eval_steps(cfg) if not run.checkpoint(s).is_file()]
         if stages[0] == "eval" and missing:
             raise DDPMError(f"--stage eval: no checkpoint of step(s) {', '.join(map(str, missing))} in "
-                            f"{cfg.run_dir}/checkpoints (training.milestone_every={cfg.training.milestone_every})")
+                            f"{run.checkpoints} (training.milestone_every={cfg.training.milestone_every})")
     if "sample" in stages and "select" not in stages:  # no selection ahead: the choice can be made now
         if "train" not in stages:
-            resolve_checkpoint(cfg.run_dir, cfg)
+            final_reference(cfg.sampling.checkpoint, cfg.eval.enabled).resolve(run.path)
         elif cfg.sampling.checkpoint == "best":
             raise ConfigError("sampling.checkpoint: best needs the eval stage (set eval.enabled=true)")
 
@@ -240,19 +245,3 @@ def preflight(cfg: Config, cluster: str, stages: list[str], dry_run: bool = Fals
         check_gres(cfg, stages)
     if cluster == "slurm":
         check_slurm(cfg, stages)
-
-
-def job_state(job_id: str) -> str:
-    """A job's state from squeue, then scontrol (``sacct`` is often restricted); ``GONE`` if neither knows it."""
-    try:
-        out = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"]).strip()
-        if out:
-            state, reason = out.splitlines()[0].split("|")
-            return f"{state}({reason})" if reason not in ("None", "") else state
-        out = _run(["scontrol", "show", "job", "-o", job_id])
-        for field in out.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-    except (subprocess.SubprocessError, OSError):
-        pass
-    return "GONE"

@@ -32,9 +32,9 @@ from ddpm.envcheck import (
 )
 from ddpm.errors import cli_entry
 from ddpm.fsio import atomic_write_text
+from ddpm.rundir import RunDir
 
 Line = tuple[str, str, str]  # (ok | note | FAIL, what, detail)
-PROBE_FILE = "probe.json"
 
 
 def storage_speed(directory: Path, size_mb: int = 256) -> tuple[float, float]:
@@ -105,7 +105,7 @@ def environment_lines(cfg: Config) -> list[Line]:
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         lines.append(("ok", "gpus", f"{len(seen)} seen, {asked} asked: {names}"))
         lines.append(("ok" if native else "note", "bf16", "native bf16 (sm >= 80)" if native else
-                      "no native bf16 on this card: mixed precision runs fp16 with a grad scaler"))
+                      "no native bf16 on this card: set infrastructure.precision=fp16 (bf16 stops with one line)"))
     return lines
 
 
@@ -197,7 +197,7 @@ def probe(cfg: Config, run_dir: Path) -> dict[str, Any]:
             lines.append(("ok", what, f"{where}: write {write:.0f} MB/s (fsynced), read {read:.0f} MB/s"))
     rate, peak = training_speed(cfg, env)
     lines.append(("ok", "training speed", f"{rate:.1f} img/s, global batch {cfg.training.batch_size}, "
-                  f"{env.world_size} x {env.device.type}, mixed precision {cfg.infrastructure.mixed_precision}"
+                  f"{env.world_size} x {env.device.type}, precision {cfg.infrastructure.precision}"
                   + (f", peak memory {peak:.1f} GiB" if peak is not None else "") + f"; each rank: {budget}"))
     result["img_per_s"] = rate
     if env.is_main:
@@ -214,13 +214,13 @@ def run_probe(run_dir: Path, cfg: Config) -> str:
     from ddpm.cluster.wrapper import torchrun_command
 
     check_torch_floor()
-    (run_dir / PROBE_FILE).unlink(missing_ok=True)
+    RunDir(run_dir).probe.unlink(missing_ok=True)
     cmd = torchrun_command(cfg, run_dir, module="ddpm.cluster.probe")
     print("running:", " ".join(cmd), flush=True)
     code = subprocess.run(cmd).returncode
     if code != 0:
         raise RuntimeError(f"the doctor's probe failed: torchrun exited with {code}; see the log above")
-    return str(run_dir / PROBE_FILE)
+    return str(RunDir(run_dir).probe)
 
 
 @cli_entry
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     result = probe(load_config(args.config), run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_text(run_dir / PROBE_FILE, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(RunDir(run_dir).probe, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -38,12 +38,13 @@ from typing import Any
 import psutil
 
 from ddpm.checkpoint import list_checkpoints
-from ddpm.cluster.preflight import job_state
 from ddpm.cluster.rendezvous import first_slurm_host, rendezvous_port
+from ddpm.cluster.squeue import job_state
 from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
 from ddpm.envcheck import check_torch_floor
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, ConfigError, DDPMError, cli_entry
+from ddpm.rundir import RunDir
 from ddpm.runlog import RunState, read_status, stalled_for, write_status
 
 
@@ -68,7 +69,7 @@ def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None 
                 f"--rdzv-id={job_id}"]
     else:
         cmd += ["--standalone"]
-    return cmd + ["-m", module, "--config", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)]
+    return cmd + ["-m", module, "--config", str(RunDir(run_dir).config), "--run-dir", str(run_dir)]
 
 
 def _ignore_stop_signals() -> None:  # runs in torchrun's process before exec; inherited by its agent
@@ -293,11 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_with_overrides(parser, argv)
     if args.config is None and args.run_dir is None:
         parser.error("train needs --config or --run-dir")
-    cfg = load_config(args.config if args.config else Path(args.run_dir) / "config.yaml", args.overrides)
+    cfg = load_config(args.config if args.config else RunDir(args.run_dir).config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.config:  # every node writes the same resolved config (atomically)
-        dump_config(cfg, run_dir / "config.yaml")
+        dump_config(cfg, RunDir(run_dir).config)
     state = run_training(run_dir, cfg)
     return EXIT_OK if state == RunState.DONE else EXIT_REQUEUE if state == RunState.STOPPED else EXIT_FAILURE
 

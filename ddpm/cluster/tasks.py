@@ -1,0 +1,143 @@
+"""The stage tasks that submitit runs on the cluster's nodes: one callable per job or array task, each calling
+its stage's function (training's wrapper, :func:`ddpm.evaluate.evaluate_step` and ``select``,
+:func:`ddpm.sample.sample_stage`, :func:`ddpm.assemble.assemble_stage`).
+
+Job side: nothing here imports the login side (``ddpm.cluster.preflight``, ``ddpm.cluster.executors``,
+``launch.py``); tests/test_layout.py checks it. :mod:`ddpm.cluster.executors` submits these.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ddpm.cluster.wrapper import requeue_self, run_training
+from ddpm.config import Config, load_config
+from ddpm.errors import DDPMError
+from ddpm.rundir import RunDir
+
+
+class TrainTask:
+    """submitit callable for the training job (one task per node)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def __call__(self) -> str:
+        return run_training(self.run_dir, load_config(RunDir(self.run_dir).config))
+
+
+class ProbeTask:
+    """submitit callable for the doctor's job on a training node (``ddpm.cluster.probe``)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def __call__(self) -> str:
+        from ddpm.cluster.probe import run_probe
+
+        return run_probe(self.run_dir, load_config(RunDir(self.run_dir).config))
+
+
+class StopSampling(BaseException):
+    """Raised in a sampling task by a stop signal; the partial shard on disk stays (at most one batch is lost)."""
+
+
+def _stoppable(label: str, max_restarts: int, work: Any) -> str:
+    """Run ``work()`` so that a stop signal (a preemption's SIGTERM, the time limit's USR2) ends it at once: the
+    partial file on disk holds every finished batch; the task is requeued (or SLURM is already requeuing it)."""
+    def stop(signum: int, _frame: Any) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR2):  # SLURM's later SIGTERM must not interrupt the requeue
+            signal.signal(sig, signal.SIG_IGN)
+        raise StopSampling(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, stop)
+    try:
+        return str(work())
+    except StopSampling as err:
+        print(f"{label}: stopped by {err}; the finished batches are in its partial file", flush=True)
+        if requeue_self(max_restarts):
+            time.sleep(600)  # the requeue ends this task
+        return "stopped"
+
+
+def _budget(stage: str, cpu_share: int) -> str:
+    """Apply the CPU budget of a sampling-like task (``cpu_share``: local tasks running at once)."""
+    from ddpm.cpus import SHARE_ENV, apply_cpu_budget, cpu_budget
+
+    if cpu_share > 1:
+        os.environ[SHARE_ENV] = str(cpu_share)
+    return apply_cpu_budget(cpu_budget(stage))
+
+
+def _device(cfg: Config, what: str) -> str:
+    """cuda when the task asks for a GPU (:attr:`Config.task_gpus`), else cpu; one line when none is seen."""
+    from ddpm.envcheck import pick_device
+
+    gpus, key = cfg.task_gpus
+    return pick_device(None, gpus, what, key)
+
+
+class SampleTask:
+    """submitit callable for one shard of the sampling array, from the checkpoint ``sampling.checkpoint`` names
+    (resolved when the task runs: the eval stage picks ``best`` after this task was queued). Stoppable."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config, cpu_share: int = 1):
+        self.run_dir, self.cfg, self.max_restarts = Path(run_dir), cfg, cfg.slurm.max_restarts
+        self.cpu_share = cpu_share  # tasks the local executor runs at once on this machine (1 on SLURM)
+
+    def __call__(self, shard: int) -> str:
+        from ddpm.sample import sample_stage
+
+        device = _device(self.cfg, f"sampling task {shard}")
+        print(f"shard {shard}: {_budget('sample', self.cpu_share)}", flush=True)
+        return _stoppable(f"shard {shard}", self.max_restarts, lambda: sample_stage(
+            self.run_dir, self.cfg, shard, device))
+
+
+class EvalTask:
+    """submitit callable for one task of the eval array: the FID of one milestone checkpoint. Stoppable."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config, cpu_share: int = 1):
+        self.run_dir, self.cfg, self.cpu_share = Path(run_dir), cfg, cpu_share
+
+    def __call__(self, index: int) -> str:
+        from ddpm.evaluate import eval_steps, evaluate_step
+
+        step = eval_steps(self.cfg)[index]
+        device = _device(self.cfg, f"eval task {index}")
+        print(f"eval task {index} (step {step}): {_budget('sample', self.cpu_share)}", flush=True)
+        try:
+            return _stoppable(f"eval task {index}", self.cfg.slurm.max_restarts, lambda: evaluate_step(
+                self.run_dir, self.cfg, step, device=device)["mean"])
+        except DDPMError as err:  # one line in the task's log; the selection names the task
+            print(f"error: eval task {index} (step {step}): {err}", flush=True)
+            raise
+
+
+class SelectTask:
+    """submitit callable for the selection job: eval/fid.json and the best checkpoint."""
+
+    def __init__(self, run_dir: str | Path, cfg: Config):
+        self.run_dir, self.cfg = Path(run_dir), cfg
+
+    def __call__(self) -> str:
+        from ddpm.evaluate import select
+
+        return str(select(self.run_dir, self.cfg)["best"]["checkpoint"])
+
+
+class AssembleTask:
+    """submitit callable for the assembly job."""
+
+    def __init__(self, run_dir: str | Path, num_shards: int):
+        self.run_dir, self.num_shards = Path(run_dir), num_shards
+
+    def __call__(self) -> str:
+        from ddpm.assemble import assemble_stage
+
+        return str(assemble_stage(self.run_dir, self.num_shards))
