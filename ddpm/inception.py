@@ -77,7 +77,7 @@ def resolve_weights(path: str | Path | None = None) -> Path:
         if not p.is_file():
             raise FIDError(f"FID Inception weights not found: {p} (download: curl -L -o {p} {WEIGHTS_URL})")
         return p
-    p = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
+    p = Path(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)  # torch hub's cache (not a run directory)
     if not p.is_file():
         raise FIDError(f"FID Inception weights not found at {p}; download them once on the login node: "
                        f"mkdir -p {p.parent} && curl -L -o {p} {WEIGHTS_URL} "

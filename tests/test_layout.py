@@ -1,5 +1,6 @@
-"""The package's shape (issue 15, docs/design.md): no import cycle (ddpm/ and tools/), model/math/data code free of
-process and cluster code, files of at most 400 lines, a docstring under every config key."""
+"""The package's shape (docs/design.md): no import cycle (ddpm/ and tools/), model/math/data code free of process
+and cluster code, a straight stage flow (no stage imports a later one; the job side imports nothing of the login
+side), files of at most 400 lines, a docstring under every config key."""
 
 from __future__ import annotations
 
@@ -78,6 +79,31 @@ def test_model_math_and_data_never_import_process_or_cluster_code(pure):
         assert not bad, f"{pure} reaches {mod}, which imports {sorted(bad)}"
 
 
+# train -> eval -> sample -> assemble: each stage a function its task calls (ddpm.cluster.tasks)
+STAGES = ("ddpm.train", "ddpm.evaluate", "ddpm.sample", "ddpm.assemble")
+# what runs on the cluster's nodes, and what runs on the login node (launch.py is not a module of ddpm/)
+JOB_SIDE = (*STAGES, "ddpm.shards", "ddpm.cluster.tasks", "ddpm.cluster.wrapper", "ddpm.cluster.probe")
+LOGIN_SIDE = ("ddpm.cluster.preflight", "ddpm.cluster.executors", "ddpm.cluster.doctor")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_imports_a_later_one(stage):
+    later = set(STAGES[STAGES.index(stage) + 1:])
+    assert not reachable(stage) & later, f"{stage} reaches {sorted(reachable(stage) & later)}"
+
+
+@pytest.mark.parametrize("job", JOB_SIDE)
+def test_the_job_side_imports_nothing_of_the_login_side(job):
+    assert not reachable(job) & set(LOGIN_SIDE), f"{job} reaches {sorted(reachable(job) & set(LOGIN_SIDE))}"
+
+
+def test_the_stage_rules_would_see_a_violation():
+    # the tasks call every stage (training through torchrun's `-m ddpm.train`), and the login side submits them
+    assert set(STAGES[1:]) <= reachable("ddpm.cluster.tasks")
+    assert "ddpm.cluster.tasks" in reachable("ddpm.cluster.executors")
+    assert "ddpm.shards" in GRAPH["ddpm.evaluate"] and "ddpm.shards" in GRAPH["ddpm.sample"]
+
+
 def test_importing_the_model_and_data_loads_no_cluster_code():
     code = ("import sys, ddpm.unet, ddpm.diffusion, ddpm.ema, ddpm.data; "
             "print(sorted(m for m in sys.modules if m == 'submitit' or m.startswith(('ddpm.cluster', 'ddpm.dist'))))")
@@ -88,8 +114,8 @@ def test_importing_the_model_and_data_loads_no_cluster_code():
 def test_the_login_node_and_job_wrapper_paths_load_no_torch():
     """launch.py (preflight, status), the job wrapper of every train job and the assembly job do not import torch
     (about 10 s of start-up on a slow node, before any work): only the processes that compute load it."""
-    code = ("import sys; import launch, ddpm.cluster.executors, "
-            "ddpm.cluster.wrapper, ddpm.cluster.preflight, ddpm.checkpoint, ddpm.runlog, ddpm.assemble, "
+    code = ("import sys; import launch, ddpm.cluster.executors, ddpm.cluster.tasks, ddpm.cluster.squeue, "
+            "ddpm.cluster.wrapper, ddpm.cluster.preflight, ddpm.checkpoint, ddpm.runlog, ddpm.assemble, ddpm.rundir, "
             "tools.digits; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
