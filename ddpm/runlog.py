@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -206,3 +207,15 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
         raise DDPMError(f"{path}: unknown run state {state!r} (status schema {schema!r}; this version reads schema "
                         f"{STATUS_SCHEMA}, states {', '.join(sorted(known))}): written by a newer ddpm-slurm?")
     return {**status, "state": RunState(state)}
+
+
+def record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception,
+                   state: RunState = RunState.FAILED) -> None:
+    """``status.json`` says ``state`` (failed; lost: a peer died), with the one-line error, for the wrapper and
+    ``launch.py status`` (best effort: on a full disk even this small file may not fit)."""
+    line = str(err).partition("\n")[0]
+    if state == RunState.LOST:
+        print(f"[rank {env.rank}] lost a peer after step {step}: {line}", flush=True)
+    with contextlib.suppress(OSError):
+        if env.is_main and run_dir.is_dir():
+            write_status(run_dir, state, step, 0, error=line)

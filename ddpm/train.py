@@ -1,8 +1,9 @@
 """The training loop: ``python -m ddpm.train --config X [overrides] [--run-dir D] [--overfit-single-batch]``.
 
-One process (CPU or one GPU) or torchrun (DDP: NCCL on GPU, gloo on CPU). Read top to bottom: build
-(model, EMA, optimizer, data) -> resume from the newest checkpoint that loads -> loop (step, log, sample,
-save) -> stop at the end or on a signal. Resume is exact: the noise and timesteps of step s are a pure
+One process (CPU or one GPU) or torchrun (DDP: NCCL on GPU, gloo on CPU). Read ``main`` top to bottom: build
+(model, EMA, optimizer, data; the constructor reads no run state and installs nothing) -> stop-signal handlers
+-> resume from the newest checkpoint that loads -> loop (step, log, sample, save) -> stop at the end or on a
+signal. Resume is exact: the noise and timesteps of step s are a pure
 function of (seed, s) drawn for the global batch, the data position is saved, and every rank's RNG state
 is restored, so a stopped-and-resumed run ends with the same weights as one never stopped.
 
@@ -15,7 +16,6 @@ as a failure, workers exit 0 and the launcher reads ``status.json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
@@ -40,7 +40,7 @@ from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, Co
 from ddpm.optim import build_optimizer, step_unless
 from ddpm.precision import amp_dtype, autocast, configure_backends, describe_precision, memory_format, restore_scaler
 from ddpm.rundir import RunDir
-from ddpm.runlog import RunLogger, RunState, write_provenance, write_status
+from ddpm.runlog import RunLogger, RunState, record_failure, write_provenance, write_status
 from ddpm.unet import UNet
 
 
@@ -90,15 +90,14 @@ class Trainer:
         self.stop_requested = False  # set by a signal on this rank
         self.stop_now = False  # the flag reduced over ranks: every rank agrees on it
         self._stop_at: tuple[str, float] | None = None  # (signal name, monotonic time) of the first stop signal
-        self._last_beat, self._last_save_s = 0.0, 0.0
-        self._install_signal_handlers()
-        self._resume()
-        self.logger = RunLogger(self.run_dir, tc, env, start_step=self.step)
-        self._iter = iter(self.loader)
+        self._last_beat, self._last_save_s, self._handlers = 0.0, 0.0, False
+        self._logger: RunLogger | None = None  # opened at the first log: TensorBoard continues at the resumed step
+        self._iter: Any = None  # the loader's workers start with the first batch
         self._fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    # ---- setup -------------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
+    # ---- the entry point's explicit steps ------------------------------------------------------------
+    def install_stop_handlers(self) -> None:
+        """training.stop_signal and SIGTERM (a preemption) set a flag; the loop saves and stops at the next step."""
         def request_stop(signum: int, _frame: Any) -> None:  # only sets a flag; idempotent
             if not self.stop_requested:
                 self._stop_at = (signal.Signals(signum).name, time.monotonic())
@@ -108,8 +107,9 @@ class Trainer:
 
         for name in {self.cfg.training.stop_signal, "TERM"}:
             signal.signal(getattr(signal, f"SIG{name}"), request_stop)
+        self._handlers = True
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
         """Load the newest checkpoint that loads (rank 0 chooses, every rank reads it; if none of them loads, rank 0's
         one-line error stops every rank). A run without one starts from training.init_from when set."""
         found, error = None, None
@@ -194,6 +194,7 @@ class Trainer:
         if self.overfit and self._fixed is not None:
             return self._fixed
         with torch.random.fork_rng(devices=[]):  # a new loader iterator draws a worker seed from the CPU RNG:
+            self._iter = self._iter or iter(self.loader)
             x0 = next(self._iter)  # keep it from shifting dropout's RNG, so resume stays exact
         x0 = x0.mean(dim=1, keepdim=True) if self.cfg.model.in_channels == 1 else x0  # greyscale [B, 1, S, S]
         x0 = x0.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -278,6 +279,11 @@ class Trainer:
         scalars.update({f"loss_q{q}": s / c for q, (s, c) in enumerate(zip(sums, counts, strict=True)) if c})
         self.logger.log(self.step, scalars)
 
+    @property
+    def logger(self) -> RunLogger:
+        self._logger = self._logger or RunLogger(self.run_dir, self.cfg.training, self.env, start_step=self.step)
+        return self._logger
+
     def heartbeat(self, force: bool = False) -> None:
         """Rank 0 refreshes ``status.json`` (running, step, time) at most every 5 s, for the wrapper's watchdog
         (``training.watchdog_s``): a hung rank blocks every rank at the next collective, so the beat stops."""
@@ -332,10 +338,11 @@ class Trainer:
 
     def close(self) -> None:
         """Flush the logs; ignore later stop signals (nothing is left to save; frees the handlers' self)."""
-        for name in {self.cfg.training.stop_signal, "TERM"}:
+        for name in {self.cfg.training.stop_signal, "TERM"} if self._handlers else ():
             signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_IGN)
         self.loader.close()
-        self.logger.close()
+        if self._logger is not None:
+            self._logger.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,18 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception,
-                    state: RunState = RunState.FAILED) -> None:
-    """``status.json`` says ``state`` (failed; lost: a peer died), with the one-line error, for the wrapper and
-    ``launch.py status`` (best effort: on a full disk even this small file may not fit)."""
-    line = str(err).partition("\n")[0]
-    if state == RunState.LOST:
-        print(f"[rank {env.rank}] lost a peer after step {step}: {line}", flush=True)
-    with contextlib.suppress(OSError):
-        if env.is_main and run_dir.is_dir():
-            write_status(run_dir, state, step, 0, error=line)
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     check_torch_floor()
@@ -369,24 +364,26 @@ def main(argv: list[str] | None = None) -> int:
     try:  # collectives time out at twice the watchdog bound: the wrapper's watchdog acts first, this is the backstop
         env = dist.init_distributed(cfg.infrastructure.num_gpus > 0, 2 * cfg.training.watchdog_s or 1800)
     except SetupError as err:  # GPUs asked for, not seen: the wrapper and `launch.py status` show the line
-        _record_failure(run_dir, dist.DistEnv(rank=int(os.environ.get("RANK", "0"))), -1, err)
+        record_failure(run_dir, dist.DistEnv(rank=int(os.environ.get("RANK", "0"))), -1, err)
         raise
     write_provenance(run_dir, cfg, env)  # collective: gathers every rank's host
     try:
         trainer = Trainer(cfg, run_dir, env, overfit_single_batch=args.overfit_single_batch)
+        trainer.install_stop_handlers()  # before the resume: a stop during a long read is kept
+        trainer.resume()
     except DDPMError as err:  # every checkpoint unreadable, a missing dataset: not a lost rank (see the wrapper)
-        _record_failure(run_dir, env, -1, err)
+        record_failure(run_dir, env, -1, err)
         dist.cleanup()
         raise
     try:
         state = trainer.fit()
     except DDPMError as err:  # a full disk, an unreadable image
-        _record_failure(run_dir, env, trainer.step, err)
+        record_failure(run_dir, env, trainer.step, err)
         raise
     except RuntimeError as err:  # another rank died mid-collective (its node or process): the wrapper requeues
         if not dist.peer_lost(err):
             raise
-        _record_failure(run_dir, env, trainer.step, err, state=RunState.LOST)
+        record_failure(run_dir, env, trainer.step, err, state=RunState.LOST)
         return EXIT_FAILURE
     finally:
         trainer.close()
