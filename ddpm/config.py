@@ -4,33 +4,36 @@
     cfg.training.learning_rate  # 0.0002 (a float, also when YAML read "2e-4" as a string)
     dataclasses.replace(cfg.sampling, num_steps=50)  # a new, validated section
 
-Every key is declared here (or, for the job sections ``slurm``, ``eval``, ``run``, in :mod:`ddpm.jobconfig`),
-once, with the docstring under it. A section checks its own values in
-``__post_init__`` (so one built anywhere is valid) and :class:`Config` checks what spans sections (the
-U-Net's attention resolutions and heads against the image size, ``sampling.num_steps <= ddpm.num_timesteps``).
-Unknown keys, wrong types and bad values raise :class:`ConfigError` with one line naming the key.
+Every key is declared here (or, for the job sections ``sampling``, ``eval``, ``slurm``, ``run``, in
+:mod:`ddpm.jobconfig`), once, with the docstring under it. A section checks its own values in ``__post_init__``:
+first each value's type (a ``Literal``'s choices, ``int`` never ``bool``; lists become tuples, mappings read-only),
+then ranges, so one built in Python is as valid as one read from YAML and fails with the same line. :class:`Config`
+checks what spans sections (the U-Net's attention resolutions and heads against the image size, ``num_steps <=
+ddpm.num_timesteps`` for ``sampling`` and ``eval.sampling``, fp16 only with a GPU). Unknown keys, wrong types and
+bad values raise :class:`ConfigError` with one line naming the key; a key that moved names its new home
+(``eval.num_steps moved: use eval.sampling.num_steps``). ``to_dict`` gives plain YAML types (lists, dicts).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from ddpm.architecture import architecture_problem
-from ddpm.configtools import apply_overrides, describe, read_yaml, require, tree_from_dict
+from ddpm.configtools import apply_overrides, check_fields, describe, plain, read_yaml, require, tree_from_dict
 from ddpm.fsio import atomic_write_text
-from ddpm.jobconfig import PATH, EvalConfig, RunConfig, Sampler, SlurmConfig, Spacing
+from ddpm.jobconfig import PATH, EvalConfig, Precision, RunConfig, Sampler, SamplingConfig, SlurmConfig, Spacing
 
-__all__ = ["Config", "EvalConfig", "RunConfig", "SlurmConfig", "choices", "dump_config", "load_config"]
+__all__ = ["Config", "EvalConfig", "Precision", "RunConfig", "Sampler", "SamplingConfig", "SlurmConfig", "Spacing",
+           "choices", "dump_config", "load_config"]
 
 Variance = Literal["fixed_small", "fixed_large"]
-Precision = Literal["fp32", "bf16"]
 Source = Literal["folder", "celeba", "hf", "packed"]
 StopSignal = Literal["USR1", "USR2", "TERM", "INT"]
 
@@ -43,11 +46,11 @@ class ModelConfig:
     """Image channels: 3 for RGB, 1 to train on greyscale (the mean of the RGB channels the loader reads)."""
     base_channels: int = 128
     """Width of the first level; level i has channel_mult[i] * base_channels."""
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)
     """Width multiplier per resolution level; len(channel_mult) - 1 downsamplings."""
     num_res_blocks: int = 2
     """ResBlocks per level in the encoder (the decoder has one more)."""
-    attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+    attention_resolutions: tuple[int, ...] = (16, 8)
     """Feature-map sizes (pixels) with self-attention after each ResBlock."""
     num_heads: int = 4
     """Attention heads; must divide the channels at every attention."""
@@ -60,6 +63,7 @@ class ModelConfig:
     """FiLM-style time conditioning: GroupNorm(h) * (1 + scale) + shift (improved-diffusion)."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         require(self.in_channels in (1, 3), "model.in_channels", self.in_channels, "1 (greyscale) or 3 (RGB)")
         for key in ("base_channels", "num_res_blocks", "num_heads"):
             require(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
@@ -82,7 +86,7 @@ class TrainingConfig:
     """AdamW learning rate after warm-up."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: tuple[float, ...] = (0.9, 0.999)
     """AdamW (beta1, beta2)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps; 0 = none."""
@@ -122,6 +126,7 @@ class TrainingConfig:
     checkpoint resumes from it instead); the model section must describe the same network."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "training")
         for key in ("batch_size", "num_iterations", "log_every", "sample_every", "save_every", "num_samples"):
             require(getattr(self, key) >= 1, f"training.{key}", getattr(self, key), "an integer >= 1")
         require(self.learning_rate > 0, "training.learning_rate", self.learning_rate, "a float > 0")
@@ -161,67 +166,19 @@ class DDPMConfig:
     """Reverse-process variance: beta~_t (fixed_small) or beta_t (fixed_large), Ho et al. Sec. 3.2."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "ddpm")
         require(self.num_timesteps >= 2, "ddpm.num_timesteps", self.num_timesteps, "an integer >= 2")
         require(0 < self.beta_start < 1, "ddpm.beta_start", self.beta_start, "a float in (0, 1)")
         require(self.beta_start <= self.beta_end < 1, "ddpm.beta_end", self.beta_end, "a float in [beta_start, 1)")
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """The sampler and how the final sample set is sharded; one object from the config to the shard json."""
-
-    num_steps: int = field(default=1000, metadata={"pixels": True})
-    """Denoising steps (<= ddpm.num_timesteps); fewer steps respace the schedule."""
-    sampler: Sampler = field(default="ddpm", metadata={"pixels": True})
-    """ddpm (ancestral, Ho et al. Algorithm 2), ddim (Song et al. 2021) or dpmpp_2m (DPM-Solver++(2M), Lu 2022)."""
-    eta: float = field(default=0.0, metadata={"pixels": True})
-    """DDIM stochasticity: 0 deterministic, 1 matches DDPM's variance."""
-    timestep_spacing: Spacing = field(default="leading", metadata={"pixels": True})
-    """Which timesteps a sampler visits, as diffusers' scheduler for that sampler picks them (timestep_spacing):
-    trailing T-1 down by T/S; leading multiples of T//S from 0 (ddpm, ddim), of T//(S+1) from T//(S+1) (dpmpp_2m)."""
-    num_samples: int = field(default=10000, metadata={"pixels": True})
-    """Images in the final set (the npz)."""
-    num_shards: int = field(default=8, metadata={"pixels": True})
-    """Tasks of the sampling array; shard k draws a contiguous range of image indices."""
-    batch_size: int = 250
-    """Images per forward pass of one shard (any value gives the same images)."""
-    seed_base: int = field(default=0, metadata={"pixels": True})
-    """Image i is drawn with seed seed_base + i, whatever the shard count or batch size."""
-    use_ema: bool = field(default=True, metadata={"pixels": True})
-    """Sample with the EMA weights (else the raw weights)."""
-    precision: Precision = field(default="fp32", metadata={"pixels": True})
-    """bf16: autocast of the network on CUDA (and CPU); the sampler's arithmetic stays fp32/fp64."""
-    compile: bool = False
-    """torch.compile the network for the fixed sampling shape (mode reduce-overhead on CUDA: CUDA graphs)."""
-    fid: bool = False
-    """Store Inception statistics with each shard and compute FID at assembly."""
-    fid_weights: str | None = field(default=None, metadata=PATH)
-    """The pt_inception-2015-12-05 weights file; null = the torch hub cache."""
-    fid_reference: str | None = field(default=None, metadata=PATH)
-    """Reference statistics npz from `python -m ddpm.fid ref`."""
-    checkpoint: str | None = None
-    """The final set's checkpoint: best (eval/fid.json), latest or step_<N>; null: best if eval.enabled, else latest."""
-
-    def __post_init__(self) -> None:
-        require(self.num_steps >= 1, "sampling.num_steps", self.num_steps, "an integer >= 1")
-        require(0.0 <= self.eta <= 1.0, "sampling.eta", self.eta, "a float in [0, 1]")
-        for key in ("num_samples", "num_shards", "batch_size"):
-            require(getattr(self, key) >= 1, f"sampling.{key}", getattr(self, key), "an integer >= 1")
-        require(self.num_shards <= self.num_samples, "sampling.num_shards", self.num_shards,
-                f"at most sampling.num_samples ({self.num_samples})")
-        require(self.seed_base >= 0, "sampling.seed_base", self.seed_base, "an integer >= 0")
-        c = self.checkpoint
-        require(c in (None, "best", "latest") or (c.startswith("step_") and c[5:].isdigit()), "sampling.checkpoint",
-                c, "null, best, latest or step_<N>")
-
-    def pixel_settings(self) -> dict[str, Any]:
-        """The fields that decide a shard's pixels (a partial or complete shard is reused only if all match)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("pixels")}
-
-
-@dataclass(frozen=True)
 class InfrastructureConfig:
     """Processes, devices, precision and the fast paths."""
+
+    MOVED: ClassVar[Mapping[str, str]] = MappingProxyType({
+        "mixed_precision": "infrastructure.precision (fp32, bf16 or fp16)",
+        "mixed_precision_on_cpu": "infrastructure.precision (bf16 autocasts on the CPU too)"})
 
     num_gpus: int = 1
     """GPUs (ranks) per node; 0 = CPU."""
@@ -229,10 +186,10 @@ class InfrastructureConfig:
     """Nodes of the training job (one torchrun per node)."""
     nproc_per_node: int = 1
     """CPU ranks per node when num_gpus is 0."""
-    mixed_precision: bool = True
-    """bf16 autocast on CUDA (fp16 with a grad scaler where bf16 is missing)."""
-    mixed_precision_on_cpu: bool = False
-    """bf16 autocast on CPU too."""
+    precision: Precision = "bf16"
+    """Training's autocast: fp32 none; bf16 on CUDA cards with native bf16 (sm >= 80) and on the CPU (where it is
+    asked for: CPU configs say fp32); fp16 with a grad scaler, CUDA only (cards without native bf16: V100, T4).
+    bf16 on a card without native bf16 stops before any work with one line (the fix: fp16)."""
     channels_last: bool | None = None
     """NHWC activations; null = by device: on for CPU (measured there: +5-13%, python -m tools.bench), off for
     CUDA (not measured there; GroupNorm makes NHWC inputs contiguous, a copy per norm)."""
@@ -245,9 +202,12 @@ class InfrastructureConfig:
     FID's Inception always runs in full fp32."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "infrastructure")
         require(self.num_gpus >= 0, "infrastructure.num_gpus", self.num_gpus, "an integer >= 0")
         for key in ("num_nodes", "nproc_per_node"):
             require(getattr(self, key) >= 1, f"infrastructure.{key}", getattr(self, key), "an integer >= 1")
+        require(self.num_gpus > 0 or self.precision != "fp16", "infrastructure.precision", self.precision,
+                "fp32 or bf16 when infrastructure.num_gpus is 0: fp16 and its grad scaler need a CUDA GPU")
 
     @property
     def world_size(self) -> int:
@@ -273,7 +233,7 @@ class DataConfig:
     """Side of the square training images."""
     center_crop: int | None = 140
     """Side of the square crop in source pixels before resizing (aligned CelebA: 140); null = no crop."""
-    crop_center: list[int] | None = None
+    crop_center: tuple[int, ...] | None = None
     """[x, y] of the crop box's centre in source pixels; null = the image centre."""
     random_flip: bool = True
     """Random horizontal flips (a pure function of seed, epoch and image)."""
@@ -283,6 +243,7 @@ class DataConfig:
     """Drop unreadable images with a warning instead of stopping."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "data")
         require(self.image_size >= 1, "data.image_size", self.image_size, "an integer >= 1")
         require(self.center_crop is None or self.center_crop >= 1, "data.center_crop", self.center_crop,
                 "null or an integer >= 1")
@@ -309,25 +270,29 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        """Checks that span sections (each section has checked itself)."""
+        """Checks that span sections (each section has checked itself; given as mappings, they are built here)."""
+        check_fields(self, "")
         m = self.model
-        problem = architecture_problem(self.data.image_size, m.channel_mult, m.attention_resolutions,
+        problem = architecture_problem(self.data.image_size, list(m.channel_mult), list(m.attention_resolutions),
                                        m.base_channels, m.num_heads, m.num_head_channels)
         if problem is not None:
             require(False, *problem)
         T = self.ddpm.num_timesteps
-        for key, part in (("sampling", self.sampling), ("eval", self.eval)):
+        gpus, gpus_key = self.task_gpus
+        for key, part in (("sampling", self.sampling), ("eval.sampling", self.eval.sampling)):
             require(part.num_steps <= T, f"{key}.num_steps", part.num_steps, f"at most ddpm.num_timesteps ({T})")
             if part.sampler == "dpmpp_2m" and part.timestep_spacing == "leading":  # T//(S+1) must be >= 1
                 require(part.num_steps < T, f"{key}.num_steps", part.num_steps,
                         f"at most ddpm.num_timesteps - 1 ({T - 1}) for dpmpp_2m with leading spacing")
+            require(gpus > 0 or part.precision != "fp16", f"{key}.precision", part.precision,
+                    f"fp32 or bf16 for a CPU task ({gpus_key} gives it no GPU): fp16 autocast needs a CUDA GPU")
         world = self.infrastructure.world_size
         require(self.training.batch_size % world == 0, "training.batch_size", self.training.batch_size,
                 f"divisible by the {world} training ranks (infrastructure.num_nodes x GPUs or nproc_per_node)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types only (safe for YAML and ``torch.load(weights_only=True)``)."""
-        return dataclasses.asdict(self)
+        return plain(self)
 
     @property
     def run_dir(self) -> Path:

@@ -1,9 +1,11 @@
-"""Typed dataclass trees from YAML: coercion by type hint, unknown keys, dotted overrides, one-line errors.
+"""Typed dataclass trees from YAML: types by hint, unknown and moved keys, dotted overrides, one-line errors.
 
 The generic half of :mod:`ddpm.config` (which declares the sections). A tree is a dataclass whose fields
 are section dataclasses; a section's fields are ``int``, ``float``, ``bool``, ``str``, a ``Literal`` of
-strings, ``list[...]``, ``dict[str, str]`` or ``X | None``. Values are coerced to the hint (``"2e-4"``
-read by PyYAML as a string is a float), then the sections validate themselves in ``__post_init__``.
+strings, ``tuple[X, ...]`` (a YAML list), ``Mapping[str, str]`` (read-only), ``X | None`` or a nested section.
+Each section's ``__post_init__`` first calls :func:`check_fields`, so a section built in Python obeys the rules a
+YAML file does and raises the same message; the YAML loader only adds reading ``"2e-4"`` (a string to PyYAML)
+as a float. A key a section lists in its ``MOVED`` table is one line naming its new home.
 Every error is a :class:`ConfigError` whose message starts with the key (``training.batch_size: ...``).
 """
 
@@ -12,10 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import os
+import re
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -26,10 +30,41 @@ from ddpm.errors import ConfigError
 T = TypeVar("T")
 
 
+class FrozenMap(dict):  # a dict subclass: JSON-able, picklable (submitit), equal to the plain dict
+    """A read-only dict: a frozen section's mapping (``slurm.additional``) cannot change in place."""
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a config mapping is read-only: build a new section with dataclasses.replace")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only  # type: ignore
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return FrozenMap, (dict(self),)
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain YAML types: sections -> dicts, tuples -> lists, mappings -> dicts (recursively)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
 def require(ok: bool, key: str, value: object, expected: str) -> None:
-    """Raise ``ConfigError("key: invalid value V (expected ...)")`` unless ``ok``."""
+    """Raise ``ConfigError("key: invalid value V (expected ...)")`` unless ``ok`` (V as YAML types: lists)."""
     if not ok:
-        raise ConfigError(f"{key}: invalid value {value!r} (expected {expected})")
+        raise ConfigError(f"{key}: invalid value {plain(value)!r} (expected {expected})")
+
+
+def is_section(tp: Any) -> bool:
+    """Whether the hint ``tp`` is a section (a dataclass) nested in its parent."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def type_name(tp: Any) -> str:
@@ -39,45 +74,57 @@ def type_name(tp: Any) -> str:
         return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin is Literal:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
-    if origin is list:
+    if origin in (list, tuple):
         return f"a list of {type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
+    if origin in (dict, Mapping):
         return "a mapping"
+    if is_section(tp):
+        return "a mapping of keys"
     return {int: "int", float: "float", bool: "bool", str: "str", type(None): "null"}[tp]
 
 
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` converted to the hint ``tp``, or a ConfigError naming ``key``."""
+def conform(value: Any, tp: Any, key: str, from_yaml: bool = False) -> Any:
+    """``value`` as the hint ``tp`` holds it (tuples for lists, floats for ints, :class:`FrozenMap` for mappings),
+    or a ConfigError naming ``key``. Both paths use it: a section's ``__post_init__`` and, with ``from_yaml``
+    (which also reads ``"2e-4"``, a string to PyYAML, as a float), the YAML loader."""
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in typing.get_args(tp):
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return coerce(value, inner[0], key)
+        try:
+            return conform(value, inner[0], key, from_yaml)
+        except ConfigError as err:
+            if str(err).startswith(f"{key}: invalid value"):  # the whole value: name every type it may have
+                raise ConfigError(f"{key}: invalid value {plain(value)!r} (expected {type_name(tp)})") from None
+            raise
     if origin is Literal:
         if isinstance(value, str) and value in typing.get_args(tp):
             return value
-    elif origin is list:
+    elif origin is tuple:
         if isinstance(value, (list, tuple)):
-            (item,) = typing.get_args(tp)
-            return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return {str(k): str(v) for k, v in value.items()}
+            item = typing.get_args(tp)[0]
+            return tuple(conform(v, item, f"{key}[{i}]", from_yaml) for i, v in enumerate(value))
+    elif origin is Mapping:
+        if isinstance(value, Mapping):
+            bad = next((k for k, v in value.items() if not isinstance(v, (str, int, float, bool))), None)
+            if bad is not None:
+                raise ConfigError(f"{key}.{bad}: invalid value {plain(value[bad])!r} (expected str)")
+            return value if isinstance(value, FrozenMap) else FrozenMap({str(k): str(v) for k, v in value.items()})
     elif tp is bool and isinstance(value, bool):
         return value
     elif tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif tp is float and not isinstance(value, bool) and isinstance(value, (int, float)):
         return float(value)
-    elif tp is float and isinstance(value, str):  # PyYAML reads "2e-4" (no dot) as a string
+    elif tp is float and from_yaml and isinstance(value, str):  # PyYAML reads "2e-4" (no dot) as a string
         try:
             return float(value)
         except ValueError:
             pass
     elif tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{key}: invalid value {value!r} (expected {type_name(tp)})")
+    raise ConfigError(f"{key}: invalid value {plain(value)!r} (expected {type_name(tp)})")
 
 
 def did_you_mean(name: str, choices: list[str], prefix: str) -> str:
@@ -86,57 +133,107 @@ def did_you_mean(name: str, choices: list[str], prefix: str) -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else f" (valid: {', '.join(choices)})"
 
 
-def _section(cls: type, name: str, raw: Any) -> Any:
-    """One section dataclass from a mapping; ``metadata={"path": True}`` fields get ``~`` and ``$VAR`` expanded."""
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _join(name: str, key: str) -> str:
+    return f"{name}.{key}" if name else key
+
+
+def build_section(cls: type[T], name: str, raw: Any, base: T | None = None, from_yaml: bool = False) -> T:
+    """The section ``cls`` at dotted ``name`` from a mapping: ``base`` (else the defaults) with ``raw``'s keys.
+
+    An unknown key is an error, a key in ``cls.MOVED`` one line naming its new home. Nested sections recurse; the
+    errors of a section nested under another name (``eval.sampling``) name that key."""
     if raw is None:
         raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{name or 'config'}: expected a mapping of {'keys' if name else 'sections'}, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    moved = getattr(cls, "MOVED", {})
     kwargs = {}
     for key, value in raw.items():
+        full = _join(name, str(key))
+        if key in moved:
+            raise ConfigError(f"{full} moved: use {moved[key]}")
         if key not in fields:
-            raise ConfigError(f"{name}.{key}: unknown key{did_you_mean(str(key), list(fields), f'{name}.')}")
-        value = coerce(value, hints[key], f"{name}.{key}")
-        if fields[key].metadata.get("path") and isinstance(value, str):  # resolved where it is loaded
-            value = os.path.expanduser(os.path.expandvars(value))
-        kwargs[key] = value
-    return cls(**kwargs)
+            what = "unknown key" if name else "unknown section"
+            raise ConfigError(f"{full}: {what}{did_you_mean(str(key), list(fields), f'{name}.' if name else '')}")
+        tp = _hints(cls)[key]
+        if is_section(tp):
+            inner = getattr(base, key) if base is not None else _default(fields[key])
+            kwargs[key] = build_section(tp, full, value, inner, from_yaml)
+        else:
+            kwargs[key] = conform(value, tp, full, from_yaml)
+    own = name.rpartition(".")[2]
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError as err:  # a section nested under a longer key: its own messages say "sampling."
+        if own == name:
+            raise
+        raise ConfigError(re.sub(rf"(?<![\w.]){re.escape(own)}\.", f"{name}.", str(err))) from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def check_fields(section: Any, name: str) -> None:
+    """Every field of the dataclass ``section`` (at dotted ``name``) as its type hint says, converted in place
+    (lists to tuples, ints to floats, mappings read-only, ``path`` fields' ``~`` and ``$VAR`` expanded, a nested
+    section given as a mapping built from its default); the first wrong one raises the ConfigError the YAML loader
+    raises for it. Each section's ``__post_init__`` calls it first."""
+    for f in dataclasses.fields(section):
+        value, tp, key = getattr(section, f.name), _hints(type(section))[f.name], _join(name, f.name)
+        if is_section(tp):
+            if not isinstance(value, tp):
+                value = build_section(tp, key, value, _default(f))
+        else:
+            value = conform(value, tp, key)
+            if f.metadata.get("path") and isinstance(value, str):  # resolved where it is loaded
+                value = os.path.expanduser(os.path.expandvars(value))
+        if value is not getattr(section, f.name):
+            object.__setattr__(section, f.name, value)  # a frozen dataclass: only while it is being built
 
 
 def tree_from_dict(cls: type[T], raw: Any) -> T:
-    """Build (and so validate) the tree ``cls`` from nested plain types; unknown names are errors."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    for name in raw:
-        if name not in hints:
-            raise ConfigError(f"{name}: unknown section{did_you_mean(str(name), list(hints), '')}")
-    return cls(**{name: _section(hints[name], name, value) for name, value in raw.items()})
+    """Build (and so validate) the tree ``cls`` from nested plain types (YAML's); unknown names are errors."""
+    return build_section(cls, "", raw, from_yaml=True)
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """``"training.batch_size=8"`` -> ``("training", "batch_size", 8)``; the value is parsed as YAML."""
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"training.batch_size=8"`` -> ``(["training", "batch_size"], 8)`` (also ``eval.sampling.num_steps=20``);
+    the value is parsed as YAML."""
     path, sep, value = text.partition("=")
     parts = path.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    if not sep or not 2 <= len(parts) <= 3 or not all(parts):
         raise ConfigError(f"override {text!r}: expected section.key=value")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({err.__class__.__name__})") from None
-    return parts[0], parts[1], parsed
+    return parts, parsed
+
+
+def _copy(raw: Any) -> Any:
+    return {k: _copy(v) for k, v in raw.items()} if isinstance(raw, dict) else raw
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A copy of the nested dict with every ``section.key=value`` applied."""
-    out = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
+    """A copy of the nested dict with every ``section.key=value`` (or ``section.sub.key=value``) applied."""
+    out = _copy(raw)
     for text in overrides:
-        section, key, value = parse_override(text)
-        if not isinstance(out.setdefault(section, {}), dict):
-            raise ConfigError(f"{section}: expected a mapping of keys")
-        out[section][key] = value
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: expected a mapping of keys")
+            node = node[part]
+        node[parts[-1]] = value
     return out
 
 
@@ -186,14 +283,27 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
     return args
 
 
+def _describe_section(section: Any, indent: str, notes: Mapping[str, str]) -> list[str]:
+    """``section``'s keys with their values (as its parent's default holds them), types and docstrings (or the
+    parent's ``NESTED_DOCS`` ``notes`` for a nested section)."""
+    cls, lines = type(section), []
+    hints, docs = _hints(cls), {**field_docs(cls), **notes}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if is_section(hints[f.name]):
+            lines.append(f"{indent}{f.name}:  # {docs.get(f.name, '')}")
+            lines += _describe_section(value, indent + "  ", getattr(cls, "NESTED_DOCS", {}))
+            continue
+        text = yaml.safe_dump(plain(value), default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"{indent}{f.name}: {text}  # {type_name(hints[f.name])}. {docs.get(f.name, '')}")
+    return lines
+
+
 def describe(cls: type) -> str:
     """Every ``section.key`` of the tree ``cls`` with its type, default and docstring (``python -m ddpm.config``)."""
     lines = []
     for section in dataclasses.fields(cls):
-        sec_cls = section.default_factory  # type: ignore[misc]
-        hints, docs, default = typing.get_type_hints(sec_cls), field_docs(sec_cls), sec_cls()
-        lines.append(f"{section.name}:  # {(sec_cls.__doc__ or '').strip()}")
-        for f in dataclasses.fields(sec_cls):
-            value = yaml.safe_dump(getattr(default, f.name), default_flow_style=True).strip().removesuffix("...")
-            lines.append(f"  {f.name}: {value.strip()}  # {type_name(hints[f.name])}. {docs.get(f.name, '')}")
+        default = _default(section)
+        lines.append(f"{section.name}:  # {(type(default).__doc__ or '').strip()}")
+        lines += _describe_section(default, "  ", {})
     return "\n".join(lines)

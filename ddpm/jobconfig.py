@@ -1,17 +1,125 @@
-"""The sections of the jobs around the model: ``slurm`` (sbatch options per stage), ``eval`` (the checkpoint
-evaluation stage) and ``run`` (where the run directory lives). Part of :mod:`ddpm.config`, which re-exports
-them and builds the tree; split out to keep each file readable."""
+"""The sections of the jobs around the model: ``sampling`` (the sampler and the final sample set), ``eval`` (the
+checkpoint evaluation stage, with a sampling section of its own), ``slurm`` (sbatch options per stage) and ``run``
+(where the run directory lives). Part of :mod:`ddpm.config`, which re-exports them and builds the tree; split out
+to keep each file readable."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal
 
-from ddpm.configtools import require
+from ddpm.configtools import FrozenMap, check_fields, require
 
 Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
 Spacing = Literal["leading", "trailing"]
+Precision = Literal["fp32", "bf16", "fp16"]
 PATH = {"path": True}  # field metadata: "~" and "$VAR" are expanded on the machine that loads the config
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The sampler and how the final sample set is sharded; one object from the config to the shard json."""
+
+    num_steps: int = field(default=1000, metadata={"pixels": True})
+    """Denoising steps (<= ddpm.num_timesteps); fewer steps respace the schedule."""
+    sampler: Sampler = field(default="ddpm", metadata={"pixels": True})
+    """ddpm (ancestral, Ho et al. Algorithm 2), ddim (Song et al. 2021) or dpmpp_2m (DPM-Solver++(2M), Lu 2022)."""
+    eta: float = field(default=0.0, metadata={"pixels": True})
+    """DDIM stochasticity: 0 deterministic, 1 matches DDPM's variance."""
+    timestep_spacing: Spacing = field(default="leading", metadata={"pixels": True})
+    """Which timesteps a sampler visits, as diffusers' scheduler for that sampler picks them (timestep_spacing):
+    trailing T-1 down by T/S; leading multiples of T//S from 0 (ddpm, ddim), of T//(S+1) from T//(S+1) (dpmpp_2m)."""
+    num_samples: int = field(default=10000, metadata={"pixels": True})
+    """Images in the final set (the npz)."""
+    num_shards: int = field(default=8, metadata={"pixels": True})
+    """Tasks of the sampling array; shard k draws a contiguous range of image indices."""
+    batch_size: int = 250
+    """Images per forward pass of one shard (any value gives the same images)."""
+    seed_base: int = field(default=0, metadata={"pixels": True})
+    """Image i is drawn with seed seed_base + i, whatever the shard count or batch size."""
+    use_ema: bool = field(default=True, metadata={"pixels": True})
+    """Sample with the EMA weights (else the raw weights)."""
+    precision: Precision = field(default="fp32", metadata={"pixels": True})
+    """The network's autocast: fp32 none; bf16 (CUDA cards with native bf16, sm >= 80, and the CPU); fp16 (CUDA
+    only). The sampler's arithmetic stays fp32/fp64. A card without native bf16 asked for bf16 stops with one line."""
+    compile: bool = False
+    """torch.compile the network for the fixed sampling shape (mode reduce-overhead on CUDA: CUDA graphs)."""
+    fid: bool = False
+    """Store Inception statistics with each shard and compute FID at assembly."""
+    fid_weights: str | None = field(default=None, metadata=PATH)
+    """The pt_inception-2015-12-05 weights file; null = the torch hub cache."""
+    fid_reference: str | None = field(default=None, metadata=PATH)
+    """Reference statistics npz from `python -m ddpm.fid ref`."""
+    checkpoint: str | None = None
+    """The final set's checkpoint: best (eval/fid.json), latest or step_<N>; null: best if eval.enabled, else latest."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sampling")
+        require(self.num_steps >= 1, "sampling.num_steps", self.num_steps, "an integer >= 1")
+        require(0.0 <= self.eta <= 1.0, "sampling.eta", self.eta, "a float in [0, 1]")
+        for key in ("num_samples", "num_shards", "batch_size"):
+            require(getattr(self, key) >= 1, f"sampling.{key}", getattr(self, key), "an integer >= 1")
+        require(self.num_shards <= self.num_samples, "sampling.num_shards", self.num_shards,
+                f"at most sampling.num_samples ({self.num_samples})")
+        require(self.seed_base >= 0, "sampling.seed_base", self.seed_base, "an integer >= 0")
+        c = self.checkpoint
+        require(c in (None, "best", "latest") or (c.startswith("step_") and c[5:].isdigit()), "sampling.checkpoint",
+                c, "null, best, latest or step_<N>")
+
+    def pixel_settings(self) -> dict[str, Any]:
+        """The fields that decide a shard's pixels (a partial or complete shard is reused only if all match)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("pixels")}
+
+
+def eval_sampling_defaults() -> SamplingConfig:
+    """``eval.sampling``'s defaults: a cheap sampler (DDIM, 50 trailing steps), 1000 images per seed set drawn from
+    seeds far from the final set's, one shard per seed set, Inception statistics on."""
+    return SamplingConfig(num_steps=50, sampler="ddim", timestep_spacing="trailing", num_samples=1000, num_shards=1,
+                          batch_size=250, seed_base=1_000_000, fid=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The eval stage: FID of each milestone checkpoint from a few cheap samples; the best one is sampled."""
+
+    MOVED: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {k: f"eval.sampling.{k}" for k in ("sampler", "num_steps", "timestep_spacing", "batch_size", "seed_base",
+                                            "num_samples")})
+    NESTED_DOCS: ClassVar[Mapping[str, str]] = MappingProxyType({  # what eval.sampling's keys mean here
+        "num_samples": "Images per seed set and checkpoint (FID is biased upwards at small n: compare only at "
+                       "equal n).",
+        "num_shards": "1: the stage draws one shard per seed set (eval.num_seeds).",
+        "seed_base": "Image i of seed set s is drawn with seed seed_base + s * num_samples + i (away from the "
+                     "final set's).",
+        "fid": "true: the stage scores FID.",
+        "fid_weights": "null: the stage uses sampling.fid_weights.",
+        "fid_reference": "null: the stage uses sampling.fid_reference.",
+        "checkpoint": "null: the stage scores every milestone checkpoint."})
+
+    enabled: bool = False
+    """Run the eval array (a task per milestone checkpoint) and the selection job before sampling."""
+    num_seeds: int = 1
+    """Independent sample sets per checkpoint; fid.json reports each, their mean and spread."""
+    sampling: SamplingConfig = field(default_factory=eval_sampling_defaults)
+    """The eval sampler: a sampling section of its own, with cheap defaults (ddim, 50 trailing steps); the stage
+    fixes num_shards, fid, fid_weights, fid_reference and checkpoint."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "eval")
+        require(self.num_seeds >= 1, "eval.num_seeds", self.num_seeds, "an integer >= 1")
+        s = self.sampling
+        require(s.num_samples >= 2, "eval.sampling.num_samples", s.num_samples, "an integer >= 2 (a covariance)")
+        require(s.num_shards == 1, "eval.sampling.num_shards", s.num_shards,
+                "1: the eval stage draws one shard per seed set (eval.num_seeds)")
+        require(s.fid, "eval.sampling.fid", s.fid, "true: the eval stage scores FID")
+        for key in ("fid_weights", "fid_reference"):
+            require(getattr(s, key) is None, f"eval.sampling.{key}", getattr(s, key),
+                    f"null: the eval stage uses sampling.{key}")
+        require(s.checkpoint is None, "eval.sampling.checkpoint", s.checkpoint,
+                "null: the eval stage scores every milestone checkpoint")
 
 
 @dataclass(frozen=True)
@@ -52,12 +160,13 @@ class SlurmConfig:
     """Memory of the assembly job; null = 2 GB plus 3x the npz, at most mem_gb."""
     assemble_time_min: int | None = None
     """Time limit of the assembly job; null = min(time_min, 30)."""
-    additional: dict[str, str] = field(default_factory=dict)
-    """Extra sbatch options, e.g. {constraint: A6000}."""
-    setup: list[str] = field(default_factory=list)
+    additional: Mapping[str, str] = field(default_factory=FrozenMap)
+    """Extra sbatch options, e.g. {constraint: A6000} (read-only once built; values are strings)."""
+    setup: tuple[str, ...] = ()
     """Shell lines run before each job (module load, conda activate)."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "slurm")
         for key in ("cpus_per_task", "mem_gb", "time_min", "array_parallelism"):
             require(getattr(self, key) >= 1, f"slurm.{key}", getattr(self, key), "an integer >= 1")
         for key in ("sample_cpus_per_task", "sample_mem_gb", "sample_time_min", "sample_gpus",
@@ -75,34 +184,6 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """The eval stage: FID of each milestone checkpoint from a few cheap samples; the best one is sampled."""
-
-    enabled: bool = False
-    """Run the eval array (a task per milestone checkpoint) and the selection job before sampling."""
-    num_samples: int = 1000
-    """Images per seed and checkpoint (FID is biased upwards at small n: compare only at equal n)."""
-    num_seeds: int = 1
-    """Independent sample sets per checkpoint; fid.json reports each, their mean and spread."""
-    sampler: Sampler = "ddim"
-    """A cheap sampler: ddim or dpmpp_2m at few steps (ddpm works too)."""
-    num_steps: int = 50
-    """Denoising steps of the eval sampler."""
-    timestep_spacing: Spacing = "trailing"
-    """Timesteps the respaced eval sampler visits."""
-    batch_size: int = 250
-    """Images per forward pass (any value gives the same images)."""
-    seed_base: int = 1_000_000
-    """Image i of seed set s is drawn with seed seed_base + s * num_samples + i (apart from the final set's)."""
-
-    def __post_init__(self) -> None:
-        for key in ("num_samples", "num_seeds", "num_steps", "batch_size"):
-            require(getattr(self, key) >= 1, f"eval.{key}", getattr(self, key), "an integer >= 1")
-        require(self.num_samples >= 2, "eval.num_samples", self.num_samples, "an integer >= 2 (a covariance)")
-        require(self.seed_base >= 0, "eval.seed_base", self.seed_base, "an integer >= 0")
-
-
-@dataclass(frozen=True)
 class RunConfig:
     """Where the run directory lives: <root>/<name>, on shared storage."""
 
@@ -112,4 +193,5 @@ class RunConfig:
     """The run's name; requeues and resubmissions with the same name continue it."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "run")
         require(bool(self.name) and "/" not in self.name, "run.name", self.name, "a non-empty name without '/'")

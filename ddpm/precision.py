@@ -1,7 +1,8 @@
 """The arithmetic a process runs in: autocast dtype, TF32, determinism and memory layout, chosen from the config
 and the device, in one place for every entry point that runs a network.
 
-    dtype = amp_dtype(cfg.infrastructure, device)   # torch.bfloat16, torch.float16 (with a GradScaler) or None
+    dtype = amp_dtype(cfg.infrastructure, device)   # infrastructure.precision: bf16, fp16 (+ GradScaler) or None
+    dtype = autocast_dtype(s.precision, device, "sampling.precision")  # the same choice for a sampler
     configure_backends(cfg.infrastructure, cfg.training, device)  # TF32, cuDNN benchmark / determinism
     set_fp32_precision(tf32)                        # sampling and eval: TF32 (or full fp32) matmuls and convs
     with full_fp32(): features = inception(x)       # FID: Inception always in full fp32
@@ -21,21 +22,37 @@ from typing import Any
 
 import torch
 
-from ddpm.config import InfrastructureConfig, TrainingConfig
+from ddpm.config import InfrastructureConfig, Precision, TrainingConfig
+from ddpm.envcheck import SetupError
 
 # what GradScaler.state_dict() holds when enabled (a disabled scaler's state is {})
 _SCALER_KEYS = frozenset({"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"})
 
 
-def amp_dtype(infra: InfrastructureConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 on CUDA cards with native bf16 (sm >= 80), else fp16 with a grad scaler (V100,
-    T4: ``is_bf16_supported()``'s default counts emulated bf16, which is slow there); on CPU bf16 only with
-    ``infrastructure.mixed_precision_on_cpu``; None = fp32."""
-    if not infra.mixed_precision:
+def autocast_dtype(precision: Precision, device: torch.device | str, key: str) -> torch.dtype | None:
+    """The autocast dtype of the choice ``precision`` (the config key ``key``) on ``device``: None for fp32,
+    bf16 (CUDA and CPU), fp16 (CUDA only). Never a silent fallback: fp16 off CUDA, and bf16 on a card without
+    native bf16 (V100, T4: ``is_bf16_supported()``'s default counts emulated bf16, which is slow there), raise
+    :class:`SetupError` with one line naming the device, what was asked and the fix."""
+    device = torch.device(device)
+    if precision == "fp32":
         return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return torch.bfloat16 if infra.mixed_precision_on_cpu else None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise SetupError(f"{key}=fp16: fp16 autocast runs on CUDA only, this process runs on {device.type} "
+                             f"(set {key}=bf16 or fp32)")
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise SetupError(f"{key}=bf16: the {torch.cuda.get_device_name(device)} (sm{major}{minor}) has no native bf16 "
+                         f"(emulated, slow); set {key}=fp16 (autocast with a grad scaler) or fp32")
+    return torch.bfloat16
+
+
+def amp_dtype(infra: InfrastructureConfig, device: torch.device) -> torch.dtype | None:
+    """Training's autocast dtype, ``infrastructure.precision`` (:func:`autocast_dtype`): torch.bfloat16,
+    torch.float16 (the trainer adds a grad scaler) or None (fp32)."""
+    return autocast_dtype(infra.precision, device, "infrastructure.precision")
 
 
 def autocast(amp: torch.dtype | None, device: torch.device) -> torch.autocast:
@@ -44,14 +61,14 @@ def autocast(amp: torch.dtype | None, device: torch.device) -> torch.autocast:
 
 
 def describe_precision(amp: torch.dtype | None, device: torch.device) -> str:
-    """One phrase for the start-up line: ``bf16 autocast (sm90)``, ``fp16 autocast + grad scaler (sm75: no native
-    bf16)`` or ``fp32``."""
+    """One phrase for the start-up line: ``bf16 autocast (sm90)``, ``fp16 autocast + grad scaler (sm75)`` or
+    ``fp32``."""
     if amp is None:
         return "fp32"
     text = "bf16 autocast" if amp == torch.bfloat16 else "fp16 autocast + grad scaler"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        text += f" (sm{major}{minor}{': no native bf16' if amp == torch.float16 else ''})"
+        text += f" (sm{major}{minor})"
     return text
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pickle
 import re
 import subprocess
 import sys
@@ -12,9 +13,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ddpm.config import Config, DataConfig, SamplingConfig, config_from_dict, dump_config, load_config
+from ddpm.config import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    SamplingConfig,
+    TrainingConfig,
+    config_from_dict,
+    dump_config,
+    load_config,
+)
 from ddpm.configtools import parse_with_overrides
 from ddpm.errors import ConfigError
+from ddpm.evaluate import eval_sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 BABEL = ROOT / "configs" / "ddpm_babel.yaml"
@@ -25,18 +37,18 @@ MODAL = ROOT / "configs" / "ddpm_modal.yaml"
 def test_reference_values():
     cfg = load_config(BABEL)
     assert cfg.training.learning_rate == 0.0002 and isinstance(cfg.training.learning_rate, float)
-    assert cfg.model.channel_mult == [1, 2, 2, 4]
+    assert cfg.model.channel_mult == (1, 2, 2, 4)
     assert (cfg.model.base_channels, cfg.model.num_res_blocks, cfg.model.num_heads) == (128, 2, 4)
-    assert cfg.model.attention_resolutions == [16, 8] and cfg.model.dropout == 0.1
+    assert cfg.model.attention_resolutions == (16, 8) and cfg.model.dropout == 0.1
     assert cfg.model.use_scale_shift_norm is True
     t = cfg.training
-    assert (t.batch_size, t.weight_decay, t.betas, t.ema_decay, t.ema_start) == (64, 0.0, [0.9, 0.999],
+    assert (t.batch_size, t.weight_decay, t.betas, t.ema_decay, t.ema_start) == (64, 0.0, (0.9, 0.999),
                                                                               0.9999, 5000)
     assert (t.gradient_clip_norm, t.num_iterations, t.log_every, t.sample_every, t.save_every,
             t.num_samples) == (1.0, 100000, 100, 5000, 10000, 64)
     assert (cfg.ddpm.num_timesteps, cfg.ddpm.beta_start, cfg.ddpm.beta_end) == (1000, 0.0001, 0.02)
     assert cfg.sampling.num_steps == 1000
-    assert (cfg.infrastructure.num_gpus, cfg.infrastructure.mixed_precision) == (1, True)
+    assert (cfg.infrastructure.num_gpus, cfg.infrastructure.precision) == (1, "bf16")
     assert (cfg.data.source, cfg.data.image_size) == ("celeba", 64)
     assert cfg.slurm.signal_delay_s >= 120 and cfg.slurm.partition
 
@@ -58,7 +70,7 @@ def test_overrides_are_yaml():
     cfg = load_config(BABEL, ["training.batch_size=8", "model.channel_mult=[1,2]", "model.attention_resolutions=[32]",
                               "data.center_crop=null",
                               "training.learning_rate=2e-4", "slurm.additional={constraint: A6000}"])
-    assert cfg.training.batch_size == 8 and cfg.model.channel_mult == [1, 2]
+    assert cfg.training.batch_size == 8 and cfg.model.channel_mult == (1, 2)
     assert cfg.data.center_crop is None and cfg.training.learning_rate == 2e-4
     assert cfg.slurm.additional == {"constraint": "A6000"}
 
@@ -83,7 +95,8 @@ def test_learning_rate_warm_up_and_cool_down() -> None:
     assert load_config(None).training.lr_at(123) == 2e-4  # the reference: constant (Ho et al.)
 
 
-@pytest.mark.parametrize("overrides, message", [
+# (overrides, the one-line error's start): the YAML fuzz; Python-built sections must raise the same lines (below)
+VALIDATION = [
     (["training.lerning_rate=1"],
      "training.lerning_rate: unknown key (did you mean training.learning_rate?)"),
     (["trainng.batch_size=1"], "trainng: unknown section (did you mean training?)"),
@@ -112,7 +125,38 @@ def test_learning_rate_warm_up_and_cool_down() -> None:
     (["run.name=a/b"], "run.name: invalid value 'a/b'"),
     (["batch_size=8"], "override 'batch_size=8': expected section.key=value"),
     (["training.batch_size"], "override 'training.batch_size': expected section.key=value"),
-])
+    (["sampling.sampler=foo"], "sampling.sampler: invalid value 'foo' (expected one of ddpm, ddim, dpmpp_2m)"),
+    (["sampling.precision=fp8"], "sampling.precision: invalid value 'fp8' (expected one of fp32, bf16, fp16)"),
+    (["infrastructure.precision=true"], "infrastructure.precision: invalid value True (expected one of fp32, bf16"),
+    (["infrastructure.num_gpus=false"], "infrastructure.num_gpus: invalid value False (expected int)"),
+    (["infrastructure.channels_last=1"], "infrastructure.channels_last: invalid value 1 (expected bool or null)"),
+    (["training.deterministic=0"], "training.deterministic: invalid value 0 (expected bool)"),
+    (["training.betas=[0.9]"], "training.betas: invalid value [0.9] (expected two floats in [0, 1))"),
+    (["training.betas=[0.9, high]"], "training.betas[1]: invalid value 'high' (expected float)"),
+    (["model.num_head_channels=wide"], "model.num_head_channels: invalid value 'wide' (expected int or null)"),
+    (["model.channel_mult=[]"], "model.channel_mult: invalid value [] (expected a non-empty list of integers >= 1)"),
+    (["model.attention_resolutions=[16, true]"], "model.attention_resolutions[1]: invalid value True (expected int)"),
+    (["data.crop_center=[1, x]"], "data.crop_center[1]: invalid value 'x' (expected int)"),
+    (["run.root=null"], "run.root: invalid value None (expected str)"),
+    (["slurm.setup=module load x"], "slurm.setup: invalid value 'module load x' (expected a list of str)"),
+    (["slurm.additional=[a]"], "slurm.additional: invalid value ['a'] (expected a mapping)"),
+    (["slurm.additional={constraint: [a, b]}"], "slurm.additional.constraint: invalid value ['a', 'b'] (expected str)"),
+    (["eval.num_seeds=0"], "eval.num_seeds: invalid value 0 (expected an integer >= 1)"),
+    (["eval.sampling.num_steps=0"], "eval.sampling.num_steps: invalid value 0 (expected an integer >= 1)"),
+    (["eval.sampling.num_samples=1"], "eval.sampling.num_samples: invalid value 1 (expected an integer >= 2"),
+    (["eval.sampling.num_shards=2"], "eval.sampling.num_shards: invalid value 2 (expected 1: the eval stage draws"),
+    (["eval.sampling.num_samples=3", "eval.sampling.num_shards=4"],
+     "eval.sampling.num_shards: invalid value 4 (expected at most eval.sampling.num_samples (3))"),
+    (["eval.sampling.fid=false"], "eval.sampling.fid: invalid value False (expected true"),
+    (["eval.sampling.fid_reference=r.npz"], "eval.sampling.fid_reference: invalid value 'r.npz' (expected null: the"),
+    (["eval.sampling.checkpoint=latest"], "eval.sampling.checkpoint: invalid value 'latest' (expected null"),
+    (["eval.sampling=5"], "eval.sampling: expected a mapping of keys, got 5"),
+    (["eval.sampling.num_step=5"], "eval.sampling.num_step: unknown key (did you mean eval.sampling.num_steps?)"),
+    (["eval.sampling.num_steps.x=5"], "override 'eval.sampling.num_steps.x=5': expected section.key=value"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", VALIDATION)
 def test_validation_messages(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(BABEL, overrides)
@@ -165,18 +209,29 @@ def test_a_section_built_anywhere_is_validated():
         dataclasses.replace(SamplingConfig(), eta=2.0)
 
 
-@pytest.mark.parametrize("overrides, message", [
+CROSS_SECTION = [
     (["model.num_heads=3"], "model.num_heads: invalid value 3 (expected a divisor of the 256 channels of the "
                             "attention at resolution 16)"),
     (["model.attention_resolutions=[3]"], "model.attention_resolutions: invalid value [3] (expected resolutions "
                                           "the U-Net has for data.image_size=64: a subset of [64, 32, 16, 8])"),
     (["sampling.num_steps=5000"], "sampling.num_steps: invalid value 5000 (expected at most ddpm.num_timesteps "
                                   "(1000))"),
-    (["eval.sampler=dpmpp_2m", "eval.timestep_spacing=leading", "eval.num_steps=1000"],
-     "eval.num_steps: invalid value 1000 (expected at most ddpm.num_timesteps - 1 (999) for dpmpp_2m with leading"),
+    (["eval.sampling.sampler=dpmpp_2m", "eval.sampling.timestep_spacing=leading", "eval.sampling.num_steps=1000"],
+     "eval.sampling.num_steps: invalid value 1000 (expected at most ddpm.num_timesteps - 1 (999) for dpmpp_2m with "
+     "leading"),
     (["infrastructure.num_gpus=0", "infrastructure.nproc_per_node=3"],
      "training.batch_size: invalid value 64 (expected divisible by the 3 training ranks"),
-])
+    (["eval.sampling.num_steps=1001"], "eval.sampling.num_steps: invalid value 1001 (expected at most ddpm.num_time"),
+    (["infrastructure.num_gpus=0", "infrastructure.precision=fp16"],
+     "infrastructure.precision: invalid value 'fp16' (expected fp32 or bf16 when infrastructure.num_gpus is 0: fp16"),
+    (["infrastructure.num_gpus=0", "sampling.precision=fp16"],
+     "sampling.precision: invalid value 'fp16' (expected fp32 or bf16 for a CPU task (infrastructure.num_gpus gives"),
+    (["slurm.sample_gpus=0", "eval.sampling.precision=fp16"],
+     "eval.sampling.precision: invalid value 'fp16' (expected fp32 or bf16 for a CPU task (slurm.sample_gpus"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", CROSS_SECTION)
 def test_cross_section_checks(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(BABEL, overrides)
@@ -273,3 +328,72 @@ def test_stage_resources_keys_and_caps():
     assert ex.parameters["gres"] == "gpu:a100:2" and ex.parameters["mem"] == "24GB"
     with pytest.raises(ConfigError, match="slurm.sample_gpus: invalid value -1"):
         load_config(BABEL, ["slurm.sample_gpus=-1"])
+
+
+def built_in_python(base: Config, overrides: list[str]) -> Config:
+    """``base`` with ``overrides`` made by dataclasses.replace (eval.sampling: a mapping), not the YAML loader."""
+    changes: dict[str, dict] = {}
+    for text in overrides:
+        path, _, value = text.partition("=")
+        section, key = path.split(".", 1)
+        sub, _, leaf = key.rpartition(".")
+        target = changes.setdefault(section, {})
+        (target.setdefault(sub, {}) if sub else target)[leaf] = yaml.safe_load(value)
+    return dataclasses.replace(base, **{s: dataclasses.replace(getattr(base, s), **kw) for s, kw in changes.items()})
+
+
+@pytest.mark.parametrize("overrides, message", [c for c in VALIDATION + CROSS_SECTION
+                                                if "unknown" not in c[1] and "override" not in c[1]])
+def test_python_built_config_rejects_what_yaml_rejects(overrides, message):
+    with pytest.raises(ConfigError) as from_yaml:
+        load_config(BABEL, overrides)
+    with pytest.raises(ConfigError) as from_python:
+        built_in_python(load_config(BABEL), overrides)
+    assert str(from_python.value) == str(from_yaml.value) and str(from_yaml.value).startswith(message)
+
+
+def test_python_built_sections_check_types_and_choices():
+    with pytest.raises(ConfigError, match=r"^sampling.sampler: invalid value 'foo' \(expected one of ddpm, ddim, "):
+        SamplingConfig(sampler="foo")
+    with pytest.raises(ConfigError, match=r"^model.num_heads: invalid value 3 \(expected a divisor of the 256 "):
+        Config(model=ModelConfig(num_heads=3))
+    with pytest.raises(ConfigError, match=r"^model.num_heads: invalid value True \(expected int\)$"):
+        ModelConfig(num_heads=True)  # bool is no int
+    with pytest.raises(ConfigError, match=r"^training.learning_rate: invalid value '2e-4' \(expected float\)$"):
+        TrainingConfig(learning_rate="2e-4")  # only the YAML loader reads the string PyYAML makes of 2e-4
+    with pytest.raises(ConfigError, match=r"^eval.sampling.num_steps: invalid value 0 \(expected an integer >= 1\)$"):
+        EvalConfig(sampling={"num_steps": 0})
+    assert TrainingConfig(learning_rate=1).learning_rate == 1.0 and Config(model={"num_heads": 2}).model.num_heads == 2
+
+
+def test_sections_hold_tuples_and_dump_plain_lists():
+    cfg = load_config(BABEL, ["data.center_crop=128", "data.crop_center=[89, 121]", "slurm.additional={a: b}"])
+    assert all(isinstance(v, tuple) for v in (cfg.model.channel_mult, cfg.model.attention_resolutions, cfg.slurm.setup,
+                                              cfg.training.betas, cfg.data.crop_center))
+    assert ModelConfig(channel_mult=[1, 2]).channel_mult == (1, 2)  # a list given in Python is held as a tuple too
+    with pytest.raises(TypeError, match="read-only"):
+        cfg.slurm.additional["a"] = "c"  # type: ignore[index]
+    plain = cfg.to_dict()
+    assert plain["model"]["channel_mult"] == [1, 2, 2, 4] and type(plain["slurm"]["additional"]) is dict
+    assert yaml.safe_load(dump_config(cfg)) == plain and pickle.loads(pickle.dumps(cfg)) == cfg  # submitit pickles
+
+
+@pytest.mark.parametrize("old, new", [
+    ("infrastructure.mixed_precision=true", "infrastructure.precision (fp32, bf16 or fp16)"),
+    ("infrastructure.mixed_precision_on_cpu=true", "infrastructure.precision"),
+    *[(f"eval.{k}=1", f"eval.sampling.{k}") for k in EvalConfig.MOVED]])
+def test_a_moved_key_is_one_line_naming_its_new_home(old, new, tmp_path):
+    key, _, value = old.partition("=")
+    (tmp_path / "c.yaml").write_text(f"{key.split('.')[0]}:\n  {key.split('.')[1]}: {value}\n")
+    for make in (lambda: load_config(None, [old]), lambda: load_config(tmp_path / "c.yaml")):
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert str(info.value).startswith(f"{key} moved: use {new}") and "\n" not in str(info.value)
+
+
+def test_eval_has_a_sampling_section_of_its_own():
+    cfg = load_config(TINY, ["eval.sampling.num_steps=20", "eval.num_seeds=3", "sampling.fid_reference=r.npz"])
+    s, run = cfg.eval.sampling, eval_sampling(cfg)  # run: as the stage runs it, a shard per seed set
+    assert (s.num_steps, s.sampler, s.timestep_spacing, s.num_samples, s.batch_size, s.seed_base, s.num_shards,
+            s.fid) == (20, "ddim", "trailing", 1000, 250, 1_000_000, 1, True)
+    assert (run.num_samples, run.num_shards, run.num_steps, run.fid_reference) == (3000, 3, 20, "r.npz")

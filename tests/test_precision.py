@@ -1,7 +1,8 @@
 """ddpm/precision.py and the CUDA-only paths it decides, checked on the CPU.
 
-- the autocast dtype per compute capability (``torch.cuda`` queries faked): fp16 + grad scaler below sm80,
-  where ``is_bf16_supported()``'s default counts emulated bf16;
+- the autocast dtype of each precision choice (``torch.cuda`` queries faked): bf16 only where it is native (sm80
+  and newer; ``is_bf16_supported()``'s default counts emulated bf16), else one line naming the card and the fix;
+  fp16 only on CUDA;
 - a checkpoint resumes across fp16 (scaler on) and bf16/fp32 (scaler state ``{}``) in both directions;
 - TF32 ("tf32") or full fp32 ("ieee") matmuls and convolutions after each entry point's setup: the trainer,
   ``ddpm.sample``, ``ddpm.evaluate``; FID's Inception always "ieee", and its statistics record it;
@@ -26,8 +27,10 @@ import ddpm.train
 from ddpm import fid, inception
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import DataConfig, InfrastructureConfig, SamplingConfig, TrainingConfig, load_config
+from ddpm.envcheck import SetupError
 from ddpm.precision import (
     amp_dtype,
+    autocast_dtype,
     channels_last,
     configure_backends,
     describe_precision,
@@ -57,7 +60,7 @@ def restore_backend_flags(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     torch.use_deterministic_algorithms(algorithms)
 
 
-# ---- 1. bf16 only where it is native; resume across fp16 and bf16 ------------------------------------------
+# ---- 1. each precision choice; bf16 only where it is native; resume across fp16 and bf16 -------------------
 
 
 def fake_card(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]) -> None:
@@ -66,20 +69,39 @@ def fake_card(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]) -> N
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: capability[0] >= 8 or including_emulation)
+    name = "Tesla V100" if capability < (8, 0) else "H100"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
 
-@pytest.mark.parametrize(("capability", "want"), [((7, 0), torch.float16), ((7, 5), torch.float16),
-                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
-def test_amp_dtype_is_bf16_only_on_native_bf16_cards(monkeypatch, capability, want):
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5), (8, 0), (9, 0)])
+def test_each_precision_choice_and_no_silent_fallback_from_bf16(monkeypatch, capability):
     fake_card(monkeypatch, capability)
     assert torch.cuda.is_bf16_supported()  # the default counts emulation: the old check said bf16 on every card
-    assert amp_dtype(InfrastructureConfig(mixed_precision=True), CUDA) == want
-    assert amp_dtype(InfrastructureConfig(mixed_precision=False), CUDA) is None
-    line = describe_precision(want, CUDA)
-    sm = f"sm{capability[0]}{capability[1]}"
-    assert line == (f"fp16 autocast + grad scaler ({sm}: no native bf16)" if want == torch.float16
-                    else f"bf16 autocast ({sm})")
+    sm, native = f"sm{capability[0]}{capability[1]}", capability[0] >= 8
+    assert amp_dtype(InfrastructureConfig(precision="fp32"), CUDA) is None
+    assert amp_dtype(InfrastructureConfig(precision="fp16"), CUDA) == torch.float16
+    assert describe_precision(torch.float16, CUDA) == f"fp16 autocast + grad scaler ({sm})"
+    if native:
+        assert amp_dtype(InfrastructureConfig(precision="bf16"), CUDA) == torch.bfloat16
+        assert describe_precision(torch.bfloat16, CUDA) == f"bf16 autocast ({sm})"
+    else:  # asked for bf16 on a V100 or T4: one line naming the card, the ask and the fix; never fp16 silently
+        with pytest.raises(SetupError) as info:
+            amp_dtype(InfrastructureConfig(precision="bf16"), CUDA)
+        assert str(info.value) == (f"infrastructure.precision=bf16: the Tesla V100 ({sm}) has no native bf16 "
+                                   "(emulated, slow); set infrastructure.precision=fp16 (autocast with a grad scaler) "
+                                   "or fp32")
+        with pytest.raises(SetupError, match=r"^sampling.precision=bf16: the Tesla V100 .* sampling.precision=fp16"):
+            autocast_dtype("bf16", "cuda", "sampling.precision")
     assert describe_precision(None, CPU) == "fp32"
+
+
+def test_precision_on_the_cpu_bf16_when_asked_fp16_never():
+    assert amp_dtype(InfrastructureConfig(num_gpus=0, precision="bf16"), CPU) == torch.bfloat16  # the user's choice
+    assert amp_dtype(InfrastructureConfig(num_gpus=0, precision="fp32"), CPU) is None
+    with pytest.raises(SetupError, match=r"^infrastructure.precision=fp16: fp16 autocast runs on CUDA only, this "
+                                         r"process runs on cpu \(set infrastructure.precision=bf16 or fp32\)$"):
+        amp_dtype(InfrastructureConfig(num_gpus=1, precision="fp16"), CPU)  # a GPU config run with --device cpu
+    assert autocast_dtype("fp16", "cuda", "sampling.precision") == torch.float16
 
 
 def steps(trainer: ddpm.train.Trainer, n: int) -> None:
@@ -166,7 +188,7 @@ def test_sample_sets_tf32_from_the_checkpoint(checkpoint, tmp_path, tf32):
 @pytest.mark.parametrize("tf32", [True, False])
 def test_evaluate_sets_tf32_from_the_run_config(checkpoint, tmp_path, monkeypatch, tf32):
     """evaluate_step samples with the run's infrastructure.tf32 (the checkpoint's config says true)."""
-    import ddpm.sample
+    import ddpm.shards
     from ddpm.evaluate import evaluate_step
 
     run = tmp_path / "run"
@@ -175,7 +197,7 @@ def test_evaluate_sets_tf32_from_the_run_config(checkpoint, tmp_path, monkeypatc
     reference = tmp_path / "ref.npz"
     fid.FIDStats(sum=np.zeros(2), sum_outer=np.zeros((2, 2)), signature="x").update(np.eye(2)).save(reference)
     cfg = load_config(TINY_CONFIG, [f"sampling.fid_reference={reference}", f"infrastructure.tf32={tf32}".lower()])
-    real, seen = ddpm.sample.sample_loaded, []
+    real, seen = ddpm.shards.sample_loaded, []
 
     class Sampled(Exception):
         pass
@@ -185,7 +207,7 @@ def test_evaluate_sets_tf32_from_the_run_config(checkpoint, tmp_path, monkeypatc
         seen.append(tf32_flags())
         raise Sampled
 
-    monkeypatch.setattr(ddpm.sample, "sample_loaded", sample_without_fid)
+    monkeypatch.setattr(ddpm.shards, "sample_loaded", sample_without_fid)  # evaluate_step's own import
     set_fp32_precision(not tf32)
     with pytest.raises(Sampled):
         evaluate_step(run, cfg, 5, device="cpu", progress=False)
