@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BABEL_CONFIG as BABEL
 from helpers import ROOT
+from helpers import TINY_CONFIG as TINY
 
 from ddpm.architecture import checkpoint_bytes, num_parameters
 from ddpm.config import ModelConfig, load_config
 from ddpm.unet import UNet
 
-BABEL = ROOT / "configs" / "ddpm_babel.yaml"
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
 DIGITS = ROOT / "configs" / "quickstart_digits.yaml"
 
 CASES: list[tuple[Path, tuple[str, ...]]] = [

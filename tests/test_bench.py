@@ -1,18 +1,16 @@
 """``python -m tools.bench``'s sampling part: a row per sampler x batch size, and its precision choice.
 
-Runs the real command (as ``__main__``, in a subprocess) with ``--quick`` on
+Runs the real command (its ``main(argv)``, in this process) with ``--quick`` on
 configs/tiny_cpu.yaml widened to 32 channels (the diffusers twin needs widths divisible by 32): seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
-import sys
 
-from helpers import ROOT, TINY_CONFIG
+import pytest
+from helpers import TINY_CONFIG, run_main
 
 from ddpm.config import load_config
 from tools.bench_sampling import sampling_precision
@@ -20,13 +18,13 @@ from tools.bench_sampling import sampling_precision
 WIDE = "model.base_channels=32"
 
 
-def test_quick_sampling_part_prints_a_row_per_sampler_and_batch() -> None:
-    cmd = [sys.executable, "-m", "tools.bench", "--quick", "--device", "cpu", "--config", str(TINY_CONFIG),
-           "--parts", "sample", "--repeats", "1", "--sample-batch-sizes", "2,3", WIDE]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+def test_quick_sampling_part_prints_a_row_per_sampler_and_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.bench import main
+
+    proc = run_main(main, ["--quick", "--device", "cpu", "--config", TINY_CONFIG, "--parts", "sample",
+                           "--repeats", "1", "--sample-batch-sizes", "2,3", WIDE], capsys)
+    assert proc.code == 0, proc.err[-3000:]
+    out = proc.out
     assert "2. sampling: DDPM.sample, fp32 (sampling.precision's default), compile=False" in out
     rows = re.findall(r"^   (DDPM-50|DDIM-50|DPMPP_2M-20) +(\d+) +([\d.]+) +[\d.]+-[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$",
                       out, re.MULTILINE)

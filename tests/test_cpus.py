@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, TINY_CONFIG
+from helpers import ROOT, TINY_CONFIG, run_main
 
 from ddpm.cpus import SHARE_ENV, allocated_cpus, apply_cpu_budget, cpu_budget, default_workers
 
@@ -82,20 +82,22 @@ def test_affinity_mask_of_a_real_process() -> None:
     assert out == ["1", "0", "1"]
 
 
-def test_local_executor_divides_the_machine(images, tmp_path) -> None:
-    """``launch.py --cluster local`` runs the 3 sampling tasks at once: each gets this machine's CPUs / 3."""
+def test_local_executor_divides_the_machine(images, tmp_path, monkeypatch, capsys) -> None:
+    """``launch.py --cluster local`` runs the 3 sampling tasks at once: each gets this machine's CPUs / 3.
+    launch.py runs in this process; its jobs are submitit's processes, which echo their logs through it."""
+    import launch
+
     cpus = len(os.sched_getaffinity(0))
-    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_CPUS_PER_TASK", SHARE_ENV, "OMP_NUM_THREADS")}
-    proc = subprocess.run(
-        [sys.executable, "launch.py", "--config", str(TINY_CONFIG), "--cluster", "local",
-         f"data.path={images}", f"run.root={tmp_path}", "run.name=local", "training.num_iterations=2"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for name in ("SLURM_CPUS_PER_TASK", SHARE_ENV, "OMP_NUM_THREADS"):  # what the jobs inherit
+        monkeypatch.delenv(name, raising=False)
+    proc = run_main(launch.main, ["--config", TINY_CONFIG, "--cluster", "local", f"data.path={images}",
+                                  f"run.root={tmp_path}", "run.name=local", "training.num_iterations=2"], capsys)
+    assert proc.code == 0, proc.out[-2000:] + proc.err[-2000:]
     shards = re.findall(r"shard (\d): cpus (\d+) \(affinity mask / 3 local tasks at once\): torch (\d+) thread",
-                        proc.stdout)
-    assert sorted(s[0] for s in shards) == ["0", "1", "2"], proc.stdout[-3000:]
+                        proc.out)
+    assert sorted(s[0] for s in shards) == ["0", "1", "2"], proc.out[-3000:]
     assert all(int(c) == int(t) == max(1, cpus // 3) for _, c, t in shards)
-    train = re.search(r"each rank: cpus (\d+) \(affinity mask\): torch (\d+) thread", proc.stdout)
-    assert train and int(train.group(1)) == cpus, proc.stdout[-3000:]
+    train = re.search(r"each rank: cpus (\d+) \(affinity mask\): torch (\d+) thread", proc.out)
+    assert train and int(train.group(1)) == cpus, proc.out[-3000:]
     assert (tmp_path / "local" / "samples" / "grid.png").is_file()
     assert sorted(p.name for p in (tmp_path / "local" / "logs").iterdir() if not p.name.isdigit()) == []  # no "%j"

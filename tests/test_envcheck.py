@@ -6,22 +6,21 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import BABEL_CONFIG as BABEL
+from helpers import ROOT, run_main
+from helpers import TINY_CONFIG as TINY
 
 from ddpm import envcheck
 from ddpm.config import load_config
 from ddpm.envcheck import SetupError, driver_problem, pick_device, torch_floor_problem
 from ddpm.plan import disk_plan, run_plan, time_plan
 
-ROOT = Path(__file__).resolve().parent.parent
-BABEL = ROOT / "configs" / "ddpm_babel.yaml"
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
-
 
 def _run(args: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A real ``python ARGS`` (import-time checks, the wall time of a start): the CLI cases run in process."""
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
@@ -73,18 +72,20 @@ def test_training_that_asks_for_a_gpu_stops_within_15_s(tmp_path):
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("status.json"))
 
 
-def test_sampling_and_eval_that_ask_for_a_gpu_stop(checkpoint, tmp_path):
+def test_sampling_and_eval_that_ask_for_a_gpu_stop(checkpoint, tmp_path, capsys):
     """``python -m ddpm.sample`` (a checkpoint whose config asks for a GPU, or ``--device cuda``) and the eval
     task (a run whose config asks for GPUs): one line, exit 2, no shard written."""
+    import ddpm.evaluate
+    import ddpm.sample
+
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state["config"]["infrastructure"]["num_gpus"] = 1
     gpu_ckpt = tmp_path / "gpu.pt"
     torch.save(state, gpu_ckpt)
     for args in (["--checkpoint", str(gpu_ckpt)], ["--checkpoint", str(checkpoint), "--device", "cuda"]):
-        proc = _run(["-m", "ddpm.sample", *args, "--out", str(tmp_path / "shards"), "--shard", "0"])
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
-        assert "sampling asks for 1 GPU(s), this process sees 0" in lines[0]
+        proc = run_main(ddpm.sample.main, [*args, "--out", tmp_path / "shards", "--shard", "0"], capsys)
+        assert proc.code == 2 and len(proc.err_lines) == 1, proc.out + proc.err
+        assert "sampling asks for 1 GPU(s), this process sees 0" in proc.err_lines[0]
     assert not (tmp_path / "shards").exists()
     run_dir = tmp_path / "run"
     cfg = load_config(TINY, ["infrastructure.num_gpus=1", f"run.root={tmp_path}", "run.name=run"])
@@ -92,10 +93,9 @@ def test_sampling_and_eval_that_ask_for_a_gpu_stop(checkpoint, tmp_path):
     from ddpm.config import dump_config
 
     dump_config(cfg, run_dir / "config.yaml")
-    proc = _run(["-m", "ddpm.evaluate", "task", str(run_dir), "--index", "0"])
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
-    assert lines[0].startswith("error: infrastructure.num_gpus: eval task 0 asks for 1 GPU(s)"), lines[0]
+    proc = run_main(ddpm.evaluate.main, ["task", run_dir, "--index", "0"], capsys)
+    assert proc.code == 2 and len(proc.err_lines) == 1, proc.out + proc.err
+    assert proc.err_lines[0].startswith("error: infrastructure.num_gpus: eval task 0 asks for 1 GPU(s)"), proc.err
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
     assert pick_device("cpu", 1, "x") == "cpu" and pick_device(None, 0, "x") == "cpu"
 
@@ -160,11 +160,12 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_preflight_refuses_a_run_root_too_small(images, tiny_disk):
-    proc = _run(["launch.py", "--config", str(TINY), f"data.path={images}", f"run.root={tiny_disk}",
-                 "--cluster", "local"])
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
-    assert lines[0].startswith(f"error: run.root: {tiny_disk} has 1.0 MiB free, the run needs about ")
-    assert "checkpoints 2.9 MiB x 3 kept" in lines[0] and "training.keep_last" in lines[0]
-    assert "train: job" not in proc.stdout and not (tiny_disk / "tiny").exists()  # nothing queued or written
+def test_preflight_refuses_a_run_root_too_small(images, tiny_disk, capsys):
+    import launch
+
+    proc = run_main(launch.main, ["--config", TINY, f"data.path={images}", f"run.root={tiny_disk}",
+                                  "--cluster", "local"], capsys)
+    assert proc.code == 2 and len(proc.err_lines) == 1, proc.out + proc.err
+    assert proc.err_lines[0].startswith(f"error: run.root: {tiny_disk} has 1.0 MiB free, the run needs about ")
+    assert "checkpoints 2.9 MiB x 3 kept" in proc.err_lines[0] and "training.keep_last" in proc.err_lines[0]
+    assert "train: job" not in proc.out and not (tiny_disk / "tiny").exists()  # nothing queued or written

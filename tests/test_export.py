@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ROOT, randomize
+from helpers import BABEL_CONFIG as BABEL
+from helpers import ROOT, TINY_CONFIG, randomize, run_main
 from torch import nn
 
 try:
@@ -44,7 +45,6 @@ from ddpm.errors import ConfigError, DDPMError
 from ddpm.export import diffusers_to_ours, export, main, ours_to_diffusers
 from ddpm.unet import UNet
 
-BABEL = ROOT / "configs" / "ddpm_babel.yaml"
 EXACT_TINY = ("model.base_channels=32", "model.num_head_channels=16")
 ROUTES = {"tiny": False, "tiny_exact": True, "reference": False, "reference_exact": True}  # plain UNet2DModel?
 
@@ -90,9 +90,9 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- routes and the weight mapping ------------------------------------------------------------------------
 def test_which_configs_take_which_route() -> None:
-    tiny = load_config(ROOT / "configs" / "tiny_cpu.yaml")
+    tiny = load_config(TINY_CONFIG)
     assert "groups" in unet2d_config(tiny.model, 8)[1]
-    assert unet2d_config(load_config(ROOT / "configs" / "tiny_cpu.yaml", EXACT_TINY).model, 8)[0] is not None
+    assert unet2d_config(load_config(TINY_CONFIG, EXACT_TINY).model, 8)[0] is not None
     reference = load_config(BABEL).model
     cfg, why = unet2d_config(reference, 64)
     assert cfg is None and "sizes [64, 128]" in why and "num_head_channels" in why
@@ -283,9 +283,8 @@ def test_cli_exports_and_refuses_bad_input(runs: dict[str, Path], tmp_path: Path
     run = runs["tiny"]
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "ddpm.export", str(run), "--out", str(out), "--no-ema"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0 and out.is_dir(), proc.stderr
+    proc = run_main(main, [run, "--out", out, "--no-ema"], capsys)
+    assert proc.code == 0 and out.is_dir(), proc.err
     raw, _ = ours_of(run, ema=False)
     unet = load_pipeline(out).unet
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in raw.state_dict().items())  # --no-ema
@@ -309,13 +308,13 @@ def test_cli_exports_and_refuses_bad_input(runs: dict[str, Path], tmp_path: Path
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # the run directory is untouched
 
 
-def test_launch_refuses_an_init_from_that_is_no_model_folder(images, tmp_path):
+def test_launch_refuses_an_init_from_that_is_no_model_folder(images, tmp_path, capsys):
     """The login node names a wrong ``training.init_from`` in one line before anything is queued."""
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "launch.py", "--config", str(root / "configs" / "tiny_cpu.yaml"),
-                           f"data.path={images}", f"run.root={tmp_path}", f"training.init_from={tmp_path}",
-                           "--cluster", "local"], capture_output=True, text=True, cwd=root, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+    import launch
+
+    proc = run_main(launch.main, ["--config", TINY_CONFIG, f"data.path={images}", f"run.root={tmp_path}",
+                                  f"training.init_from={tmp_path}", "--cluster", "local"], capsys)
+    assert proc.code == 2 and proc.err_lines == [
         f"error: training.init_from: {tmp_path} is not a diffusers model folder (no config.json or unet/config.json; "
-        "python -m ddpm.export writes one)"], proc.stderr
+        "python -m ddpm.export writes one)"], proc.err
     assert not (tmp_path / "tiny").exists()

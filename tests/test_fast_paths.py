@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_CONFIG as TINY
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import load_config
@@ -34,8 +34,6 @@ from ddpm.precision import amp_dtype
 from ddpm.train import Trainer
 from ddpm.unet import UNet
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
 STEPS = 4
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -139,19 +137,16 @@ def record_forward_precision(trainer: Trainer) -> list[tuple[bool, torch.dtype, 
 
 
 def test_bf16_autocast_on_cpu_differs_from_fp32_but_stays_close(make_trainer, tmp_path):
-    """mixed_precision_on_cpu: the training forward really runs in bf16 autocast, so from the same (random)
-    weights and batches the losses are not fp32's (each step differs by more than 1e-6 relative, ~10 fp32
+    """infrastructure.precision=bf16 on the CPU: the training forward really runs in bf16 autocast, so from the
+    same (random) weights and batches the losses are not fp32's (each step differs by more than 1e-6 relative, ~10 fp32
     ulps; measured 1e-5 to 8e-5) but stay within 1e-3 relative (measured <= 8e-5); the trained networks differ
     on the probe batch by more than 1e-4 and less than 2e-2 of its largest value (measured 2.3e-3)."""
     cpu, infra = torch.device("cpu"), load_config(TINY).infrastructure
-    assert amp_dtype(dataclasses.replace(infra, mixed_precision=True), cpu) is None  # alone: fp32 on the CPU
-    assert amp_dtype(dataclasses.replace(infra, mixed_precision=False, mixed_precision_on_cpu=True), cpu) is None
-    assert amp_dtype(dataclasses.replace(infra, mixed_precision=True, mixed_precision_on_cpu=True),
-                     cpu) == torch.bfloat16
+    assert amp_dtype(infra, cpu) is None  # tiny_cpu says fp32
+    assert amp_dtype(dataclasses.replace(infra, precision="bf16"), cpu) == torch.bfloat16
 
     fp32 = make_trainer(tmp_path / "fp32")
-    bf16 = make_trainer(tmp_path / "bf16", "infrastructure.mixed_precision=true",
-                        "infrastructure.mixed_precision_on_cpu=true")
+    bf16 = make_trainer(tmp_path / "bf16", "infrastructure.precision=bf16")
     weights = random_tiny_unet().state_dict()  # a fresh network's eps is exactly 0 in any precision
     for trainer in (fp32, bf16):
         trainer.model.load_state_dict(weights)  # in place: the optimizer's and the EMA's parameters
@@ -183,7 +178,7 @@ def test_bf16_autocast_on_cpu_differs_from_fp32_but_stays_close(make_trainer, tm
 def test_fused_adamw_matches_unfused(make_trainer, tmp_path, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device: the CUDA variant runs on a GPU machine (the CPU variant ran)")
-    common = (f"infrastructure.num_gpus={int(device == 'cuda')}", "infrastructure.mixed_precision=false",
+    common = (f"infrastructure.num_gpus={int(device == 'cuda')}", "infrastructure.precision=fp32",
               "infrastructure.tf32=false")
     plain = make_trainer(tmp_path / "plain", *common, "infrastructure.fused_adam=false", device=device)
     fused = make_trainer(tmp_path / "fused", *common, "infrastructure.fused_adam=true", device=device)

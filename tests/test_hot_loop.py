@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from helpers import TINY_CONFIG, run_main
 
 from ddpm import dist
 
@@ -75,12 +76,11 @@ def test_a_stop_at_a_grid_step_resumes_bitwise(make_trainer, tmp_path):
     assert_same_training_state(load_latest(tmp_path / "ref")[1], load_latest(tmp_path / "run")[1])
 
 
-def test_status_json_is_typed_and_refuses_what_it_does_not_know(tmp_path):
+def test_status_json_is_typed_and_refuses_what_it_does_not_know(tmp_path, capsys):
     """``status.json`` carries a schema; an unknown state or a newer schema is one line in ``launch.py status``."""
     import json
-    import subprocess
-    from pathlib import Path
 
+    import launch
     from ddpm.config import dump_config, load_config
     from ddpm.runlog import STATUS_SCHEMA, RunState, read_status, write_status
 
@@ -88,12 +88,9 @@ def test_status_json_is_typed_and_refuses_what_it_does_not_know(tmp_path):
     status = read_status(tmp_path)
     assert status["state"] is RunState.STOPPED and status["schema"] == STATUS_SCHEMA
     assert f"{status['state']}" == "stopped" == status["state"]
-    root = Path(__file__).resolve().parent.parent
-    dump_config(load_config(root / "configs" / "tiny_cpu.yaml"), tmp_path / "config.yaml")
+    dump_config(load_config(TINY_CONFIG), tmp_path / "config.yaml")
     for bad in ({"state": "paused", "step": 1}, {"schema": STATUS_SCHEMA + 1, "state": "done", "step": 1}):
         (tmp_path / "status.json").write_text(json.dumps(bad))
-        proc = subprocess.run([sys.executable, "launch.py", "status", str(tmp_path)], capture_output=True, text=True,
-                              cwd=root, timeout=60)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
-        assert lines[0].startswith(f"error: {tmp_path}/status.json: unknown run state {bad['state']!r}")
+        proc = run_main(launch.main, ["status", tmp_path], capsys)
+        assert proc.code == 2 and len(proc.err_lines) == 1, proc.out + proc.err
+        assert proc.err_lines[0].startswith(f"error: {tmp_path}/status.json: unknown run state {bad['state']!r}")

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
-import sys
 
-from helpers import ROOT, TINY_CONFIG
+from helpers import TINY_CONFIG, run_main
 
 from ddpm.config import load_config
 
@@ -29,19 +27,20 @@ def test_parallel_shards_and_loader_figures():
     assert re.search(r"takes \d+\.\d\d ms from the worker, \d+\.\d\d ms read in the process", text), text
 
 
-def test_sampler_table_scores_each_row(checkpoint, tmp_path, monkeypatch):
+def test_sampler_table_scores_each_row(checkpoint, tmp_path, monkeypatch, capsys):
     """Every sampler at every step count gets a row with a finite FD, plus the real-digit and noise anchors."""
+    from tools.sampler_table import main
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the classifier for 8x8 digits is trained here
-    proc = subprocess.run([sys.executable, "-m", "tools.sampler_table", str(checkpoint), "--n", "16",
-                           "--steps", "2,3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = re.findall(r"^\| (ddpm|ddim|dpmpp_2m) \| (\d+) \| (\d+\.\d) \| (0\.\d+|1\.000) \| (\d+)/10 \|", proc.stdout,
+    proc = run_main(main, [checkpoint, "--n", "16", "--steps", "2,3"], capsys)
+    assert proc.code == 0, proc.err[-2000:]
+    rows = re.findall(r"^\| (ddpm|ddim|dpmpp_2m) \| (\d+) \| (\d+\.\d) \| (0\.\d+|1\.000) \| (\d+)/10 \|", proc.out,
                       re.M)
     assert [(r[0], r[1]) for r in rows] == [(s, n) for s in ("ddpm", "ddim", "dpmpp_2m") for n in ("2", "3")]
-    real = re.search(r"^\| real digits \| - \| (\d+\.\d)", proc.stdout, re.M)
-    noise = re.search(r"^\| uniform noise \| - \| (\d+\.\d)", proc.stdout, re.M)
-    assert real and noise and float(real.group(1)) < float(noise.group(1)), proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "tools.sampler_table", str(checkpoint), "--samplers", "euler"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip() == (
+    real = re.search(r"^\| real digits \| - \| (\d+\.\d)", proc.out, re.M)
+    noise = re.search(r"^\| uniform noise \| - \| (\d+\.\d)", proc.out, re.M)
+    assert real and noise and float(real.group(1)) < float(noise.group(1)), proc.out
+    assert (tmp_path / "ddpm" / "digit_classifier_8.pt").is_file()
+    bad = run_main(main, [checkpoint, "--samplers", "euler"], capsys)
+    assert bad.code == 2 and bad.err.strip() == (
         "error: --samplers: unknown euler (expected some of ddpm, ddim, dpmpp_2m)")

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, CliRun, run_main
 from helpers import TINY_CONFIG as TINY
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from ddpm.config import load_config
 from ddpm.errors import EXIT_REQUEUE
+from ddpm.train import main as train_main
 from ddpm.train import quartile_losses
 
 
@@ -36,8 +37,14 @@ def train_cmd(args: list[str], torchrun: int = 0) -> list[str]:
 
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``cmd`` in a real process (torchrun, or a run to signal or kill): the other runs call :func:`train`."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     return proc
+
+
+def train(args: list[str], capsys: pytest.CaptureFixture[str]) -> CliRun:
+    """``python -m ddpm.train --config tiny_cpu.yaml ARGS`` in this process (one rank, no process group)."""
+    return run_main(train_main, ["--config", TINY, *args], capsys)
 
 
 def run_and_signal(cmd: list[str], at_step: int, timeout: float = 240) -> tuple[int, str]:
@@ -91,11 +98,21 @@ def tb_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_exact_resume_after_signal(images, tmp_path, nproc):
+def test_exact_resume_after_signal(images, tmp_path, nproc, capsys):
+    """The signalled run is a real process (one rank: ddpm.train; two: the wrapper's torchrun); with one rank the
+    uninterrupted reference and the resumed half run in this process."""
     n = 20  # the signal is sent at a random step in [2, 10]: ten steps of margin to arrive
     extra = [f"infrastructure.nproc_per_node={nproc}", f"training.num_iterations={n}", "model.dropout=0.1"]
-    a = run(train_cmd(overrides(images, tmp_path / "a", *extra), torchrun=nproc > 1))
-    assert a.returncode == 0, a.stdout + a.stderr
+
+    def run_to_the_end(root: Path) -> tuple[int, str]:
+        if nproc > 1:
+            proc = run(train_cmd(overrides(images, root, *extra), torchrun=True))
+            return proc.returncode, proc.stdout + proc.stderr
+        done = train(overrides(images, root, *extra), capsys)
+        return done.code, done.out + done.err
+
+    code, out = run_to_the_end(tmp_path / "a")
+    assert code == 0, out
 
     stop_at = random.Random(os.getpid()).randint(2, n // 2)
     cmd = train_cmd(overrides(images, tmp_path / "b", *extra), torchrun=nproc > 1)
@@ -105,9 +122,9 @@ def test_exact_resume_after_signal(images, tmp_path, nproc):
     stopped = final_state(run_b)["step"]
     assert stop_at <= stopped < n, out
     assert '"stopped"' in (run_b / "status.json").read_text()
-    b = run(cmd)
-    assert b.returncode == 0, b.stdout + b.stderr
-    assert f"resumed from {run_b}/checkpoints/step_{stopped:08d}.pt" in b.stdout
+    code, out = run_to_the_end(tmp_path / "b")
+    assert code == 0, out
+    assert f"resumed from {run_b}/checkpoints/step_{stopped:08d}.pt" in out
 
     sa, sb = final_state(tmp_path / "a" / "tiny"), final_state(run_b)
     assert sa["step"] == sb["step"] == n
@@ -119,11 +136,11 @@ def test_exact_resume_after_signal(images, tmp_path, nproc):
     assert sorted({s for points in quarters for s in points}) == list(range(1, n + 1))  # reduced over the ranks
 
 
-def test_ddp_matches_single_process(images, tmp_path):
+def test_ddp_matches_single_process(images, tmp_path, capsys):
     """2 ranks x batch 4 == 1 rank x batch 8 (same data, same noise) after k steps."""
     extra = ["training.batch_size=8", "training.num_iterations=4", "training.ema_start=0"]
-    one = run(train_cmd(overrides(images, tmp_path / "one", *extra)))
-    assert one.returncode == 0, one.stderr
+    one = train(overrides(images, tmp_path / "one", *extra), capsys)
+    assert one.code == 0, one.err
     two = run(train_cmd(overrides(images, tmp_path / "two", *extra, "infrastructure.nproc_per_node=2"),
                         torchrun=2))
     assert two.returncode == 0, two.stdout + two.stderr
@@ -145,7 +162,7 @@ def test_ddp_matches_single_process(images, tmp_path):
     assert s1["step"] == s2["step"] == 4
 
 
-def test_kill9_during_checkpoint_write(images, tmp_path):
+def test_kill9_during_checkpoint_write(images, tmp_path, capsys):
     """SIGKILL while a checkpoint is being written: the previous one stays loadable and the run resumes."""
     extra = ["model.base_channels=64", "training.save_every=1", "training.num_iterations=40"]
     cmd = train_cmd(overrides(images, tmp_path, *extra))
@@ -168,23 +185,23 @@ def test_kill9_during_checkpoint_write(images, tmp_path):
     found = load_latest(tmp_path / "tiny")
     assert found is not None
     resumed_from = found[1]["step"]
-    done = run(cmd)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"resumed from {found[0]}" in done.stdout
+    done = train(overrides(images, tmp_path, *extra), capsys)  # the same command, in this process
+    assert done.code == 0, done.out + done.err
+    assert f"resumed from {found[0]}" in done.out
     assert final_state(tmp_path / "tiny")["step"] == 40 > resumed_from
 
 
-def test_corrupt_newest_checkpoint_is_skipped(images, tmp_path):
-    cmd = train_cmd(overrides(images, tmp_path, "training.num_iterations=10"))
-    assert run(cmd).returncode == 0
+def test_corrupt_newest_checkpoint_is_skipped(images, tmp_path, capsys):
+    first = train(overrides(images, tmp_path, "training.num_iterations=10"), capsys)
+    assert first.code == 0, first.err
     newest = list_checkpoints(tmp_path / "tiny")[-1][1]
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated
     with pytest.raises(Exception, match="corrupt or truncated"):
         load_checkpoint(newest)
-    again = run(train_cmd(overrides(images, tmp_path, "training.num_iterations=12")))
-    assert again.returncode == 0, again.stderr
-    assert f"skipping {newest}: corrupt or truncated checkpoint" in again.stdout
-    assert "resumed from" in again.stdout and "step_00000005.pt" in again.stdout
+    again = train(overrides(images, tmp_path, "training.num_iterations=12"), capsys)
+    assert again.code == 0, again.err
+    assert f"skipping {newest}: corrupt or truncated checkpoint" in again.out
+    assert "resumed from" in again.out and "step_00000005.pt" in again.out
 
 
 def test_nan_loss_is_skipped_and_counted(make_trainer, tmp_path):
@@ -262,8 +279,8 @@ def test_quarter_losses_in_tensorboard_on_log_steps_only(make_trainer, tmp_path)
     assert {s for tag in quarter_tags for s in scalars[tag]} == {3, 6}  # nothing on the other steps
 
 
-def test_provenance_and_config_written(images, tmp_path):
-    assert run(train_cmd(overrides(images, tmp_path, "training.num_iterations=2"))).returncode == 0
+def test_provenance_and_config_written(images, tmp_path, capsys):
+    assert train(overrides(images, tmp_path, "training.num_iterations=2"), capsys).code == 0
     import json
 
     prov = json.loads((tmp_path / "tiny" / "provenance.json").read_text())
@@ -273,12 +290,13 @@ def test_provenance_and_config_written(images, tmp_path):
     assert load_config(tmp_path / "tiny" / "config.yaml").training.num_iterations == 2
 
 
-def test_resume_with_a_different_model_is_one_clear_line(images, tmp_path):
-    assert run(train_cmd(overrides(images, tmp_path, "training.num_iterations=2"))).returncode == 0
-    other = run(train_cmd(overrides(images, tmp_path, "training.num_iterations=4", "model.base_channels=32")))
-    assert other.returncode == 2
-    lines = other.stderr.strip().splitlines()
-    assert len(lines) == 1 and "step_00000002.pt: does not fit this config" in lines[0], other.stderr
+def test_resume_with_a_different_model_is_one_clear_line(images, tmp_path, capsys):
+    assert train(overrides(images, tmp_path, "training.num_iterations=2"), capsys).code == 0
+    other = train(overrides(images, tmp_path, "training.num_iterations=4", "model.base_channels=32"), capsys)
+    assert other.code == 2
+    lines = other.err_lines
+    assert len(lines) == 1 and "step_00000002.pt: does not fit this config" in lines[0], other.err
+    assert '"failed"' in (tmp_path / "tiny" / "status.json").read_text()  # what the wrapper and `status` read
     assert load_latest(tmp_path / "tiny")[1]["step"] == 2  # nothing written was lost
 
 
@@ -293,14 +311,16 @@ def test_wrapper_does_not_take_an_earlier_stop_for_this_attempt(images, tmp_path
     assert "lost a rank" not in proc.stdout
 
 
-def test_wrapper_refuses_a_node_count_the_config_does_not_say(images, tmp_path):
+def test_wrapper_refuses_a_node_count_the_config_does_not_say(images, tmp_path, monkeypatch, capsys):
     """``sbatch --nodes=2 slurm/train.sbatch CONFIG`` without ``infrastructure.num_nodes=2``: one line, exit 2."""
-    proc = subprocess.run(train_cmd(overrides(images, tmp_path), torchrun=1), capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, "SLURM_NNODES": "2"})
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+    from ddpm.cluster.wrapper import main as wrapper_main
+
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    proc = run_main(wrapper_main, ["train", "--config", TINY, *overrides(images, tmp_path)], capsys)
+    assert proc.code == 2 and proc.err_lines == [
         "error: infrastructure.num_nodes: the config says 1, this job has 2 nodes (SLURM_NNODES); pass "
-        "infrastructure.num_nodes=2 or sbatch --nodes=1"], proc.stdout + proc.stderr
-    assert not (tmp_path / "tiny" / "checkpoints").exists()
+        "infrastructure.num_nodes=2 or sbatch --nodes=1"], proc.out + proc.err
+    assert not (tmp_path / "tiny" / "checkpoints").exists() and "running:" not in proc.out  # torchrun never started
 
 
 def test_close_stops_loader_workers_that_an_exception_still_holds(make_trainer, tmp_path):
