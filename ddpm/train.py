@@ -55,7 +55,9 @@ class Trainer:
     """Owns model, EMA, optimizer, scaler and data; ``train_step``, ``state_dict``, ``close``. A run resumed at the
     same world size ends bitwise equal to one never stopped: on CPU always, on GPUs with training.deterministic."""
 
-    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, overfit_single_batch: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, overfit_single_batch: bool = False,
+                 loader: Any = None):
+        """``loader`` (an iterable of [B, C, S, S] batches in [-1, 1] with ``close()``): None = ``cfg.data``'s."""
         self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
         tc, infra = cfg.training, cfg.infrastructure
         if tc.batch_size % env.world_size:
@@ -82,8 +84,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), tc, infra)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-        self.loader = create_dataloader_from_config(cfg.data, self.local_batch, env.rank, env.world_size,
-                                                    seed=tc.seed, device=self.device)
+        self.loader = loader or create_dataloader_from_config(cfg.data, self.local_batch, env.rank,
+                                                              env.world_size, seed=tc.seed, device=self.device)
         self.overfit = overfit_single_batch
         self.step, self._skipped = 0, torch.zeros((), device=self.device)  # non-finite steps, counted on the device
         self._stop_flag = dist.LaggedMax(self.device)

@@ -135,45 +135,48 @@ def allreduce_line(env: Any, mb: int = 64) -> Line:
             f"bandwidth {busbw:.2f} GB/s" + ("" if ok else " (wrong sum)"))
 
 
-def training_speed(cfg: Config, env: Any, steps: int = 20, warmup: int = 3) -> tuple[float, float | None]:
-    """(img/s of the whole job, peak GiB of GPU memory or None): ``steps`` training steps of the configured model
-    after ``warmup``, at the configured precision, batch and layout, on random images (no data is read)."""
+class RandomImages:
+    """A loader of one random batch [B, C, S, S] in [-1, 1], forever: the probe times training steps, not data."""
+
+    def __init__(self, batch: int, channels: int, size: int):
+        import torch
+
+        self.x0 = torch.rand(batch, channels, size, size) * 2 - 1
+
+    def __iter__(self) -> Any:
+        while True:
+            yield self.x0
+
+    def close(self) -> None:
+        pass
+
+
+def training_speed(cfg: Config, env: Any, run_dir: Path, steps: int = 20,
+                   warmup: int = 3) -> tuple[float, float | None]:
+    """(img/s of the whole job, peak GiB of GPU memory or None): ``steps`` of the trainer's own training step
+    (:meth:`ddpm.train.Trainer.train_step`: the configured model, precision, batch, layout, clip, EMA) after
+    ``warmup``, on random images (no data is read, nothing is resumed or saved)."""
     import torch
-    from torch.nn.parallel import DistributedDataParallel
 
-    from ddpm.diffusion import DDPM
-    from ddpm.optim import build_optimizer
-    from ddpm.precision import amp_dtype, configure_backends, memory_format
-    from ddpm.unet import UNet
+    from ddpm.train import Trainer
 
-    infra, cuda = cfg.infrastructure, env.device.type == "cuda"
-    configure_backends(infra, cfg.training, env.device)  # the trainer's TF32, cuDNN and layout choices
-    layout = memory_format(infra, env.device)
-    model = UNet.from_config(cfg.model, cfg.data.image_size).to(env.device, memory_format=layout)
-    net = DistributedDataParallel(model, device_ids=[env.device] if cuda else None) if env.distributed else model
-    ddpm, opt = DDPM.from_config(cfg.ddpm, net), build_optimizer(model.parameters(), cfg.training, infra)
-    dtype = amp_dtype(infra, env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
-    s, local = cfg.data.image_size, cfg.training.batch_size // env.world_size
-    x0 = torch.randn(local, cfg.model.in_channels, s, s, device=env.device).contiguous(memory_format=layout)
+    cuda = env.device.type == "cuda"
+    local = cfg.training.batch_size // env.world_size
+    trainer = Trainer(cfg, run_dir, env, loader=RandomImages(local, 3, cfg.data.image_size))
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            t0 = time.perf_counter()
-        with torch.autocast(env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _ = ddpm.compute_loss(x0)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.gradient_clip_norm or float("inf"))
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    sync()
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                t0 = time.perf_counter()
+            trainer.train_step(*trainer.next_batch())
+        sync()
+    finally:
+        trainer.close()
     rate = cfg.training.batch_size * steps / (time.perf_counter() - t0)
     return rate, (torch.cuda.max_memory_allocated(env.device) / 2**30 if cuda else None)
 
@@ -195,7 +198,7 @@ def probe(cfg: Config, run_dir: Path) -> dict[str, Any]:
         for what, where in (("run.root", Path(cfg.run.root)), ("node scratch", scratch)):
             write, read = storage_speed(where)
             lines.append(("ok", what, f"{where}: write {write:.0f} MB/s (fsynced), read {read:.0f} MB/s"))
-    rate, peak = training_speed(cfg, env)
+    rate, peak = training_speed(cfg, env, run_dir)
     lines.append(("ok", "training speed", f"{rate:.1f} img/s, global batch {cfg.training.batch_size}, "
                   f"{env.world_size} x {env.device.type}, precision {cfg.infrastructure.precision}"
                   + (f", peak memory {peak:.1f} GiB" if peak is not None else "") + f"; each rank: {budget}"))
