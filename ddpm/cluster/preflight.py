@@ -68,33 +68,32 @@ def parse_time_limit(text: str) -> float:
     return (int(days) if days else 0) * 1440 + h * 60 + m + s / 60
 
 
+def _gpu_items(gres: str | None) -> list[tuple[str, int]]:
+    """(type, count) of each gpu item of a gres, as sbatch's ``--gres`` or sinfo's ``%G`` writes it:
+    ``gpu:a100:4(S:0-1),shard:2`` -> [("gpu:a100", 4)]; a gpu item without a count counts 1 (SLURM's default)."""
+    items = []
+    for item in (gres or "").split(","):
+        fields = item.strip().split("(")[0].removeprefix("gres/").split(":")
+        if fields[0] == "gpu":
+            counted = len(fields) > 1 and fields[-1].isdigit()
+            items.append((":".join(fields[:-1] if counted else fields), int(fields[-1]) if counted else 1))
+    return items
+
+
 def _gpus_from_gres(gres: str) -> int:
-    total = 0
-    for item in gres.split(","):
-        fields = item.split("(")[0].split(":")
-        if fields[0] == "gpu" and fields[-1].isdigit():
-            total = max(total, int(fields[-1]))
-    return total
+    """GPUs of a partition's largest node from sinfo's ``%G`` (one item per GPU type): the largest count."""
+    return max((count for _, count in _gpu_items(gres)), default=0)
 
 
 def gres_gpus(gres: str | None) -> int:
     """GPUs per node an sbatch ``--gres`` asks for: ``gpu:a100:4`` -> 4, ``gpu:2`` -> 2, ``gpu`` or ``gpu:a100``
     -> 1 (SLURM's default count); 0 for None or a gres without a gpu item; several gpu items add up."""
-    total = 0
-    for item in (gres or "").split(","):
-        fields = item.strip().removeprefix("gres/").split(":")
-        if fields[0] == "gpu":
-            total += int(fields[-1]) if len(fields) > 1 and fields[-1].isdigit() else 1
-    return total
+    return sum(count for _, count in _gpu_items(gres))
 
 
 def gres_kind(gres: str | None) -> str:
     """The GPU type of a gres without its count (``gpu:a100:4`` -> ``gpu:a100``, ``gpu:2`` -> ``gpu``)."""
-    for item in (gres or "").split(","):
-        fields = item.strip().removeprefix("gres/").split(":")
-        if fields[0] == "gpu":
-            return ":".join(fields[:-1] if len(fields) > 1 and fields[-1].isdigit() else fields)
-    return "gpu"
+    return next((kind for kind, _ in _gpu_items(gres)), "gpu")
 
 
 def partitions() -> dict[str, Partition]:
