@@ -304,7 +304,8 @@ def _first_difference(theirs: dict[str, Any], mc: ModelConfig, image_size: int) 
     network, as "field=value, but ... gives value"; None when the weights fit. Dropout is the run's own choice."""
     cls = theirs.get("_class_name")
     if cls == "DDPMUNet":
-        ours = {"sample_size": image_size, **{f.name: getattr(mc, f.name) for f in dataclasses.fields(mc)}}
+        ours = {"sample_size": image_size, **{f.name: list(v) if isinstance(v := getattr(mc, f.name), tuple) else v
+                                              for f in dataclasses.fields(mc)}}  # the json's lists
         keys = {k: "data.image_size" if k == "sample_size" else f"model.{k}" for k in ours}
         if mc.num_head_channels:  # the head count follows from the head size
             keys.pop("num_heads")

@@ -59,7 +59,7 @@ def disk_plan(cfg: Config) -> DiskPlan:
     milestones = tc.num_iterations // tc.milestone_every if tc.milestone_every > 0 else 0
     evals = 0
     if cfg.eval.enabled:
-        evals = len(eval_steps(cfg)) * cfg.eval.num_seeds * cfg.eval.num_samples * image
+        evals = len(eval_steps(cfg)) * cfg.eval.num_seeds * cfg.eval.sampling.num_samples * image
     return DiskPlan(checkpoint=checkpoint_bytes(cfg.model, s), kept=tc.keep_last + 1, milestones=milestones,
                     samples=2 * cfg.sampling.num_samples * image, eval=evals)
 

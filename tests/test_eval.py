@@ -26,7 +26,8 @@ from slurm_helpers import wait_for_job
 
 STEPS = [10, 20, 30, 35]  # milestone_every 10, num_iterations 35: three milestones and the newest
 EVAL = ["eval.enabled=true", "training.num_iterations=35", "training.milestone_every=10", "training.save_every=10",
-        "training.log_every=5", "eval.num_samples=6", "eval.num_steps=4", "eval.batch_size=6",
+        "training.log_every=5", "eval.sampling.num_samples=6", "eval.sampling.num_steps=4",
+        "eval.sampling.batch_size=6",
         "slurm.sample_cpus_per_task=1", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 
 

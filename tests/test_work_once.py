@@ -65,9 +65,9 @@ def run(tmp_path: Path, images: Path, checkpoint: Path, fid_files: tuple[Path, P
     shutil.copy(checkpoint, ddpm.evaluate.checkpoint_of(run_dir, CHECKPOINT_STEPS))
     weights, ref = fid_files
     cfg = load_config(TINY_CONFIG, [f"data.path={images}", f"training.num_iterations={CHECKPOINT_STEPS}",
-                                    "eval.enabled=true", f"eval.num_seeds={NUM_SEEDS}", "eval.num_samples=2",
-                                    "eval.num_steps=3", "eval.batch_size=2", f"sampling.fid_weights={weights}",
-                                    f"sampling.fid_reference={ref}"])
+                                    "eval.enabled=true", f"eval.num_seeds={NUM_SEEDS}", "eval.sampling.num_samples=2",
+                                    "eval.sampling.num_steps=3", "eval.sampling.batch_size=2",
+                                    f"sampling.fid_weights={weights}", f"sampling.fid_reference={ref}"])
     return run_dir, cfg
 
 

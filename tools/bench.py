@@ -24,7 +24,7 @@ Timing: warmup steps, then ``--repeats`` runs of ``--steps`` steps each (``time.
 synchronized), our model and diffusers' alternating so drifting load on a shared machine hits both;
 the median run is reported with the range, and the share of time other tasks waited for a CPU (Linux
 PSI) says how noisy the machine was. The Trainer's extras (clipping, EMA, one host sync) are left out of
-both. ``infrastructure.*`` overrides (channels_last, compile, mixed_precision_on_cpu, ...) apply to both
+both. ``infrastructure.*`` overrides (channels_last, compile, precision, ...) apply to both
 networks. Needs the ``bench`` extra: ``pip install -e '.[bench]'`` (diffusers).
 """
 

@@ -150,7 +150,7 @@ def report_sampling(cfg: Config, ours: nn.Module, device: torch.device, args: ar
     repeats = args.repeats if quick_steps else 1
     batches = args.sample_batch_sizes
     precision, why = sampling_precision(cfg, args, cuda)
-    autocast = torch.bfloat16 if precision == "bf16" else None
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     compile_net = cfg.sampling.compile
     how = (f"QUICK: median of {repeats} runs of {quick_steps} steps, per-step time x steps" if quick_steps
            else "one full run each")
