@@ -72,30 +72,36 @@ def test_shard_records_precision_and_redoes_a_shard_of_the_other_precision(
 
 def test_compiled_network_gives_the_eager_images(make_checkpoint: Any, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """One inductor build: ``sample_shard``'s own (sampling.compile) gives the eager shard's images, and its
+    compiled network, taken from the ``torch.compile`` call, draws the eager network's images to 1e-5."""
     ckpt = make_checkpoint(*SMALL)
-    model, diffusion = build_from_checkpoint(load_checkpoint(ckpt))
-    eager = draw(diffusion, "ddim")
-    begin = time.perf_counter()
-    diffusion.model = torch.compile(model, mode="default", dynamic=False)  # what sample.py does on CPU
-    compiled = draw(diffusion, "ddim")
-    print(f"inductor build and first sampling: {time.perf_counter() - begin:.1f}s")
-    assert torch.allclose(compiled, eager, atol=1e-5, rtol=0), (compiled - eager).abs().max().item()
-    assert type(diffusion.model).__name__ == "OptimizedModule"
-
-    calls, real = [], torch.compile
+    calls, compiled_nets, real = [], [], torch.compile
 
     def spy(fn: Any, **kw: Any) -> Any:
         calls.append(kw)
-        return real(fn, **kw)
+        compiled_nets.append(net := real(fn, **kw))
+        return net
 
     monkeypatch.setattr(torch, "compile", spy)
     s = dataclasses.replace(checkpoint_sampling(load_checkpoint(ckpt)), num_samples=4, num_shards=1, batch_size=4,
                             sampler="ddim", num_steps=10)
     a = sample_shard(ckpt, tmp_path / "eager", 0, s, device="cpu", progress=False)
     assert not calls
+    begin = time.perf_counter()
     b = sample_shard(ckpt, tmp_path / "compiled", 0, dataclasses.replace(s, compile=True), device="cpu",
                      progress=False)
+    print(f"inductor build and first sampling: {time.perf_counter() - begin:.1f}s")
     assert calls == [{"mode": "default", "dynamic": False}]  # reduce-overhead (CUDA graphs) is for CUDA only
     assert json.loads(b.with_suffix(".json").read_text())["compile"] is True
     with np.load(a) as da, np.load(b) as db:
         assert np.abs(da["arr_0"].astype(int) - db["arr_0"]).max() <= 1  # the same up to a rounding boundary
+
+    (compiled_net,) = compiled_nets  # the shard's network (EMA weights), compiled for [4, 3, 8, 8]
+    assert type(compiled_net).__name__ == "OptimizedModule"
+    model, diffusion = build_from_checkpoint(load_checkpoint(ckpt))  # the same EMA weights, eager
+    with torch.no_grad():  # as sample_shard draws: the same graph, no second build
+        eager = draw(diffusion, "ddim")
+        diffusion.model = compiled_net
+        compiled = draw(diffusion, "ddim")
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=0), (compiled - eager).abs().max().item()
+    assert len(calls) == 1
