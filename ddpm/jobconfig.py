@@ -19,6 +19,17 @@ Precision = Literal["fp32", "bf16", "fp16"]
 PATH = {"path": True}  # field metadata: "~" and "$VAR" are expanded on the machine that loads the config
 
 
+def _is_reference(text: str) -> bool:
+    """Whether ``text`` is a checkpoint reference :class:`ddpm.checkpoint.CheckpointRef` reads."""
+    from ddpm.checkpoint import CheckpointRef
+
+    try:
+        CheckpointRef.parse(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """The sampler and how the final sample set is sharded; one object from the config to the shard json."""
@@ -53,8 +64,9 @@ class SamplingConfig:
     """The pt_inception-2015-12-05 weights file; null = the torch hub cache."""
     fid_reference: str | None = field(default=None, metadata=PATH)
     """Reference statistics npz from `python -m ddpm.fid ref`."""
-    checkpoint: str | None = None
-    """The final set's checkpoint: best (eval/fid.json), latest or step_<N>; null: best if eval.enabled, else latest."""
+    checkpoint: str | None = field(default=None, metadata=PATH)
+    """The final set's checkpoint (ddpm.checkpoint.CheckpointRef): best (eval/fid.json), latest, step_<N>, or a
+    path to a .pt file; null: best if eval.enabled, else latest."""
 
     def __post_init__(self) -> None:
         check_fields(self, "sampling")
@@ -65,9 +77,8 @@ class SamplingConfig:
         require(self.num_shards <= self.num_samples, "sampling.num_shards", self.num_shards,
                 f"at most sampling.num_samples ({self.num_samples})")
         require(self.seed_base >= 0, "sampling.seed_base", self.seed_base, "an integer >= 0")
-        c = self.checkpoint
-        require(c in (None, "best", "latest") or (c.startswith("step_") and c[5:].isdigit()), "sampling.checkpoint",
-                c, "null, best, latest or step_<N>")
+        require(self.checkpoint is None or _is_reference(self.checkpoint), "sampling.checkpoint", self.checkpoint,
+                "null, best, latest, step_<N> or a path to a checkpoint file (.pt)")
 
     def pixel_settings(self) -> dict[str, Any]:
         """The fields that decide a shard's pixels (a partial or complete shard is reused only if all match)."""

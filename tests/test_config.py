@@ -25,7 +25,7 @@ from ddpm.config import (
     load_config,
 )
 from ddpm.configtools import parse_with_overrides
-from ddpm.errors import ConfigError
+from ddpm.errors import ConfigError, DDPMError
 from ddpm.evaluate import eval_sampling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -397,3 +397,23 @@ def test_eval_has_a_sampling_section_of_its_own():
     assert (s.num_steps, s.sampler, s.timestep_spacing, s.num_samples, s.batch_size, s.seed_base, s.num_shards,
             s.fid) == (20, "ddim", "trailing", 1000, 250, 1_000_000, 1, True)
     assert (run.num_samples, run.num_shards, run.num_steps, run.fid_reference) == (3000, 3, 20, "r.npz")
+
+
+@pytest.mark.parametrize(("text", "kind", "step", "path"), [
+    ("latest", "latest", None, None), ("best", "best", None, None), ("step_1500", "step", 1500, None),
+    ("runs/a/checkpoints/step_00000010.pt", "path", None, "runs/a/checkpoints/step_00000010.pt")])
+def test_sampling_checkpoint_is_a_typed_reference(text, kind, step, path, tmp_path):
+    from ddpm.checkpoint import CheckpointRef
+
+    assert load_config(TINY, [f"sampling.checkpoint={text}"]).sampling.checkpoint == text
+    ref = CheckpointRef.parse(text)
+    assert (ref.kind, ref.step, ref.path) == (kind, step, path)
+    if kind in ("step", "path"):  # resolved in checkpoint.py: a missing file is one line naming it
+        with pytest.raises(DDPMError, match=r"sampling.checkpoint=.*does not exist"):
+            ref.resolve(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["lastest", "step_x", "step_", ""])
+def test_a_checkpoint_reference_typo_is_one_line(text):
+    with pytest.raises(ConfigError, match=r"^sampling.checkpoint: invalid value .*step_<N> or a path"):
+        SamplingConfig(checkpoint=text)
