@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, TINY_CONFIG
 
 from ddpm.config import (
     Config,
@@ -28,9 +29,8 @@ from ddpm.configtools import parse_with_overrides
 from ddpm.errors import ConfigError, DDPMError
 from ddpm.evaluate import eval_sampling
 
-ROOT = Path(__file__).resolve().parent.parent
 BABEL = ROOT / "configs" / "ddpm_babel.yaml"
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
+TINY = TINY_CONFIG
 MODAL = ROOT / "configs" / "ddpm_modal.yaml"
 
 

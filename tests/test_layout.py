@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from ddpm import config
 from ddpm.configtools import field_docs
 
-ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "ddpm"
 PURE = ("ddpm.unet", "ddpm.diffusion", "ddpm.ema", "ddpm.data")  # model, math, data
 FORBIDDEN = ("torch.distributed", "submitit", "ddpm.cluster", "ddpm.dist")
