@@ -11,6 +11,11 @@ Fixtures (use these instead of building your own):
   checkpoint written by ``Trainer.save()`` after real training steps (at ``CHECKPOINT_LR``, so the weights
   are non-trivial); one per distinct call, shared by the whole session: treat its run directory as read-only.
 - ``checkpoint`` (session): ``make_checkpoint()``.
+- ``fid_weights`` (session): a FID Inception weights file written offline (random weights, BatchNorm statistics of
+  one random batch: features that depend on the image); no download. Read-only.
+- ``digit_classifier`` (session): tools.digit_score's 16-px classifier weights, trained once, at
+  ``<XDG_CACHE_HOME>/ddpm/digit_classifier_16.pt`` of a temporary cache directory (``.parents[1]`` is that
+  directory, for a command that finds the classifier through ``XDG_CACHE_HOME``). Read-only.
 - ``reference`` (module): ``reference(*overrides) -> Reference``, an uninterrupted ``python -m ddpm.cluster
   train`` of tiny_cpu.yaml on ``images``, started in the background once per distinct overrides; ``.state()``
   waits for it and returns its last checkpoint (tests/slurm_helpers.py).
@@ -235,3 +240,38 @@ def reference(images, tmp_path_factory):
     yield get
     for ref in started.values():
         ref.kill()
+
+
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FID Inception weights whose features depend on the image: random weights give near-constant features
+    (FIDs of 1e-13: float noise); BatchNorm statistics taken in train mode from one batch keep every layer at
+    unit scale. The right keys and shapes for ``ddpm.inception.load_inception``."""
+    import torch
+
+    from ddpm import inception
+
+    weights = tmp_path_factory.mktemp("fid_weights") / inception.WEIGHTS_NAME
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = inception.FIDInceptionV3()
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # the plain average of what it sees
+        with torch.no_grad():
+            inception.FIDFeatures(net).train()(torch.rand(16, 3, 8, 8))
+    torch.save(net.state_dict(), weights)
+    return weights
+
+
+@pytest.fixture(scope="session")
+def digit_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tools.digit_score's classifier for 16-px digits, trained once (never in ~/.cache)."""
+    from tools import digit_score
+
+    path = tmp_path_factory.mktemp("xdg_cache") / "ddpm" / "digit_classifier_16.pt"
+    path.parent.mkdir()
+    digit_score.load_scorer(16, path)
+    assert path.is_file(), f"the classifier was not cached at {path}"
+    return path

@@ -14,11 +14,9 @@ from tools import digit_score as ds
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A classifier weights file in a temp folder (never ~/.cache), trained once for the module."""
-    path = tmp_path_factory.mktemp("digit_score") / "digit_classifier_16.pt"
-    ds.load_scorer(16, path)
-    return path
+def cache(digit_classifier: Path) -> Path:
+    """The classifier weights file, trained once for the session (tests/conftest.py; never ~/.cache)."""
+    return digit_classifier
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
 from helpers import TINY_CONFIG, run_main
 
 from ddpm.config import load_config
@@ -27,12 +28,15 @@ def test_parallel_shards_and_loader_figures():
     assert re.search(r"takes \d+\.\d\d ms from the worker, \d+\.\d\d ms read in the process", text), text
 
 
-def test_sampler_table_scores_each_row(checkpoint, tmp_path, monkeypatch, capsys):
-    """Every sampler at every step count gets a row with a finite FD, plus the real-digit and noise anchors."""
+def test_sampler_table_scores_each_row(checkpoint, digit_classifier, monkeypatch, capsys):
+    """Every sampler at every step count gets a row with a finite FD, plus the real-digit and noise anchors.
+    Scored at 16 px (``--size``), by the session's classifier, found where the command looks: XDG_CACHE_HOME."""
+    import tools.sampler_table
     from tools.sampler_table import main
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the classifier for 8x8 digits is trained here
-    proc = run_main(main, [checkpoint, "--n", "16", "--steps", "2,3"], capsys)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(digit_classifier.parents[1]))
+    stamp = digit_classifier.stat().st_mtime_ns
+    proc = run_main(main, [checkpoint, "--n", "16", "--steps", "2,3", "--size", "16"], capsys)
     assert proc.code == 0, proc.err[-2000:]
     rows = re.findall(r"^\| (ddpm|ddim|dpmpp_2m) \| (\d+) \| (\d+\.\d) \| (0\.\d+|1\.000) \| (\d+)/10 \|", proc.out,
                       re.M)
@@ -40,7 +44,18 @@ def test_sampler_table_scores_each_row(checkpoint, tmp_path, monkeypatch, capsys
     real = re.search(r"^\| real digits \| - \| (\d+\.\d)", proc.out, re.M)
     noise = re.search(r"^\| uniform noise \| - \| (\d+\.\d)", proc.out, re.M)
     assert real and noise and float(real.group(1)) < float(noise.group(1)), proc.out
-    assert (tmp_path / "ddpm" / "digit_classifier_8.pt").is_file()
+    assert digit_classifier.stat().st_mtime_ns == stamp and len(list(digit_classifier.parent.iterdir())) == 1
     bad = run_main(main, [checkpoint, "--samplers", "euler"], capsys)
     assert bad.code == 2 and bad.err.strip() == (
         "error: --samplers: unknown euler (expected some of ddpm, ddim, dpmpp_2m)")
+
+    class Asked(Exception):
+        pass
+
+    def load_scorer(size: int) -> None:
+        raise Asked(size)
+
+    monkeypatch.setattr(tools.sampler_table, "load_scorer", load_scorer)
+    with pytest.raises(Asked) as asked:  # without --size: the checkpoint's side, asked for before any sampling
+        tools.sampler_table.table(checkpoint, 16, [2], ["ddim"], "trailing")
+    assert asked.value.args == (8,)

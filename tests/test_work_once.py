@@ -2,8 +2,8 @@
 many seed sets it draws, with the same shards and FIDs as before; ``sampling.checkpoint: best`` followed by the
 sampling of a shard hashes the file once; tools/ imports one way (``tools.bench`` -> ``tools.bench_sampling``).
 
-The Inception weights are written by the test (random init, BatchNorm statistics from one random batch, as
-tests/test_eval.py makes them: features that depend on the image), and the reference statistics are random
+The Inception weights are the session's ``fid_weights`` (tests/conftest.py: random init, BatchNorm statistics
+from one random batch: features that depend on the image), and the reference statistics are random
 features with the checkpoint's preprocessing signature: no download, no ``ddpm.fid ref`` run.
 """
 
@@ -18,42 +18,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers import CHECKPOINT_STEPS, ROOT, TINY_CONFIG
 
 import ddpm.evaluate
 import ddpm.fsio
 import ddpm.inception
 import ddpm.sample
+import ddpm.shards
+from ddpm.checkpoint import CheckpointRef
 from ddpm.config import Config, load_config
 
 NUM_SEEDS = 2
 
 
 @pytest.fixture(scope="module")
-def fid_files(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> tuple[Path, Path]:
-    """(Inception weights, reference statistics) written offline: random Inception weights whose features depend
-    on the image, and the statistics of 8 random feature vectors under the checkpoint's data signature."""
-    from ddpm import inception
+def fid_files(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, fid_weights: Path) -> tuple[Path, Path]:
+    """(Inception weights, reference statistics) written offline: the session's ``fid_weights`` (features that
+    depend on the image) and the statistics of 8 random feature vectors under the checkpoint's data signature."""
     from ddpm.checkpoint import load_checkpoint
     from ddpm.fid import FEATURE_DIM, FIDStats, stats_signature
 
-    d = tmp_path_factory.mktemp("fid_once")
-    weights = d / inception.WEIGHTS_NAME
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = inception.FIDInceptionV3()
-        for m in net.modules():  # train-mode BatchNorm statistics of one batch: unit-scale layers
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        with torch.no_grad():
-            inception.FIDFeatures(net).train()(torch.rand(16, 3, 8, 8))
-    torch.save(net.state_dict(), weights)
     signature = stats_signature(load_checkpoint(checkpoint)["config"]["data"])
-    ref = d / "ref.npz"
+    ref = tmp_path_factory.mktemp("fid_once") / "ref.npz"
     FIDStats(signature=signature, device="cpu").update(np.random.default_rng(0).normal(size=(8, FEATURE_DIM))).save(ref)
-    return weights, ref
+    return fid_weights, ref
 
 
 @pytest.fixture
@@ -86,9 +74,9 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
         seen["inception"].append(args)
         return real_load(*args, **kwargs)
 
-    for module in (ddpm.fsio, ddpm.evaluate, ddpm.sample):
+    for module in (ddpm.fsio, ddpm.evaluate, ddpm.shards):  # file_sha256_once calls ddpm.fsio's
         monkeypatch.setattr(module, "file_sha256", sha)
-    monkeypatch.setattr(ddpm.inception, "load_inception", load)  # evaluate and sample import it when called
+    monkeypatch.setattr(ddpm.inception, "load_inception", load)  # evaluate and shards import it when called
     monkeypatch.setattr(ddpm.fsio, "_SHA256_SEEN", {})
     return seen
 
@@ -160,7 +148,7 @@ def test_best_then_sampling_hashes_the_checkpoint_once(run: tuple[Path, Config],
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "fid.json").write_text(json.dumps({"best": best}))
     cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, checkpoint="best"))
-    path, why = ddpm.evaluate.resolve_checkpoint(run_dir, cfg)
+    path, why = CheckpointRef.parse(cfg.sampling.checkpoint).resolve(run_dir)
     assert path == ckpt and why.startswith("best: ")
     sampling = dataclasses.replace(cfg.sampling, num_samples=2, num_shards=1, num_steps=2, batch_size=2, fid=False)
     ddpm.sample.sample_shard(path, tmp_path / "shards", 0, sampling, device="cpu", progress=False, choice=why)
