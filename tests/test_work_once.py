@@ -81,6 +81,24 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
     return seen
 
 
+@pytest.fixture
+def digest_fid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ddpm.fid.frechet_distance`` replaced by a digest of its exact inputs (a float in [0, 1)): equal FIDs mean
+    bit-equal statistics. The distance itself is tested in tests/test_fid.py; here its eigendecompositions of
+    2048x2048 matrices (~2 s each on one CPU, four of them) would only be waited for."""
+    import hashlib
+
+    import ddpm.fid
+
+    def digest(*arrays: np.ndarray) -> float:
+        h = hashlib.sha256()
+        for a in arrays:
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        return int.from_bytes(h.digest()[:6], "big") / 2**48
+
+    monkeypatch.setattr(ddpm.fid, "frechet_distance", digest)
+
+
 def shard_meta(out: Path, shard: int) -> dict:
     """The json of shard ``shard`` in ``out``."""
     return json.loads((out / f"shard_{shard}.json").read_text())
@@ -96,7 +114,7 @@ def fid_of(npz: Path, cfg: Config) -> float:
 
 
 def test_an_eval_task_hashes_its_checkpoint_once_and_loads_inception_once(
-        run: tuple[Path, Config], counts: dict[str, list]) -> None:
+        run: tuple[Path, Config], counts: dict[str, list], digest_fid: None) -> None:
     """``eval.num_seeds`` 2 with FID: 1 hash, 1 Inception load; shards and FIDs equal to two independent
     ``sample_loaded`` calls (each hashing and loading for itself, as every seed set did before)."""
     run_dir, cfg = run
