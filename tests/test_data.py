@@ -31,7 +31,6 @@ from ddpm.data import (
 )
 from ddpm.data import pack as pack_mod
 from ddpm.data.base import preprocess
-from ddpm.data.pack import main as pack_main
 from ddpm.data.pack import pack_dataset
 from ddpm.data.sources import build_source, preprocess_signature, sidecar_path
 from ddpm.errors import DataError
@@ -320,8 +319,7 @@ def test_too_few_images_for_a_global_batch(folder: Path) -> None:
 
 
 def _write_config(path: Path, data: dict[str, object]) -> Path:
-    lines = ["data:"] + [f"  {k}: {'null' if v is None else v}" for k, v in data.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("data:\n" + "".join(f"  {k}: {'null' if v is None else v}\n" for k, v in data.items()))
     return path
 
 
@@ -330,22 +328,20 @@ def test_cli_pack_bench_and_error(folder: Path, tmp_path: Path, capsys: pytest.C
     config = _write_config(tmp_path / "c.yaml", {"source": "folder", "path": folder, "image_size": 16,
                                                  "center_crop": None, "num_workers": 0})
     out = tmp_path / "packed.npy"
-    done = run_main(pack_main, ["pack", "--config", config, "--out", out, "data.image_size=8",
+    done = run_main(pack_mod.main, ["pack", "--config", config, "--out", out, "data.image_size=8",
                                 "model.attention_resolutions=[4]"], capsys)
-    assert done.code == 0, done.err
-    assert done.out.strip().splitlines()[-1].startswith(f"packed {len(SIZES)} images (8x8, ")
+    assert done.code == 0 and done.out.splitlines()[-1].startswith(f"packed {len(SIZES)} images (8x8, "), done.err
     assert np.load(out, mmap_mode="r").shape == (len(SIZES), 8, 8, 3)
     real_bench = pack_mod.bench  # its default ``out`` is the sys.stdout of import time, not the captured one
     monkeypatch.setattr(pack_mod, "bench", lambda *a, **k: real_bench(*a, **k, out=sys.stdout))
-    bench = run_main(pack_main, ["bench", "--config", config, "--seconds", "0.2", "--batch-size", "4",
+    bench = run_main(pack_mod.main, ["bench", "--config", config, "--seconds", "0.2", "--batch-size", "4",
                                  "--device", "cpu"], capsys)
     assert bench.code == 0, bench.err
     rates = [line for line in bench.out.splitlines() if "images/s" in line]
     assert len(rates) == 2 and rates[0].split()[0] == "folder" and rates[1].split()[0] == "packed"
-    bad = run_main(pack_main, ["pack", "--config", config, "--out", tmp_path / "x.npy",
+    bad = run_main(pack_mod.main, ["pack", "--config", config, "--out", tmp_path / "x.npy",
                                f"data.path={tmp_path / 'missing'}"], capsys)
-    assert bad.code == 2
-    assert bad.err_lines == [f"error: data.path: {tmp_path / 'missing'} does not exist"]
+    assert bad.code == 2 and bad.err_lines == [f"error: data.path: {tmp_path / 'missing'} does not exist"]
     assert not (tmp_path / "x.npy").exists()
 
 
@@ -375,8 +371,7 @@ def test_pack_worker_killed_is_one_line_not_a_hang(tmp_path: Path) -> None:
     """SLURM signals every process of a step; a pack worker that dies must end the command, not hang it."""
     import psutil
 
-    folder = tmp_path / "many"
-    folder.mkdir()
+    (folder := tmp_path / "many").mkdir()
     rng = np.random.default_rng(0)
     for i in range(1500):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
