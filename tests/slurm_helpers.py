@@ -129,7 +129,7 @@ def release_requeued(job_id: str | int, min_gap_s: float = 2.0) -> bool:
     """Start a requeued job now instead of after the requeue delay.
 
     A requeued job (``scontrol requeue``, or a preempted/failed --requeue job) waits PENDING with
-    Reason=BeginTime for cred_expire+1 s (121 s by default, 31 s on the test cluster). That delay is
+    Reason=BeginTime for cred_expire+1 s (121 s by default, 11 s on the test cluster). That delay is
     there for a reason: slurmd revokes the job's credential when the old run is killed, and refuses a
     new launch whose credential is from the same second or earlier ("Killing non-startable batch
     JobId=N: Job credential revoked" in slurmctld.log -> the job ends FAILED). So the job is released
@@ -286,8 +286,9 @@ def _expand_task_ids(spec: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ faults
-def preempt(cpus: int = 1, seconds: int = 5, partition: str = "urgent") -> str:
-    """Submit a short job to the higher-priority partition: SLURM preempts what holds the CPUs it needs."""
+def preempt(cpus: int = 1, seconds: int = 1, partition: str = "urgent") -> str:
+    """Submit a short job to the higher-priority partition: SLURM preempts what holds the CPUs it needs (the
+    preempted job may run again once this one, started when the preempted job has ended, is done)."""
     return sbatch(f"--partition={partition}", f"--cpus-per-task={cpus}", "--mem=100M", "--output=/dev/null",
                   f"--wrap=sleep {seconds}")
 

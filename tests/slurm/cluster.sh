@@ -138,9 +138,9 @@ SlurmdUser=root
 SlurmctldPort=6817
 SlurmdPort=6818
 AuthType=auth/munge
-# credential lifetime; also how long a requeued job waits (BeginTime) before it may start again
-# (default 120 s; tests skip the wait with slurm_helpers.release_requeued)
-AuthInfo=cred_expire=30
+# credential lifetime; also how long a requeued job waits (BeginTime) before it may start again: 11 s
+# (default 120 s; Slurm's minimum is 5; tests skip the wait with slurm_helpers.release_requeued)
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 MailProg=/bin/true
@@ -160,7 +160,7 @@ SlurmctldDebug=info
 SlurmdDebug=info
 # scheduling: react at once to submissions and completions
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1,sched_interval=2,sched_min_interval=100000
+SchedulerParameters=bf_interval=1,sched_interval=1,sched_min_interval=100000
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$def_mem
@@ -348,6 +348,16 @@ cmd_start() {
     fi
     if [[ $changed -eq 1 ]]; then
         log "config changed: (re)starting slurm daemons"
+    elif munge_ok && live_pid "$CTLD_PID" slurmctld >/dev/null && ctld_ok; then
+        # the controller is fine and only the node is not (its slurmd died): the node comes back, as after a reboot
+        local pids
+        mapfile -t pids < <(daemon_pids "$SLURMD_PID" slurmd)
+        stop_pids slurmd "${pids[@]}"
+        log "starting slurmd (slurmctld is up)"
+        spawn slurmd /usr/sbin/slurmd -D -f "$CONF"
+        wait_node_idle "$(live_pid "$CTLD_PID" slurmctld)" "$SPAWNED_PID"
+        log "node $(node_name) back: $(node_state)"
+        return 0
     fi
     start_munge
     stop_slurm_daemons

@@ -51,7 +51,7 @@ SlurmdUser=root
 SlurmctldPort=6817
 SlurmdPort=6818
 AuthType=auth/munge
-AuthInfo=cred_expire=30
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 MailProg=/bin/true
@@ -70,7 +70,7 @@ SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1,sched_interval=2,sched_min_interval=100000
+SchedulerParameters=bf_interval=1,sched_interval=1,sched_min_interval=100000
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$(( mem / cpus ))
