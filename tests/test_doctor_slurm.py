@@ -7,19 +7,17 @@ import re
 import subprocess
 import sys
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, TINY_CONFIG
 
 pytestmark = pytest.mark.slurm
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
 
 
 def test_doctor(slurm_cluster, tmp_path):
     """A preemptive partition (debug): the node job with the training resources (2 CPU ranks: gloo), the run plan,
     and the tiny job's stop path taken end to end."""
-    proc = subprocess.run([sys.executable, "launch.py", "doctor", "--config", str(TINY), "slurm.partition=debug",
+    proc = subprocess.run([sys.executable, "launch.py", "doctor", "--config", str(TINY_CONFIG), "slurm.partition=debug",
                            f"run.root={tmp_path}", "--timeout", "300", "infrastructure.nproc_per_node=2",
                            "slurm.cpus_per_task=2", "training.num_iterations=5000"],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
@@ -45,8 +43,9 @@ def test_doctor(slurm_cluster, tmp_path):
 def test_doctor_partition_without_preemption(slurm_cluster, tmp_path):
     """nopreempt (PreemptMode=OFF): no grace-time check, the rest passes (the stop path is the same job as on
     debug, so ``--no-job`` here)."""
-    proc = subprocess.run([sys.executable, "launch.py", "doctor", "--config", str(TINY), "slurm.partition=nopreempt",
-                           f"run.root={tmp_path}", "--no-job"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, "launch.py", "doctor", "--config", str(TINY_CONFIG),
+                           "slurm.partition=nopreempt", f"run.root={tmp_path}", "--no-job"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     for what in ["requeue", "checkpoint", "preemption", "time limit", "max time"]:
@@ -69,7 +68,8 @@ def test_doctor_names_what_to_change(slurm_cluster, tmp_path):
 
 
 def test_doctor_unknown_partition_is_one_line(slurm_cluster, tmp_path):
-    proc = subprocess.run([sys.executable, "launch.py", "doctor", "--config", str(TINY), "slurm.partition=nosuch",
-                           f"run.root={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run([sys.executable, "launch.py", "doctor", "--config", str(TINY_CONFIG),
+                           "slurm.partition=nosuch", f"run.root={tmp_path}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: slurm.partition: partition 'nosuch' does not exist (available: cancel, debug, nopreempt, urgent)"]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -21,27 +22,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, TINY_CONFIG, launch
 from slurm_helpers import preempt, restarts, wait_for_job, wait_for_restart, wait_for_state, wait_for_step
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.runlog import write_status
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
 WORKERS = ["data.num_workers=1", "slurm.cpus_per_task=2", "slurm.setup=[export OMP_NUM_THREADS=1]"]
-
-
-def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY), "--cluster", "slurm", *args],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def train_locally(images: Path, root: Path, *overrides: str) -> Path:
     """A short run with ``python -m ddpm.train`` (no SLURM); its run directory."""
-    proc = subprocess.run([sys.executable, "-m", "ddpm.train", "--config", str(TINY), f"data.path={images}",
+    proc = subprocess.run([sys.executable, "-m", "ddpm.train", "--config", str(TINY_CONFIG), f"data.path={images}",
                            f"run.root={root}", *overrides], capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root / "tiny"
+
+
+@pytest.fixture(scope="module")
+def trained(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 10-step local run, trained once for the tests that only need a run with checkpoints: copy it
+    (:func:`copy_run`), never change it."""
+    return train_locally(images, tmp_path_factory.mktemp("trained"), "training.num_iterations=10")
+
+
+def copy_run(trained: Path, root: Path) -> Path:
+    """A copy of the ``trained`` run as ``root/tiny`` (file times kept); its run directory."""
+    shutil.copytree(trained, root / "tiny")
     return root / "tiny"
 
 
@@ -71,12 +79,12 @@ def small_disk(tmp_path):
 @pytest.mark.slurm
 def test_full_disk_during_checkpoint(slurm_cluster, images, small_disk):
     proc = launch(f"data.path={images}", f"run.root={small_disk}", *WORKERS, "--stage", "train", "--only",
-                  "training.num_iterations=2000", "training.save_every=200", "training.log_every=10")
+                  "training.num_iterations=2000", "training.save_every=100", "training.log_every=10")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = small_disk / "tiny"
     job, log = job_of(run_dir)
     assert wait_for_state(job, {"RUNNING"}, timeout=120) == "RUNNING"
-    wait_for_step(log, 210)  # step_200 is durable
+    wait_for_step(log, 110)  # step_100 is durable
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
     with open(small_disk / "filler", "wb") as f:  # leave 1 MiB: logs still fit, a ~3 MiB checkpoint does not
         f.write(b"\0" * (free - 2**20))
@@ -84,11 +92,11 @@ def test_full_disk_during_checkpoint(slurm_cluster, images, small_disk):
     assert wait_for_job(job, timeout=120) == "FAILED"
     text = log.read_text()
     errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and "no space left on the device for step_00000400.pt" in errors[0], text[-3000:]
-    assert "step_00000200.pt is intact and nothing was deleted" in errors[0]
+    assert len(errors) == 1 and "no space left on the device for step_00000200.pt" in errors[0], text[-3000:]
+    assert "step_00000100.pt is intact and nothing was deleted" in errors[0]
     assert "training failed: " in text and restarts(job) == 0  # a full disk is not requeued
     assert snapshot(run_dir / "checkpoints") == before
-    assert load_checkpoint(run_dir / "checkpoints" / "step_00000200.pt")["step"] == 200
+    assert load_checkpoint(run_dir / "checkpoints" / "step_00000100.pt")["step"] == 100
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
 
 
@@ -99,10 +107,10 @@ def _truncate_all(run_dir: Path) -> dict[str, tuple[int, str, int]]:
     return snapshot(run_dir / "checkpoints")
 
 
-def test_unreadable_checkpoints_cli(images, tmp_path):
-    run_dir = train_locally(images, tmp_path, "training.num_iterations=10")
+def test_unreadable_checkpoints_cli(images, trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
     before = _truncate_all(run_dir)
-    proc = subprocess.run([sys.executable, "-m", "ddpm.train", "--config", str(TINY), f"data.path={images}",
+    proc = subprocess.run([sys.executable, "-m", "ddpm.train", "--config", str(TINY_CONFIG), f"data.path={images}",
                            f"run.root={tmp_path}", "training.num_iterations=20"], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -116,8 +124,8 @@ def test_unreadable_checkpoints_cli(images, tmp_path):
 
 
 @pytest.mark.slurm
-def test_unreadable_checkpoints_slurm(slurm_cluster, images, tmp_path):
-    run_dir = train_locally(images, tmp_path, "training.num_iterations=10")
+def test_unreadable_checkpoints_slurm(slurm_cluster, images, trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
     before = _truncate_all(run_dir)
     proc = launch(f"data.path={images}", f"run.root={tmp_path}", "training.num_iterations=20", "--stage", "train",
                   "--only")
@@ -136,10 +144,38 @@ SAMPLING = ["sampling.sampler=ddpm", "sampling.num_steps=50", "sampling.num_samp
             "sampling.batch_size=4", "sampling.seed_base=7"]
 
 
+def sample_reference(run_dir: Path, out: Path) -> list[subprocess.Popen[str]]:
+    """The uninterrupted reference of SAMPLING: its two shards by the CLI into ``out``, started in the background
+    (they sample while the SLURM tasks do)."""
+    return [subprocess.Popen([sys.executable, "-m", "ddpm.sample", "--checkpoint", str(run_dir), "--out", str(out),
+                              "--shard", str(k), "--num-shards", "2", "--num-samples", "200", "--sampler", "ddpm",
+                              "--steps", "50", "--batch-size", "4", "--seed-base", "7"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}) for k in range(2)]
+
+
 @pytest.mark.slurm
-def test_sampling_task_preempted_mid_shard(slurm_cluster, images, tmp_path):
-    run_dir = train_locally(images, tmp_path, "training.num_iterations=10")
-    proc = launch(f"data.path={images}", f"run.root={tmp_path}", *WORKERS, *SAMPLING, "--stage", "sample")
+def test_sampling_task_preempted_mid_shard(slurm_cluster, images, trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    ref = tmp_path / "ref"
+    references = sample_reference(run_dir, ref)
+    try:
+        preempted_shard(images, tmp_path, run_dir)
+        for proc in references:
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out
+    finally:
+        for proc in references:
+            proc.kill()
+            proc.wait()
+    expected = np.concatenate([np.load(ref / f"shard_{k}.npz")["arr_0"] for k in range(2)])
+    got = np.load(run_dir / "samples" / "samples_200x8x8x3.npz")["arr_0"]
+    assert np.array_equal(got, expected)
+
+
+def preempted_shard(images: Path, root: Path, run_dir: Path) -> None:
+    """SAMPLING on the local SLURM, shard 0 preempted once it has a partial file; returns once assembly is done."""
+    proc = launch(f"data.path={images}", f"run.root={root}", *WORKERS, *SAMPLING, "--stage", "sample")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = json.loads((run_dir / "jobs.json").read_text())
     task0 = jobs["sample_tasks"][0]
@@ -150,22 +186,11 @@ def test_sampling_task_preempted_mid_shard(slurm_cluster, images, tmp_path):
         time.sleep(0.1)
     preempt()
     wait_for_restart(task0, 1)
-    assert wait_for_job(jobs["assemble"], timeout=400, release=True) == "COMPLETED"
+    assert wait_for_job(jobs["sample"], timeout=400, release=True) == "COMPLETED"  # task 0 released from BeginTime
+    assert wait_for_job(jobs["assemble"], timeout=400) == "COMPLETED"
     log = run_dir / "logs" / task0 / f"{task0}_0_log.out"
     logs = "".join(p.read_text() for p in (run_dir / "logs").rglob("*.out"))
     assert "shard 0: stopped by SIGTERM" in logs and "shard_0.partial.npz: resuming after" in logs, log
-    # the uninterrupted reference: the same two shards, by the CLI, into another directory
-    ref = tmp_path / "ref"
-    for k in range(2):
-        out = subprocess.run([sys.executable, "-m", "ddpm.sample", "--checkpoint", str(run_dir), "--out", str(ref),
-                              "--shard", str(k), "--num-shards", "2", "--num-samples", "200", "--sampler", "ddpm",
-                              "--steps", "50", "--batch-size", "4", "--seed-base", "7"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=300,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert out.returncode == 0, out.stderr
-    expected = np.concatenate([np.load(ref / f"shard_{k}.npz")["arr_0"] for k in range(2)])
-    got = np.load(run_dir / "samples" / "samples_200x8x8x3.npz")["arr_0"]
-    assert np.array_equal(got, expected)
 
 
 def test_status_shows_stale_heartbeat_as_stalled(images, tmp_path):

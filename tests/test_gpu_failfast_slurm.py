@@ -10,18 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, TINY_CONFIG
 from slurm_helpers import restarts, sbatch, template_without_gres, wait_for_job
 
 pytestmark = pytest.mark.slurm
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
 
 
 def test_a_job_without_the_gpu_it_asks_for_fails_with_one_line(slurm_cluster, images, tmp_path):
     """The sbatch route with no --gres (a user who forgot it): the trainer stops before any work."""
     job = sbatch("--partition=debug", "--cpus-per-task=1", "--mem=1G", f"--output={tmp_path}/job-%j.out",
                  f"--export=ALL,PATH={Path(sys.executable).parent}:{os.environ['PATH']}",
-                 str(template_without_gres(tmp_path, "train.sbatch")), str(TINY), f"data.path={images}",
+                 str(template_without_gres(tmp_path, "train.sbatch")), str(TINY_CONFIG), f"data.path={images}",
                  f"run.root={tmp_path}", "infrastructure.num_gpus=1", cwd=ROOT)
     assert wait_for_job(job, timeout=180) == "FAILED"
     run_dir = tmp_path / "tiny"

@@ -18,20 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, launch
 from PIL import Image
 from slurm_helpers import next_job_id, sbatch, show_job, template_without_gres, wait_for_job, wait_for_state
 
 from ddpm.checkpoint import load_latest
 
 pytestmark = pytest.mark.slurm
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
 ONE_THREAD = "slurm.setup=[export OMP_NUM_THREADS=1]"  # same float reductions in the job and the reference
-
-
-def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY), "--cluster", "slurm", *args],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def jobs_of(run_dir: Path) -> dict:

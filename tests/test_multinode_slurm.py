@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY_CONFIG
+from helpers import ROOT, TINY_CONFIG, launch
 from slurm_helpers import (
     CLUSTER_SH,
     assert_same_training_state,
@@ -48,7 +48,7 @@ from ddpm.cluster.rendezvous import rendezvous_port
 
 MULTINODE_SH = ROOT / "tests" / "slurm" / "multinode.sh"
 pytestmark = pytest.mark.slurm
-N = 300  # steps of each run
+N = 200  # steps of each run; the faults land after step 110 (step_100 durable)
 COMMON = ["data.num_workers=1", "training.log_every=10", "training.save_every=100", f"training.num_iterations={N}"]
 TWO_NODES = [*COMMON, "infrastructure.num_nodes=2", "slurm.cpus_per_task=1", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 ONE_NODE = [*COMMON, "infrastructure.nproc_per_node=2"]  # the reference: torchrun --nproc-per-node 2, no SLURM
@@ -71,11 +71,6 @@ def two_nodes(slurm_cluster) -> Iterator[list[str]]:
         down = _run(str(CLUSTER_SH), "start")  # tears the namespaces and the bridge down, single node again
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
         assert subprocess.run(["ip", "link", "show", "ddpmbr0"], capture_output=True).returncode != 0
-
-
-def launch(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY_CONFIG), "--cluster", "slurm", *args],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def start_training(images: Path, root: Path, *overrides: str) -> tuple[Path, str, Path]:
@@ -184,11 +179,11 @@ def test_preemption_of_a_two_node_job(two_nodes, images, tmp_path, reference):
     stops at the same step, rank 0 writes one checkpoint, the job is requeued once and resumes exactly."""
     ref = reference(*ONE_NODE)
     run_dir, job, log = start_training(images, tmp_path)
-    wait_for_step(log, 150)
+    wait_for_step(log, 110)
     preempt(cpus=2)  # all of one node's CPUs: SLURM must preempt the 2-node job (1 CPU on each node)
     wait_for_restart(job, 1)
     stopped = load_latest(run_dir)[1]["step"]
-    assert 150 <= stopped < N
+    assert 110 <= stopped < N
     text = finish(job, log)
     node2 = (log.parent / f"{job}_1_log.out").read_text()  # node 1's task: rank 1
     assert "[rank 0] received SIGTERM" in text and "[rank 1] received SIGTERM" in node2, node2[-3000:]
@@ -207,7 +202,7 @@ def test_node_lost_mid_run(two_nodes, images, tmp_path, reference):
     bound = 30  # training.watchdog_s: the bound when a node vanishes without resetting its connections
     ref = reference(*ONE_NODE)
     run_dir, job, log = start_training(images, tmp_path, f"training.watchdog_s={bound}")
-    wait_for_step(log, 220)
+    wait_for_step(log, 110)
     t0 = time.monotonic()
     assert _run(str(MULTINODE_SH), "kill-node", "node2").returncode == 0
     durable = load_latest(run_dir)[1]["step"]
@@ -220,8 +215,9 @@ def test_node_lost_mid_run(two_nodes, images, tmp_path, reference):
     assert requeued_after < bound
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] in ("lost", "running"), status  # "running" again once the requeued job has started
-    # no early release: SLURM's BeginTime delay lets the old attempt's srun, stuck on the dead node's step,
-    # die first; started 2 s after the requeue, the new attempt's step (the same id, 0) was cancelled by it
+    # no early release: SLURM's BeginTime delay (cred_expire + 1 s: 11 s here) lets the old attempt's srun, stuck
+    # on the dead node's step, die first; started 2 s after the requeue, the new attempt's step (the same id, 0)
+    # was cancelled by it
     text = finish(job, log, clean_from="resumed from", release=False)
     # rank 0's collective failed on the dead peer: gloo says "Connection reset by peer" or "Connection closed by
     # peer" or "Broken pipe", depending on where the reset finds it (ddpm.dist.peer_lost)
