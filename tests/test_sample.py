@@ -24,10 +24,12 @@ from helpers import CHECKPOINT_STEPS, ROOT, TINY_CONFIG
 from PIL import Image
 
 from ddpm import sample as sample_mod
+from ddpm import shards
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import SamplingConfig, load_config
 from ddpm.diffusion import DDPM
 from ddpm.errors import CheckpointError, ConfigError, DDPMError, ShardError
+from ddpm.fsio import file_sha256
 from ddpm.outputs import shard_range
 from ddpm.runlog import package_versions
 from ddpm.sample import build_from_checkpoint, checkpoint_sampling, sample_shard
@@ -96,7 +98,7 @@ def test_shard_and_batch_invariance(checkpoint: Path, base: SamplingConfig, tmp_
     assert meta["seeds"] == {"seed_base": 100, "first": 104, "last": 107}
     assert meta["sampler"] == sampler and meta["use_ema"] is True and meta["num_steps"] == steps
     assert (meta["num_shards"], meta["batch_size"]) == (3, 5)
-    assert meta["checkpoint_sha256"] == sample_mod.file_sha256(checkpoint)
+    assert meta["checkpoint_sha256"] == file_sha256(checkpoint)
     assert meta["versions"] == package_versions() and {"python", "torch", "numpy"} <= set(meta["versions"])
 
 
@@ -133,7 +135,7 @@ def test_complete_shard_is_skipped(checkpoint: Path, base: SamplingConfig, tmp_p
     def no_model(*a: Any, **k: Any) -> None:
         raise AssertionError("the model must not be built for a complete shard")
 
-    monkeypatch.setattr(sample_mod, "build_from_checkpoint", no_model)
+    monkeypatch.setattr(shards, "build_from_checkpoint", no_model)  # where sample_shard builds it
     capsys.readouterr()
     # batch_size does not change the pixels: still the same complete shard
     assert sample_shard(checkpoint, tmp_path, 1, dataclasses.replace(s, batch_size=7), device="cpu",
@@ -254,7 +256,7 @@ def test_fid_without_weights_fails_before_sampling(checkpoint: Path, base: Sampl
     def no_model(*a: Any, **k: Any) -> None:
         raise AssertionError("sampling started before the FID weights were checked")
 
-    monkeypatch.setattr(sample_mod, "build_from_checkpoint", no_model)
+    monkeypatch.setattr(shards, "build_from_checkpoint", no_model)  # where sample_shard builds it
     with pytest.raises(DDPMError, match="pytorch-fid/releases"):
         sample_shard(checkpoint, tmp_path / "out", 0, dataclasses.replace(base, fid=True), device="cpu")
     capsys.readouterr()
