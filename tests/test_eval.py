@@ -7,21 +7,19 @@
   nothing else is redone;
 - bad input is one line before anything runs (no reference statistics, no Inception weights, eval off).
 
-The Inception weights are written by the test (random init: the right keys and shapes), and the reference
-statistics are computed from the tiny training images with them.
+The Inception weights are test-written (the session fixture ``fid_weights``: random init, the right keys and
+shapes), and the reference statistics are computed from the tiny training images with them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import ROOT, TINY_CONFIG
+from helpers import ROOT, TINY_CONFIG, launch
 from slurm_helpers import wait_for_job
 
 STEPS = [10, 20, 30, 35]  # milestone_every 10, num_iterations 35: three milestones and the newest
@@ -32,36 +30,22 @@ EVAL = ["eval.enabled=true", "training.num_iterations=35", "training.milestone_e
 
 
 @pytest.fixture(scope="module")
-def fid_inputs(images: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Overrides naming test-written Inception weights and the reference statistics of the tiny images."""
-    from ddpm import inception
+def fid_inputs(images: Path, fid_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Overrides naming the session's test-written Inception weights and the reference statistics of the tiny
+    images (what ``python -m ddpm.fid ref`` computes, here in this process: no second torch start-up)."""
+    from ddpm.config import load_config
+    from ddpm.fid import reference_stats
+    from ddpm.inception import load_inception
 
-    d = tmp_path_factory.mktemp("fid")
-    weights = d / inception.WEIGHTS_NAME
-    torch.manual_seed(0)
-    net = inception.FIDInceptionV3()
-    # Random weights give near-constant features (FIDs of 1e-13: float noise). BatchNorm statistics taken in
-    # train mode from a batch keep every layer at unit scale, so the features depend on the image.
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # the plain average of what it sees
-    features = inception.FIDFeatures(net).train()
-    with torch.no_grad():
-        features(torch.rand(16, 3, 8, 8))
-    torch.save(net.state_dict(), weights)
-    ref = d / "ref.npz"
-    proc = subprocess.run([sys.executable, "-m", "ddpm.fid", "ref", "--config", str(TINY_CONFIG), f"data.path={images}",
-                           "--out", str(ref), "--weights", str(weights)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return [f"sampling.fid_weights={weights}", f"sampling.fid_reference={ref}"]
+    ref = tmp_path_factory.mktemp("fid") / "ref.npz"
+    reference_stats(load_config(TINY_CONFIG, [f"data.path={images}"]).data, load_inception(fid_weights, "cpu"),
+                    progress=False).save(ref)
+    return [f"sampling.fid_weights={fid_weights}", f"sampling.fid_reference={ref}"]
 
 
-def launch(cluster: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY_CONFIG), "--cluster", cluster, *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def launch_eval(cluster: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """launch.py on ``cluster`` (tiny config), one torch thread per process, 10 minutes at most."""
+    return launch(*args, cluster=cluster, timeout=600, env={"OMP_NUM_THREADS": "1"})
 
 
 def tb_points(run_dir: Path) -> list[tuple[int, float]]:
@@ -83,7 +67,7 @@ def eval_files(run_dir: Path) -> dict[str, int]:
 
 @pytest.mark.slurm
 def test_eval_stage_on_slurm_picks_the_lowest_fid(slurm_cluster, images, fid_inputs, tmp_path):
-    proc = launch("slurm", f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs)
+    proc = launch_eval("slurm", f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = tmp_path / "tiny"
     jobs = json.loads((run_dir / "jobs.json").read_text())
@@ -108,7 +92,7 @@ def test_eval_stage_on_slurm_picks_the_lowest_fid(slurm_cluster, images, fid_inp
     assert f"selected: step {best['step']}" in shown, shown
 
     before, fid_text = eval_files(run_dir), (run_dir / "eval" / "fid.json").read_text()
-    again = launch("slurm", "--stage", "eval", "--only", f"data.path={images}", f"run.root={tmp_path}", *EVAL,
+    again = launch_eval("slurm", "--stage", "eval", "--only", f"data.path={images}", f"run.root={tmp_path}", *EVAL,
                    *fid_inputs)
     assert again.returncode == 0, again.stdout + again.stderr
     tasks = json.loads((run_dir / "jobs.json").read_text())["eval_tasks"]
@@ -126,7 +110,7 @@ def test_unreadable_milestone_fails_alone_and_is_named(images, fid_inputs, tmp_p
     the second selection)."""
     base = [f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs, "eval.num_seeds=2"]
     run_dir = tmp_path / "tiny"
-    proc = launch("local", *base)
+    proc = launch_eval("local", *base)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads((run_dir / "eval" / "fid.json").read_text())["rows"]
     assert [r["step"] for r in rows] == STEPS and len(tb_points(run_dir)) == len(STEPS)
@@ -136,7 +120,7 @@ def test_unreadable_milestone_fails_alone_and_is_named(images, fid_inputs, tmp_p
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     (run_dir / "eval" / "step_00000020.json").unlink()
     before = {k: v for k, v in eval_files(run_dir).items() if "step_00000020" not in k}
-    proc = launch("local", *base, "--stage", "eval")  # not --only: eval, select, sample, assemble
+    proc = launch_eval("local", *base, "--stage", "eval")  # not --only: eval, select, sample, assemble
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert f"error: eval task 1 (step 20): {ckpt}: corrupt or truncated checkpoint" in out, out
@@ -159,16 +143,16 @@ def test_unreadable_milestone_fails_alone_and_is_named(images, fid_inputs, tmp_p
     ("sampling.fid_reference=/nonexistent/ref.npz", "error: /nonexistent/ref.npz: FID statistics file not found"),
 ])
 def test_preflight_names_missing_eval_inputs(images, fid_inputs, tmp_path, override, message):
-    proc = launch("local", f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs, override)
+    proc = launch_eval("local", f"data.path={images}", f"run.root={tmp_path}", *EVAL, *fid_inputs, override)
     assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "tiny").exists()
 
 
 def test_stage_eval_needs_eval_enabled_and_best_needs_an_eval(images, tmp_path):
-    proc = launch("local", f"data.path={images}", f"run.root={tmp_path}", "--stage", "eval")
+    proc = launch_eval("local", f"data.path={images}", f"run.root={tmp_path}", "--stage", "eval")
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --stage eval: eval.enabled is false (set eval.enabled=true)"), proc.stderr
-    proc = launch("local", f"data.path={images}", f"run.root={tmp_path}", "sampling.checkpoint=best")
+    proc = launch_eval("local", f"data.path={images}", f"run.root={tmp_path}", "sampling.checkpoint=best")
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: sampling.checkpoint: best needs the eval stage (set eval.enabled=true)"), proc.stderr
 

@@ -4,7 +4,7 @@ Loader workers are on in every test (``data.num_workers=1``, two CPUs per task),
 resume exactly ends bitwise equal (model, EMA, AdamW moments) to an uninterrupted run of the same config:
 
 - preemption by a higher-priority job (SIGTERM + GraceTime), on a PreemptMode=REQUEUE and a CANCEL partition;
-- the time limit: a 2-minute ``time_min`` and submitit's ``--signal=USR2@55``, no scancel (``scancel
+- the time limit: a 2-minute ``time_min`` and submitit's ``--signal=USR2@59``, no scancel (``scancel
   --signal=USR2``, the same path, is test_doctor_slurm.py's stop);
 - a dead node: slurmd, slurmstepd and every process of the job SIGKILLed, the node DOWN, then back;
 - a hung rank (SIGSTOP on rank 1 of 2): the watchdog ends the job within ``training.watchdog_s`` and it is requeued.
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, launch
 from slurm_helpers import (
     CLUSTER_SH,
     assert_same_training_state,
@@ -40,21 +41,15 @@ from slurm_helpers import (
 from ddpm.checkpoint import load_latest
 
 pytestmark = pytest.mark.slurm
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny_cpu.yaml"
-N = 400  # steps of the short runs (~20 s on one core)
+N = 300  # steps of the short runs (~15 s on one core); faults land after step 150, the rest resumes
+N2 = 200  # steps of the 2-rank runs; faults land after step 110 (step_100 durable)
 WORKERS = ["data.num_workers=1", "slurm.cpus_per_task=2", "slurm.setup=[export OMP_NUM_THREADS=1]",
            "training.log_every=10", "training.save_every=100"]
 
 
-def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch.py", "--config", str(TINY), "--cluster", "slurm", "--stage",
-                           "train", "--only", *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
-
-
 def start_training(images: Path, root: Path, *overrides: str) -> tuple[Path, str, Path]:
     """launch.py --stage train on the local SLURM; (run dir, job id, job log) once the job runs."""
-    proc = launch(f"data.path={images}", f"run.root={root}", *overrides)
+    proc = launch("--stage", "train", "--only", f"data.path={images}", f"run.root={root}", *overrides)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = root / "tiny"
     job = json.loads((run_dir / "jobs.json").read_text())["train"]
@@ -114,16 +109,18 @@ def steps_lasting(seconds: float, make_trainer, run_dir: Path, monkeypatch: pyte
 
 
 def test_time_limit_signal(slurm_cluster, images, tmp_path, reference, make_trainer, monkeypatch):
-    """A 2-minute limit: SLURM sends USR2 55 s (up to 60 s more) before it; save, requeue, resume, repeat."""
-    # 75 s of training at this machine's uncontended rate (more where the reference shares the CPUs), so the
-    # first attempt outlasts the latest possible first signal (~65 s after the start, ~10 s of it start-up) on
-    # a fast machine as on a slow one: a fixed 1,800 steps ended in 51 s, before any signal, on a fast one
-    n = min(8000, steps_lasting(75, make_trainer, tmp_path / "calibration", monkeypatch))
+    """A 2-minute limit: SLURM sends USR2 59 s (up to 60 s more) before it; save, requeue, resume, repeat."""
+    # slurmctld checks the limits every 30 s and signals a job once it is within signal_delay_s + 30 s of its end:
+    # USR2 at 31-61 s after the start (59 s: the most a 2-minute limit allows, slurm.signal_delay_s + 60 s <
+    # time_min). 65 s of training at this machine's uncontended rate (more where the reference shares the CPUs),
+    # plus ~5-10 s of start-up, outlast the latest possible first signal on a fast machine as on a slow one:
+    # a fixed 1,800 steps ended in 51 s, before any signal, on a fast one
+    n = min(8000, steps_lasting(65, make_trainer, tmp_path / "calibration", monkeypatch))
     print(f"time limit: {n} steps")
     common = [*WORKERS, f"training.num_iterations={n}"]
     ref = reference(*common)
-    run_dir, job, log = start_training(images, tmp_path, *common, "slurm.time_min=2", "slurm.signal_delay_s=55",
-                                       "slurm.max_restarts=8")  # a stop every 35-65 s: 2-3 attempts
+    run_dir, job, log = start_training(images, tmp_path, *common, "slurm.time_min=2", "slurm.signal_delay_s=59",
+                                       "slurm.max_restarts=8")  # a stop every 31-61 s: 2-3 attempts
     text = finish(job, log, timeout=900)
     assert "received SIGUSR2" in text and "SLURM ends this job in" in text
     assert restarts(job) >= 1 and "TIMEOUT" not in show_job(job)["JobState"]
@@ -141,7 +138,7 @@ def test_dead_node(slurm_cluster, images, tmp_path, reference):
     common = [*WORKERS, f"training.num_iterations={N}"]
     ref = reference(*common)
     run_dir, job, log = start_training(images, tmp_path, *common)
-    wait_for_step(log, 250)
+    wait_for_step(log, 150)
     node = slurm_cluster.node
     daemons = subprocess.run(["pgrep", "-x", "slurmd|slurmstepd"], capture_output=True, text=True).stdout.split()
     for pid in [*map(int, daemons), *job_pids(job)]:
@@ -166,12 +163,11 @@ def test_dead_node(slurm_cluster, images, tmp_path, reference):
 def test_hung_rank_watchdog(slurm_cluster, images, tmp_path, reference):
     """Rank 1 of 2 is SIGSTOPped: no heartbeat -> the wrapper kills the ranks within training.watchdog_s,
     marks the run stalled, requeues it, and it resumes from the last checkpoint."""
-    bound = 15
-    common = [*WORKERS, "training.num_iterations=300", "infrastructure.nproc_per_node=2",
-              f"training.watchdog_s={bound}"]
-    ref = reference(*common)
-    run_dir, job, log = start_training(images, tmp_path, *common)
-    wait_for_step(log, 150)
+    bound = 10  # heartbeats every 5 s while training
+    common = [*WORKERS, f"training.num_iterations={N2}", "infrastructure.nproc_per_node=2"]
+    ref = reference(*common)  # the watchdog is the wrapper's: the abort tests' reference trains the same
+    run_dir, job, log = start_training(images, tmp_path, *common, f"training.watchdog_s={bound}")
+    wait_for_step(log, 110)
     assert restarts(job) == 0, log.read_text()[-3000:]
     rank1 = [p for p in job_pids(job) if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()
              and b"torch.distributed.run" in Path(f"/proc/{_ppid(p)}/cmdline").read_bytes()]
@@ -203,7 +199,9 @@ def test_plain_scancel_is_not_undone(slurm_cluster, images, tmp_path):
     wait_for_step(log, 50)
     subprocess.run(["scancel", job], check=True)
     assert wait_for_job(job, timeout=60) == "CANCELLED"
-    time.sleep(2)  # the wrapper's last lines
+    deadline = time.monotonic() + 10
+    while "not requeuing job" not in log.read_text() and time.monotonic() < deadline:  # the wrapper's last lines
+        time.sleep(0.1)
     assert restarts(job) == 0 and "not requeuing job" in log.read_text()
     assert load_latest(run_dir)[1]["step"] >= 50  # saved at the stop
     shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
@@ -232,11 +230,11 @@ def test_ranks_aborted_are_requeued_by_the_wrapper(slurm_cluster, images, tmp_pa
     ``starting`` (before the first step: imports, rendezvous, DDP construction): the wrapper takes torchrun's
     non-zero exit as a lost rank, requeues the job, and it resumes from the last durable checkpoint (or step 0)
     to the same weights as an uninterrupted run."""
-    common = [*WORKERS, "training.num_iterations=300", "infrastructure.nproc_per_node=2"]
+    common = [*WORKERS, f"training.num_iterations={N2}", "infrastructure.nproc_per_node=2"]
     ref = reference(*common)
     run_dir, job, log = start_training(images, tmp_path, *common)
     if when == "mid-training":
-        wait_for_step(log, 150)
+        wait_for_step(log, 110)
     deadline = time.monotonic() + 120
     while len(ranks := _ranks(job)) < 2 or (when == "start-up" and
                                              json.loads((run_dir / "status.json").read_text())["state"] != "starting"):
