@@ -354,14 +354,19 @@ def assert_same_training_state(a: dict, b: dict) -> None:
             assert torch.equal(sa[i][m], sb[i][m]), f"optimizer.state[{i}].{m} differs"
 
 
+# niceness of the processes a test runs beside its SLURM jobs (references): the job's path, whose waits and
+# step counts the test times, gets the CPUs first; the reference fills the gaps (start-ups, requeues)
+BACKGROUND = ["nice", "-n", "10"]
+
+
 class Reference:
     """An uninterrupted run of the same config (same code path: the wrapper, torchrun, one thread per rank),
-    started in the background so it trains while the faulted job does."""
+    started in the background (at a lower priority: ``BACKGROUND``) so it trains while the faulted job does."""
 
     def __init__(self, root: Path, overrides: list[str]):
         self.run_dir = root / "tiny"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ddpm.cluster", "train", "--config", str(TINY_CONFIG), *overrides,
+            [*BACKGROUND, sys.executable, "-m", "ddpm.cluster", "train", "--config", str(TINY_CONFIG), *overrides,
              f"run.root={root}"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
             env={**os.environ, "OMP_NUM_THREADS": "1"})

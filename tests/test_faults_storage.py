@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import ROOT, TINY_CONFIG, launch
-from slurm_helpers import preempt, restarts, wait_for_job, wait_for_restart, wait_for_state, wait_for_step
+from slurm_helpers import BACKGROUND, preempt, restarts, wait_for_job, wait_for_restart, wait_for_state, wait_for_step
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.runlog import write_status
@@ -146,10 +146,10 @@ SAMPLING = ["sampling.sampler=ddpm", "sampling.num_steps=50", "sampling.num_samp
 
 def sample_reference(run_dir: Path, out: Path) -> list[subprocess.Popen[str]]:
     """The uninterrupted reference of SAMPLING: its two shards by the CLI into ``out``, started in the background
-    (they sample while the SLURM tasks do)."""
-    return [subprocess.Popen([sys.executable, "-m", "ddpm.sample", "--checkpoint", str(run_dir), "--out", str(out),
-                              "--shard", str(k), "--num-shards", "2", "--num-samples", "200", "--sampler", "ddpm",
-                              "--steps", "50", "--batch-size", "4", "--seed-base", "7"],
+    at a lower priority (they sample while the SLURM tasks do)."""
+    return [subprocess.Popen([*BACKGROUND, sys.executable, "-m", "ddpm.sample", "--checkpoint", str(run_dir),
+                              "--out", str(out), "--shard", str(k), "--num-shards", "2", "--num-samples", "200",
+                              "--sampler", "ddpm", "--steps", "50", "--batch-size", "4", "--seed-base", "7"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for k in range(2)]
 
