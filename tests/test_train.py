@@ -6,6 +6,7 @@ configs/tiny_cpu.yaml on the shared ``images`` fixture."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -20,6 +21,7 @@ from helpers import ROOT, CliRun, run_main
 from helpers import TINY_CONFIG as TINY
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, load_latest
+from ddpm.cluster.wrapper import main as wrapper_main
 from ddpm.config import load_config
 from ddpm.errors import EXIT_REQUEUE
 from ddpm.train import main as train_main
@@ -38,8 +40,7 @@ def train_cmd(args: list[str], torchrun: int = 0) -> list[str]:
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """``cmd`` in a real process (torchrun, or a run to signal or kill): the other runs call :func:`train`."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    return proc
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def train(args: list[str], capsys: pytest.CaptureFixture[str]) -> CliRun:
@@ -64,8 +65,7 @@ def run_and_signal(cmd: list[str], at_step: int, timeout: float = 240) -> tuple[
 
 
 def final_state(run_dir: Path) -> dict:
-    found = load_latest(run_dir)
-    assert found is not None
+    assert (found := load_latest(run_dir)) is not None
     return found[1]
 
 
@@ -108,6 +108,10 @@ def test_exact_resume_after_signal(images, tmp_path, nproc, capsys):
         if nproc > 1:
             proc = run(train_cmd(overrides(images, root, *extra), torchrun=True))
             return proc.returncode, proc.stdout + proc.stderr
+        # TensorBoard reads event files in name order (events.out.tfevents.<second>.<host>.<pid>): a resumed writer
+        # opened in the stopped one's second may sort first and read as a restart (purged): wait for the next second
+        while int(time.time()) <= max((int(f.name.split(".")[3]) for f in root.glob("tiny/tb/events.*")), default=0):
+            time.sleep(0.05)
         done = train(overrides(images, root, *extra), capsys)
         return done.code, done.out + done.err
 
@@ -281,8 +285,6 @@ def test_quarter_losses_in_tensorboard_on_log_steps_only(make_trainer, tmp_path)
 
 def test_provenance_and_config_written(images, tmp_path, capsys):
     assert train(overrides(images, tmp_path, "training.num_iterations=2"), capsys).code == 0
-    import json
-
     prov = json.loads((tmp_path / "tiny" / "provenance.json").read_text())
     start = prov["starts"][-1]
     assert start["packages"]["torch"] == torch.__version__.split("+")[0]
@@ -313,8 +315,6 @@ def test_wrapper_does_not_take_an_earlier_stop_for_this_attempt(images, tmp_path
 
 def test_wrapper_refuses_a_node_count_the_config_does_not_say(images, tmp_path, monkeypatch, capsys):
     """``sbatch --nodes=2 slurm/train.sbatch CONFIG`` without ``infrastructure.num_nodes=2``: one line, exit 2."""
-    from ddpm.cluster.wrapper import main as wrapper_main
-
     monkeypatch.setenv("SLURM_NNODES", "2")
     proc = run_main(wrapper_main, ["train", "--config", TINY, *overrides(images, tmp_path)], capsys)
     assert proc.code == 2 and proc.err_lines == [
