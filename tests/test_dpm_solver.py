@@ -135,8 +135,9 @@ def test_image_depends_on_its_seed_only() -> None:
     noise afterwards), so an x_T drawn from them with other seeds gives the same images.
 
     Bitwise with an elementwise eps (the toy), and with the U-Net for batches 4 vs 2 + 2. On CPU the U-Net
-    itself is not bitwise batch-invariant at batch 1 (measured 1.1e-6 on one eps, 4.4e-6 after 8 steps, the
-    same for ddim and ddpm), so 1 + 3 is compared to 1e-5 there."""
+    itself is not bitwise batch-invariant at batch 1 (measured 1.1e-6 on one eps, 4.4e-6 to 1.3e-5 after 8 steps
+    depending on the thread count, the same for ddim and ddpm), so 1 + 3 is compared to 5e-5 there: an image
+    that depended on its batch neighbours would differ by 0.1 or more."""
     seeds, shape = [7, 21, 1000, 3], (3, 8, 8)
     kw = dict(num_steps=8, sampler="dpmpp_2m", progress=False)
     toy = ddpm_with_toy()
@@ -147,7 +148,7 @@ def test_image_depends_on_its_seed_only() -> None:
     assert torch.equal(four, torch.cat([ddpm.sample(2, shape, seeds=seeds[:2], **kw),
                                         ddpm.sample(2, shape, seeds=seeds[2:], **kw)]))
     split = [ddpm.sample(1, shape, seeds=seeds[:1], **kw), ddpm.sample(3, shape, seeds=seeds[1:], **kw)]
-    torch.testing.assert_close(torch.cat(split), four, rtol=0.0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(split), four, rtol=0.0, atol=5e-5)
     assert torch.equal(ddpm.sample(4, shape, seeds=seeds[::-1], **kw), four.flip(0))
     assert len({im.numpy().tobytes() for im in four}) == 4 and four.abs().max() <= 1.0 and four.std() > 0.1
     x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
