@@ -86,7 +86,7 @@ def run_shards(cfg: Config, processes: int, images: int, steps: int, budget: boo
     return max(seconds)
 
 
-def report_shards(cfg: Config, images: int, steps: int, out: Any = sys.stdout) -> dict[str, float]:
+def report_shards(cfg: Config, images: int, steps: int, out: Any = None) -> dict[str, float]:
     """Figure 1: the parallel-shard efficiency with and without the CPU budget."""
     k = affinity_cpus()
     one = run_shards(cfg, 1, images, steps, budget=True)
@@ -123,7 +123,7 @@ def _window_rates(cfg: Config, run_dir: Path, windows: int, steps_per_window: in
         trainer.close()
 
 
-def report_loader(cfg: Config, windows: int, repeats: int, out: Any = sys.stdout,
+def report_loader(cfg: Config, windows: int, repeats: int, out: Any = None,
                   steps_per_window: int | None = None) -> dict[str, float]:
     """Figures 2 and 3: training with and without the budget's loader worker, on the packed digits, in windows
     of ``steps_per_window`` steps (default ``training.log_every``)."""
@@ -163,7 +163,7 @@ def report_loader(cfg: Config, windows: int, repeats: int, out: Any = sys.stdout
             "wait_ms_0": wait[0], "wait_ms_workers": wait[workers]}
 
 
-def report(cfg: Config, quick: bool, out: Any = sys.stdout) -> dict[str, float]:
+def report(cfg: Config, quick: bool, out: Any = None) -> dict[str, float]:
     """All three figures (``--quick``: fewer images and windows)."""
     shards = report_shards(cfg, images=64 if quick else 256, steps=10 if quick else 20, out=out)
     loader = report_loader(cfg, windows=4 if quick else 8, repeats=1 if quick else 2, out=out)

@@ -160,7 +160,7 @@ def measure(cfg: DataConfig, seconds: float, batch_size: int, device: str) -> tu
 
 
 def bench(cfg: DataConfig, seconds: float = 5.0, batch_size: int = 64, device: str = "cpu",
-          max_images: int = 20000, out: Any = sys.stdout) -> dict[str, float]:
+          max_images: int = 20000, out: Any = None) -> dict[str, float]:
     """Print and return images/second per source: the configured one and a packed copy of it."""
     from ddpm.data.loader import default_num_workers
 
