@@ -22,6 +22,8 @@ import pytest
 from helpers import ROOT, TINY_CONFIG, launch
 from slurm_helpers import wait_for_job
 
+from ddpm.rundir import RunDir
+
 STEPS = [10, 20, 30, 35]  # milestone_every 10, num_iterations 35: three milestones and the newest
 EVAL = ["eval.enabled=true", "training.num_iterations=35", "training.milestone_every=10", "training.save_every=10",
         "training.log_every=5", "eval.sampling.num_samples=6", "eval.sampling.num_steps=4",
@@ -86,6 +88,7 @@ def test_eval_stage_on_slurm_picks_the_lowest_fid(slurm_cluster, images, fid_inp
     assert metrics["checkpoint_choice"].startswith(f"best: lowest mean FID of the eval stage ({best['mean']:.3f} "
                                                    f"at step {best['step']}")
     assert tb_points(run_dir) == [(r["step"], pytest.approx(r["mean"])) for r in fid["rows"]]
+    assert RunDir(run_dir).undeclared() == []  # every file of the finished pipeline is one ddpm/rundir.py declares
     shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
                            cwd=ROOT, timeout=60).stdout
     assert f"eval: 4/4 checkpoints evaluated; best so far: step {best['step']}" in shown, shown

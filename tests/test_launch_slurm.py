@@ -23,6 +23,7 @@ from PIL import Image
 from slurm_helpers import next_job_id, sbatch, show_job, template_without_gres, wait_for_job, wait_for_state
 
 from ddpm.checkpoint import load_latest
+from ddpm.rundir import RunDir
 
 pytestmark = pytest.mark.slurm
 ONE_THREAD = "slurm.setup=[export OMP_NUM_THREADS=1]"  # same float reductions in the job and the reference
@@ -79,6 +80,7 @@ def test_full_pipeline_artifacts(pipeline):
                             cwd=ROOT, timeout=60)
     assert status.returncode == 0 and f"{jobs['train']}=COMPLETED" in status.stdout
     assert "3/3 shards complete" in status.stdout and "samples_12x8x8x3.npz" in status.stdout
+    assert RunDir(run_dir).undeclared() == []  # every file of the run is one ddpm/rundir.py declares
 
 
 def test_failed_array_task_rerun_alone(pipeline, images, tmp_path):
