@@ -34,17 +34,13 @@ MUNGE_PID=$MUNGE_RUN/munged.pid
 CTLD_PID=$STATE_DIR/slurmctld.pid
 SLURMD_PID=$STATE_DIR/slurmd.pid
 
-if [[ $CONF != /etc/slurm/slurm.conf ]]; then
-    export SLURM_CONF=$CONF
-fi
+[[ $CONF == /etc/slurm/slurm.conf ]] || export SLURM_CONF=$CONF
 
 trap '' PIPE  # `cluster.sh start | head` must not kill a half-done start
 log() { echo "[cluster.sh] $*" || true; }
 die() { echo "[cluster.sh] ERROR: $*" >&2; exit 1; }
 
-need_root() {
-    [[ $(id -u) -eq 0 ]] || die "must run as root (daemons run as root/munge and the config lives in /etc/slurm)"
-}
+need_root() { [[ $(id -u) -eq 0 ]] || die "must run as root (daemons run as root/munge, the config in /etc/slurm)"; }
 
 node_name() { hostname -s; }
 
@@ -68,8 +64,7 @@ daemon_pids() {
 }
 
 stop_pids() {  # stop_pids NAME PID...: SIGTERM, wait up to 10 s, then SIGKILL
-    local name=$1; shift
-    local pids=("$@") pid
+    local name=$1 pids=("${@:2}") pid
     [[ ${#pids[@]} -gt 0 ]] || return 0
     log "stopping $name (pid ${pids[*]})"
     kill -TERM "${pids[@]}" 2>/dev/null || true
@@ -91,15 +86,10 @@ cmd_install() {
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
-    if [[ ${#missing[@]} -eq 0 ]]; then
-        log "already installed: ${pkgs[*]}"
-        return 0
-    fi
+    [[ ${#missing[@]} -gt 0 ]] || { log "already installed: ${pkgs[*]}"; return 0; }
     log "installing: ${missing[*]}"
     # `apt-get update` once: skip it when package lists are already present
-    if ! compgen -G "/var/lib/apt/lists/*_Packages" >/dev/null; then
-        DEBIAN_FRONTEND=noninteractive apt-get update -q
-    fi
+    compgen -G "/var/lib/apt/lists/*_Packages" >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get update -q
     if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 "${pkgs[@]}"; then
         log "install failed, refreshing package lists and retrying"
         DEBIAN_FRONTEND=noninteractive apt-get update -q
@@ -121,9 +111,7 @@ render_config() {
     # slurmd -C reports what slurmd will detect; declare a bit less so the node is never drained
     # for "Low RealMemory" (e.g. when memory is reported slightly differently after a restart)
     mem=$(sed -n 's/^RealMemory=//p' <<<"$hw")
-    if [[ -z $mem ]]; then
-        mem=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
-    fi
+    [[ -n $mem ]] || mem=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     real_mem=$(( mem * 9 / 10 ))
     (( real_mem >= 256 )) || real_mem=256
     # no --mem given -> RealMemory/CPUs per CPU, so memory never blocks packing jobs onto cores
@@ -197,9 +185,7 @@ write_config() {
         die "$CONF exists and was not written by this script (a real cluster's config?); " \
             "set DDPM_SLURM_FORCE=1 to overwrite it, or DDPM_SLURM_CONF=<path> to write elsewhere"
     fi
-    if [[ -e $CONF ]] && [[ $(cat "$CONF") == "$new" ]]; then
-        return 1
-    fi
+    [[ -e $CONF && $(cat "$CONF") == "$new" ]] && return 1
     mkdir -p "$(dirname "$CONF")"
     printf '%s\n' "$new" >"$CONF.tmp"
     chmod 644 "$CONF.tmp"
@@ -216,21 +202,15 @@ ensure_munge_key() {
     install -d -o munge -g munge -m 0700 /etc/munge
     if [[ ! -s $key ]]; then
         log "creating munge key $key"
-        if command -v mungekey >/dev/null; then
-            mungekey --create --keyfile="$key" --force
-        else
-            dd if=/dev/urandom of="$key" bs=1 count=1024 status=none
-        fi
+        if command -v mungekey >/dev/null; then mungekey --create --keyfile="$key" --force
+        else dd if=/dev/urandom of="$key" bs=1 count=1024 status=none; fi
     fi
     chown munge:munge "$key"
     chmod 0400 "$key"
 }
 
 start_munge() {
-    if munge_ok; then
-        log "munged already running"
-        return 0
-    fi
+    munge_ok && { log "munged already running"; return 0; }
     local pids
     mapfile -t pids < <(daemon_pids "$MUNGE_PID" munged)
     [[ ${#pids[@]} -eq 0 ]] || stop_pids "munged (not answering)" "${pids[@]}"
@@ -243,17 +223,13 @@ start_munge() {
     setsid runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_PID" \
         </dev/null >>"$LOG_DIR/munged.stdout" 2>&1 9>&- || true
     local _
-    for _ in $(seq 1 50); do
-        munge_ok && return 0
-        sleep 0.2
-    done
+    for _ in $(seq 1 50); do munge_ok && return 0; sleep 0.2; done
     tail -n 20 /var/log/munge/munged.log "$LOG_DIR/munged.stdout" 2>/dev/null >&2 || true
     die "munged did not start (see /var/log/munge/munged.log)"
 }
 
 # ------------------------------------------------------------------------------------------------ slurm
 ctld_ok() { scontrol ping 2>/dev/null | grep -q "is UP"; }
-
 node_state() { sinfo -h -N -n "$(node_name)" -o '%T' 2>/dev/null | head -1; }
 
 # healthy: both daemons alive, controller answers, node usable (jobs may be running)
@@ -262,10 +238,7 @@ cluster_healthy() {
     live_pid "$SLURMD_PID" slurmd >/dev/null || return 1
     munge_ok || return 1
     ctld_ok || return 1
-    case $(node_state) in
-        idle | mixed | allocated | completing) return 0 ;;
-        *) return 1 ;;
-    esac
+    [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]
 }
 
 stop_slurm_daemons() {
@@ -290,18 +263,14 @@ spawn() {
 
 show_logs() {
     local f
-    for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmctld.stdout" "$LOG_DIR/slurmd.log" \
-        "$LOG_DIR/slurmd.stdout"; do
-        [[ -s $f ]] || continue
-        echo "----- tail $f" >&2
-        tail -n 25 "$f" >&2
+    for f in "$LOG_DIR"/slurmctld.log "$LOG_DIR"/slurmctld.stdout "$LOG_DIR"/slurmd.log "$LOG_DIR"/slurmd.stdout; do
+        if [[ -s $f ]]; then echo "----- tail $f" >&2; tail -n 25 "$f" >&2; fi
     done
 }
 
 wait_node_idle() {  # wait_node_idle CTLD_PID SLURMD_PID
-    local ctld=$1 slurmd=$2 node t0 st=""
+    local ctld=$1 slurmd=$2 node t0=$SECONDS st=""
     node=$(node_name)
-    t0=$SECONDS
     while (( SECONDS - t0 < START_TIMEOUT )); do
         if ctld_ok; then
             st=$(node_state)
@@ -312,14 +281,8 @@ wait_node_idle() {  # wait_node_idle CTLD_PID SLURMD_PID
                     scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true ;;
             esac
         fi
-        if ! kill -0 "$ctld" 2>/dev/null; then
-            show_logs
-            die "slurmctld exited during startup"
-        fi
-        if ! kill -0 "$slurmd" 2>/dev/null; then
-            show_logs
-            die "slurmd exited during startup"
-        fi
+        kill -0 "$ctld" 2>/dev/null || { show_logs; die "slurmctld exited during startup"; }
+        kill -0 "$slurmd" 2>/dev/null || { show_logs; die "slurmd exited during startup"; }
         sleep 0.5
     done
     show_logs
@@ -333,11 +296,9 @@ cmd_start() {
     for prog in slurmctld slurmd sinfo munged; do
         command -v "$prog" >/dev/null || die "$prog not found (slurm/munge not installed): run \`$0 install\` first"
     done
-    if ! getent hosts "$(node_name)" >/dev/null; then
-        # daemons talk over 127.0.0.1 (NodeAddr, SlurmctldHost), but srun/slurmstepd look the host up
-        log "WARNING: hostname '$(node_name)' does not resolve; add '127.0.0.1 $(node_name)' to /etc/hosts" \
-            "if srun steps fail"
-    fi
+    # daemons talk over 127.0.0.1 (NodeAddr, SlurmctldHost), but srun/slurmstepd look the host up
+    getent hosts "$(node_name)" >/dev/null || log "WARNING: hostname '$(node_name)' does not resolve; add" \
+        "'127.0.0.1 $(node_name)' to /etc/hosts if srun steps fail"
     mkdir -p "$STATE_DIR/ctld" "$STATE_DIR/slurmd" "$LOG_DIR"
     chmod 755 "$STATE_DIR"
     local changed=0
@@ -348,17 +309,9 @@ cmd_start() {
     fi
     if [[ $changed -eq 1 ]]; then
         log "config changed: (re)starting slurm daemons"
-    elif munge_ok && live_pid "$CTLD_PID" slurmctld >/dev/null && ctld_ok; then
-        # the controller is fine and only the node is not (its slurmd died): the node comes back, as after a reboot
-        local pids
-        mapfile -t pids < <(daemon_pids "$SLURMD_PID" slurmd)
-        stop_pids slurmd "${pids[@]}"
-        log "starting slurmd (slurmctld is up)"
-        spawn slurmd /usr/sbin/slurmd -D -f "$CONF"
-        wait_node_idle "$(live_pid "$CTLD_PID" slurmctld)" "$SPAWNED_PID"
-        log "node $(node_name) back: $(node_state)"
-        return 0
     fi
+    # both daemons, also when only slurmd died (the dead-node test): a slurmctld that stayed up would deliver its
+    # queued kill of the node's lost job to the new slurmd, killing that job's next run if it starts at once
     start_munge
     stop_slurm_daemons
     local t0=$SECONDS
@@ -389,10 +342,7 @@ cmd_stop() {
             scancel --full --quiet --user=root 2>/dev/null || true
             squeue -h -o '%i' | xargs -r scancel --full --quiet 2>/dev/null || true
             local _
-            for _ in $(seq 1 30); do
-                [[ -z $(squeue -h -t PD,R,CG,S -o '%i' 2>/dev/null) ]] && break
-                sleep 0.5
-            done
+            for _ in $(seq 1 30); do [[ -z $(squeue -h -t PD,R,CG,S -o '%i' 2>/dev/null) ]] && break; sleep 0.5; done
         fi
     fi
     stop_slurm_daemons
@@ -411,15 +361,8 @@ cmd_status() {
         echo "slurmctld: not running"; ok=1; fi
     if p=$(live_pid "$SLURMD_PID" slurmd); then echo "slurmd:    running (pid $p)"; else
         echo "slurmd:    not running"; ok=1; fi
-    if ctld_ok; then
-        echo "node:      $(node_name) $(node_state)"
-        sinfo
-        squeue
-        cluster_healthy || ok=1
-    else
-        echo "controller not answering (scontrol ping)"
-        ok=1
-    fi
+    if ctld_ok; then echo "node:      $(node_name) $(node_state)"; sinfo; squeue; cluster_healthy || ok=1
+    else echo "controller not answering (scontrol ping)"; ok=1; fi
     if [[ $ok -eq 0 ]]; then echo "status: healthy"; else echo "status: NOT healthy"; fi
     return $ok
 }
@@ -438,9 +381,8 @@ case ${1:-} in
     install) cmd_install ;;
     start)
         lock
-        if [[ ${2:-} == --nodes && ${3:-1} != 1 ]]; then
-            exec bash "$MULTINODE" start --nodes "$3"  # namespaces on a bridge (tests/slurm/multinode.sh)
-        fi
+        # more nodes: namespaces on a bridge (tests/slurm/multinode.sh)
+        [[ ${2:-} == --nodes && ${3:-1} != 1 ]] && exec bash "$MULTINODE" start --nodes "$3"
         if multinode_up; then bash "$MULTINODE" stop; fi
         cmd_start ;;
     stop) lock; if multinode_up; then bash "$MULTINODE" stop; fi; cmd_stop ;;
