@@ -371,9 +371,9 @@ def test_pack_worker_killed_is_one_line_not_a_hang(tmp_path: Path) -> None:
 
     (folder := tmp_path / "many").mkdir()
     rng = np.random.default_rng(0)
-    for i in range(1500):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
-    config = _write_config(tmp_path / "c.yaml", {"source": "folder", "path": folder, "image_size": 16,
+    for i in range(6000):  # seconds of decoding: the kill lands while chunks are pending (not after the last one)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    config = _write_config(tmp_path / "c.yaml", {"source": "folder", "path": folder, "image_size": 8,
                                                  "center_crop": None})
     out = tmp_path / "packed.npy"
     proc = subprocess.Popen([sys.executable, "-m", "ddpm.data", "pack", "--config", str(config), "--out", str(out),
