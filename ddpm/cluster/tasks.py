@@ -61,6 +61,7 @@ def _stoppable(label: str, max_restarts: int, work: Any) -> str:
     except StopSampling as err:
         print(f"{label}: stopped by {err}; the finished batches are in its partial file", flush=True)
         if requeue_self(max_restarts):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM ends us at once
             time.sleep(600)  # the requeue ends this task
         return "stopped"
 

@@ -272,6 +272,7 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     else:
         raise RuntimeError(f"training failed: torchrun exited with {rc}, status '{state}'; see {run_dir}/logs")
     if node == 0 and requeue_self(cfg.slurm.max_restarts):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM ends us at once (not KillWait later)
         time.sleep(600)  # scontrol requeue ends this job; never report success or failure
     return state
 
