@@ -4,11 +4,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch/torchvision pinned to the builds this project is tested with; override for your CUDA (torch >= 2.10).
+# torch/torchvision pinned to the builds this project is tested with; override for your GPU and driver (torch >= 2.10).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# The index torch comes from; empty: pip's configuration (PyPI: CUDA 13 builds, NVIDIA driver >= 580). For an
-# older driver, e.g. (README, "On a cluster"; `make clean` first if .venv exists):
-#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cu126 TORCH_SPEC='torch>=2.10 torchvision'
+# The index torch comes from; empty: pip's configuration. PyPI's default torch is a CUDA 12.8 build for 2.10 and
+# CUDA 13.0 for 2.11-2.14 (each wheel's torch/version.py): kernels for sm >= 75 only, NVIDIA driver >= 580.65. A V100
+# or P100 (sm < 75), or a driver older than 580.65, takes cu126, capped below 2.15 (README, "On a cluster", the route
+# table; `make clean` first if .venv exists):
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cu126 TORCH_SPEC='torch>=2.10,<2.15 torchvision'
 TORCH_INDEX ?=
 
 .PHONY: venv quickstart test lint bench clean
@@ -16,17 +18,34 @@ TORCH_INDEX ?=
 venv: $(VENV)/.installed
 
 # uv installs the 5.5 GB torch build in about 40 s (pip: 90 s), from the indexes pip is configured with
-# (tools/pip_index_args.py); without uv (no network to fetch it) pip does the same.
+# (tools/pip_index_args.py); without uv (no network to fetch it) pip does the same, and where uv fails (a proxy or
+# CA certificate that pip is configured for and uv is not) pip does it again, with one line saying so.
 UV_INSTALL = $(VENV)/bin/uv pip install -q --python $(PY) --index-strategy unsafe-best-match
+PIP_INSTALL = $(PY) -m pip install -q
+TORCH_ARGS = $(foreach spec,$(TORCH_SPEC),'$(spec)')
 
 $(VENV)/.installed: pyproject.toml
+	@req=$$(sed -n 's/^requires-python *= *">= *\([0-9][0-9.]*\)".*/\1/p' pyproject.toml); \
+	[ -n "$$req" ] || { echo "make venv: no requires-python = \">=X.Y\" in pyproject.toml" >&2; exit 1; }; \
+	have=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') || \
+	{ echo "make venv: $(PYTHON) does not run; this project needs Python >= $$req: make venv PYTHON=python$$req" >&2; \
+	  exit 1; }; \
+	if ! awk -v h="$$have" -v r="$$req" 'BEGIN { split(h, a, "."); split(r, b, "."); \
+	    exit !(a[1] > b[1] || (a[1] == b[1] && a[2] >= b[2])) }'; then \
+	  major=$${req%%.*}; minor=$${req#*.}; minor=$${minor%%.*}; use=python$$req; i=$$((minor + 6)); \
+	  while [ $$i -ge $$minor ]; do \
+	    if command -v python$$major.$$i >/dev/null; then use=python$$major.$$i; break; fi; i=$$((i - 1)); done; \
+	  echo "make venv: $(PYTHON) is Python $$have; this project needs >= $$req: make venv PYTHON=$$use" >&2; exit 1; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv || echo "uv not available: installing with pip"
-	if [ -x $(VENV)/bin/uv ]; then base="$(UV_INSTALL)"; install="$$base $$($(PYTHON) tools/pip_index_args.py)"; \
-	else base="$(PY) -m pip install -q"; install="$$base"; fi; \
-	if [ -n "$(TORCH_INDEX)" ]; then torch_install="$$base --index-url $(TORCH_INDEX)"; \
-	else torch_install="$$install"; fi; \
-	$$torch_install $(foreach spec,$(TORCH_SPEC),'$(spec)') && $$install -e '.[test]'
+	install_with() { base="$$1"; all="$$2"; \
+	  if [ -n "$(TORCH_INDEX)" ]; then torch="$$base --index-url $(TORCH_INDEX)"; else torch="$$all"; fi; \
+	  $$torch $(TORCH_ARGS) && $$all -e '.[test]'; }; \
+	if [ -x $(VENV)/bin/uv ]; then \
+	  install_with "$(UV_INSTALL)" "$(UV_INSTALL) $$($(PYTHON) tools/pip_index_args.py)" || \
+	  { echo "make venv: uv failed (a proxy or CA that pip is configured for and uv is not?): installing with pip"; \
+	    install_with "$(PIP_INSTALL)" "$(PIP_INSTALL)"; }; \
+	else install_with "$(PIP_INSTALL)" "$(PIP_INSTALL)"; fi
 	touch $@
 
 quickstart: venv

@@ -46,11 +46,15 @@ def installed_torch() -> str | None:
         return None
 
 
-def torch_floor_problem(version: str | None) -> str | None:
-    """The one-line reason ``version`` cannot run this project, or None when it is at or above the floor."""
-    fix = (f"install torch >= {TORCH_FLOOR_TEXT} for your driver (README, install table: pip install "
-           f"'torch>={TORCH_FLOOR_TEXT}' --index-url {PIP_INDEX.format('cu126')}, "
-           "or conda env create -f environment.yml)")
+def torch_floor_problem(version: str | None, *, sm: int | None = None, driver: str | None = None) -> str | None:
+    """The one-line reason ``version`` cannot run this project, or None when it is at or above the floor.
+
+    The fix is the install route (:func:`ddpm.routes.install_route`) for the card ``sm`` (compute capability,
+    e.g. 70) under NVIDIA driver ``driver`` when the caller knows them, else every route with what it needs.
+    """
+    from ddpm.routes import install_route
+
+    fix = f"install torch >= {TORCH_FLOOR_TEXT}: {install_route(sm, driver)}"
     if version is None:
         return f"torch is not installed; this project needs torch >= {TORCH_FLOOR_TEXT}: {fix}"
     if _version_tuple(version)[:2] >= TORCH_FLOOR:
@@ -93,20 +97,23 @@ def job_gres(environ: dict[str, str] | None = None) -> str:
     return "none (the job asked for no --gres)"
 
 
-def driver_problem(cuda_build: str | None, driver: str | None) -> str | None:
-    """Why ``driver`` cannot run a torch built for CUDA ``cuda_build``, with the fix; None when it can."""
+def driver_problem(cuda_build: str | None, driver: str | None, *, sm: int | None = None) -> str | None:
+    """Why ``driver`` cannot run a torch built for CUDA ``cuda_build``, with the fix; None when it can.
+
+    The fix is the install route (:func:`ddpm.routes.install_route`) for this driver and the card ``sm``
+    (compute capability, e.g. 70; None: unknown, so the line gives each card's route under this driver).
+    """
+    from ddpm.routes import install_route
+
     if cuda_build is None or driver is None:
         return None
     major, have = _version_tuple(cuda_build)[0], _version_tuple(driver)
     need = DRIVER_FLOOR.get(major)
-    if need is None or have[:2] >= need:
+    if need is None or not have or have[:2] >= need:  # not have: a driver that reads as no version (N/A)
         return None
-    older = "cu126" if have[:2] >= DRIVER_FLOOR[12] else None
-    fix = (f"install a CUDA 12 build: pip install 'torch>={TORCH_FLOOR_TEXT}' --index-url {PIP_INDEX.format(older)} "
-           "(conda: cuda-version=12)" if older else
-           f"ask for nodes with a newer driver: torch >= {TORCH_FLOOR_TEXT} has no build for driver {driver}")
+    card = f"an sm{sm} card under driver {driver}" if sm is not None else f"driver {driver}"
     return (f"the driver {driver} is older than this torch's CUDA {cuda_build} build needs "
-            f"(>= {'.'.join(map(str, need))}): {fix}")
+            f"(>= {'.'.join(map(str, need))}); the route for {card}: {install_route(sm, driver)}")
 
 
 def gpu_problem(asked: int, what: str, key: str) -> str | None:

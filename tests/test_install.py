@@ -147,33 +147,61 @@ def test_makefile_has_torch_index():
     assert re.search(r"^TORCH_SPEC \?= torch==\S+ torchvision==\S+$", text, re.M)
 
 
+def requires_python() -> str:
+    """pyproject's ``requires-python = ">=X.Y"``: the X.Y."""
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    match = re.fullmatch(r">=\s*(\d+\.\d+)", spec)
+    assert match, spec
+    return match[1]
+
+
 # A python that records each call (its name, then every argument in brackets) and does only what the recipe
-# needs: `-m venv DIR` makes DIR/bin/python (and, with FAKE_UV, `-m pip install -q uv` makes bin/uv).
+# needs: `-c CODE` prints $FAKE_VERSION (the version check), `-m venv DIR` makes DIR/bin/python (and, with FAKE_UV,
+# `-m pip install -q uv` makes bin/uv); FAKE_UV_FAIL makes every uv call fail, FAKE_PIP_FAIL every other pip install.
 FAKE_PYTHON = """#!/bin/sh
 { printf '%s' "$(basename "$0")"; printf ' [%s]' "$@"; echo; } >> "$FAKE_LOG"
+if [ "$1" = -c ]; then echo "$FAKE_VERSION"; exit 0; fi
+if [ "$(basename "$0")" = uv ] && [ -n "$FAKE_UV_FAIL" ]; then exit 1; fi
 if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
-if [ "$*" = "-m pip install -q uv" ] && [ -n "$FAKE_UV" ]; then cp "$0" "$(dirname "$0")/uv"; fi
+if [ "$*" = "-m pip install -q uv" ]; then
+  if [ -n "$FAKE_UV" ]; then cp "$0" "$(dirname "$0")/uv"; fi; exit 0
+fi
+if [ "$1 $2 $3" = "-m pip install" ] && [ -n "$FAKE_PIP_FAIL" ]; then exit 1; fi
 if [ "$1" = tools/pip_index_args.py ]; then echo "--find-links /opt/wheels"; fi
 exit 0
 """
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
-@pytest.mark.parametrize("uv", [True, False], ids=["uv", "pip"])
-@pytest.mark.parametrize("index", ["", CU126_INDEX], ids=["default-index", "cu126"])
-def test_make_venv_installs_torch_from_torch_index(tmp_path: Path, uv: bool, index: str):
+def make_venv(tmp_path: Path, index: str = "", version: str | None = None,
+              **fake: str) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+    """``make -s venv`` against the fake python (copies of the Makefile and pyproject in ``tmp_path``): the run,
+    the fake's log lines and the fake's path. ``fake``: FAKE_UV, FAKE_UV_FAIL, FAKE_PIP_FAIL."""
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(ROOT / name, tmp_path / name)
     python = tmp_path / "fakepython"
     python.write_text(FAKE_PYTHON)
     python.chmod(python.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "log"
-    env = {**os.environ, "FAKE_LOG": str(log), "FAKE_UV": "1" if uv else ""}
-    subprocess.run(["make", "-s", "venv", f"PYTHON={python}", f"VENV={tmp_path / 'venv'}", f"TORCH_INDEX={index}",
-                    "TORCH_SPEC=torch>=2.10 torchvision"], cwd=tmp_path, env=env, check=True, timeout=60)
-    installs = [line for line in log.read_text().splitlines() if "[install]" in line and "[uv]" not in line]
-    assert len(installs) == 2, installs
-    torch_line, project_line = installs
+    env = {**os.environ, "FAKE_LOG": str(log), "FAKE_VERSION": version or requires_python(), **fake}
+    proc = subprocess.run(["make", "-s", "venv", f"PYTHON={python}", f"VENV={tmp_path / 'venv'}",
+                           f"TORCH_INDEX={index}", "TORCH_SPEC=torch>=2.10 torchvision"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    return proc, log.read_text().splitlines() if log.exists() else [], python
+
+
+def installs(log: list[str]) -> list[str]:
+    """The fake's install calls, the one that installs uv left out."""
+    return [line for line in log if "[install]" in line and "[uv]" not in line]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+@pytest.mark.parametrize("uv", [True, False], ids=["uv", "pip"])
+@pytest.mark.parametrize("index", ["", CU126_INDEX], ids=["default-index", "cu126"])
+def test_make_venv_installs_torch_from_torch_index(tmp_path: Path, uv: bool, index: str):
+    proc, log, _ = make_venv(tmp_path, index, FAKE_UV="1" if uv else "")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(installs(log)) == 2, log
+    torch_line, project_line = installs(log)
     assert torch_line.startswith("uv [pip]" if uv else "python [-m] [pip]"), torch_line
     assert torch_line.endswith(" [torch>=2.10] [torchvision]"), torch_line  # quoted: no `>` redirection
     assert project_line.endswith(" [-e] [.[test]]"), project_line
@@ -183,4 +211,47 @@ def test_make_venv_installs_torch_from_torch_index(tmp_path: Path, uv: bool, ind
     else:
         assert "[--index-url]" not in torch_line, torch_line
     assert ("[--find-links] [/opt/wheels]" in project_line) == uv, project_line  # uv gets pip's configuration
+    assert "uv failed" not in proc.stdout + proc.stderr
     assert (tmp_path / "venv" / ".installed").exists()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_venv_refuses_a_python_below_requires_python(tmp_path: Path):
+    """One line naming the python, its version, the floor and a command with a newer one; nothing created."""
+    need = requires_python()
+    major, minor = map(int, need.split("."))
+    for have in (f"{major}.{minor - 1}", "2.7"):
+        (work := tmp_path / have).mkdir()
+        proc, log, python = make_venv(work, version=have)
+        lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("make: ***")]  # make's own
+        assert proc.returncode != 0 and len(lines) == 1 and not proc.stdout, proc.stdout + proc.stderr
+        match = re.fullmatch(rf"make venv: (\S+) is Python {re.escape(have)}; this project needs >= {re.escape(need)}: "
+                             r"make venv PYTHON=python(\d+)\.(\d+)", lines[0])
+        assert match and match[1] == str(python), lines[0]
+        assert (int(match[2]), int(match[3])) >= (major, minor), lines[0]  # the suggestion meets the floor
+        assert [line.split()[:2] for line in log] == [["fakepython", "[-c]"]], log  # no venv, no install
+        assert not (work / "venv").exists()
+    (work := tmp_path / "newer").mkdir()
+    proc, log, _ = make_venv(work, version=f"{major}.{minor + 3}")  # a newer python passes
+    assert proc.returncode == 0 and len(installs(log)) == 2, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_venv_falls_back_to_pip_when_uv_fails(tmp_path: Path):
+    """uv fails (a proxy or CA that pip is configured for): pip installs the same, after one line saying so."""
+    proc, log, _ = make_venv(tmp_path, CU126_INDEX, FAKE_UV="1", FAKE_UV_FAIL="1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "uv" in line]
+    assert len(said) == 1 and said[0].startswith("make venv: uv failed") and "installing with pip" in said[0], said
+    tried = installs(log)
+    assert tried[0].startswith("uv [pip] [install]"), tried
+    pip = [line for line in tried if line.startswith("python [-m] [pip]")]
+    assert len(pip) == 2 and f"[--index-url] [{CU126_INDEX}]" in pip[0] and pip[1].endswith(" [-e] [.[test]]"), tried
+    assert (tmp_path / "venv" / ".installed").exists()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_venv_fails_when_pip_fails_too(tmp_path: Path):
+    proc, log, _ = make_venv(tmp_path, FAKE_UV="1", FAKE_UV_FAIL="1", FAKE_PIP_FAIL="1")
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "installing with pip" in proc.stdout and not (tmp_path / "venv" / ".installed").exists()
