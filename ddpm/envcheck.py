@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def gpu_problem(asked: int, what: str, key: str) -> str | None:
              if visible != "" else "CUDA_VISIBLE_DEVICES is empty (every GPU hidden)")
     facts += (f", job gres: {job_gres()}, torch {torch.__version__} ("
               f"{'CUDA ' + build + ' build' if build else 'a CPU-only build'}), "
-              f"NVIDIA driver: {driver or 'none on this node'}")
+              f"NVIDIA driver: {driver or 'none on this node'}, node {socket.gethostname()}")
     if build is None:
         fix = "install a CUDA build of torch (README, 'Install')"
     elif (problem := driver_problem(build, driver)) is not None:
@@ -147,10 +148,58 @@ def gpu_problem(asked: int, what: str, key: str) -> str | None:
             "or set infrastructure.num_gpus=0 for a CPU run")
 
 
+def arch_covers(sm: tuple[int, int], archs: list[str]) -> bool:
+    """Whether a build compiled for ``archs`` (``torch.cuda.get_arch_list()``: ``sm_75``, ``sm_90a``,
+    ``compute_120``) runs on a card of compute capability ``sm`` (major, minor).
+
+    A cubin ``sm_XY`` runs on the cards of its major X with minor >= Y (CUDA's binary compatibility; an
+    ``a``/``f``-suffixed cubin only on its own sm); PTX ``compute_XY`` is compiled by the driver for any sm >= XY.
+    """
+    card = sm[0] * 10 + sm[1]
+    for arch in archs:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", arch)
+        if match is None:
+            continue
+        kind, major, minor, suffix = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+        if kind == "compute" and major * 10 + minor <= card:
+            return True
+        if kind == "sm" and major == sm[0] and (minor == sm[1] if suffix else minor <= sm[1]):
+            return True
+    return False
+
+
+def kernel_problem(device: int = 0) -> str | None:
+    """One line when torch's build has no kernels for GPU ``device`` (a V100, sm70, under a CUDA 13 build compiled
+    for sm75 and newer: the first kernel would raise "no kernel image is available"), else None (imports torch).
+
+    The line names the card, its sm, the build (torch version and CUDA), the archs it has and the route that
+    covers the card (:func:`ddpm.routes.install_route`).
+    """
+    import torch
+
+    from ddpm.routes import install_route
+
+    archs = torch.cuda.get_arch_list()
+    sm = torch.cuda.get_device_capability(device)
+    if not archs or arch_covers(sm, archs):  # an empty list: a build that does not say (nothing to compare)
+        return None
+    driver = nvidia_driver()
+    return (f"the {torch.cuda.get_device_name(device)} (GPU {device}, sm{sm[0]}{sm[1]}) on {socket.gethostname()} "
+            f"has no kernels in this torch {torch.__version__} (CUDA {torch.version.cuda} build, archs "
+            f"{' '.join(archs)}): the first kernel would fail with 'no kernel image is available'; fix: "
+            f"{install_route(sm[0] * 10 + sm[1], driver)}")
+
+
 def require_gpus(asked: int, what: str, key: str = "infrastructure.num_gpus") -> None:
-    """Raise :class:`SetupError` with :func:`gpu_problem`'s line when fewer than ``asked`` GPUs are visible."""
-    if asked > 0 and (problem := gpu_problem(asked, what, key)) is not None:
+    """Raise :class:`SetupError` when fewer than ``asked`` GPUs are visible (:func:`gpu_problem`) or the build has
+    no kernels for one of the first ``asked`` (:func:`kernel_problem`): before any work, on every GPU path."""
+    if asked <= 0:
+        return
+    if (problem := gpu_problem(asked, what, key)) is not None:
         raise SetupError(problem)
+    for device in range(asked):
+        if (problem := kernel_problem(device)) is not None:
+            raise SetupError(f"{what}: {problem}")
 
 
 def pick_device(requested: str | None, gpus_asked: int, what: str, key: str = "infrastructure.num_gpus") -> str:

@@ -212,10 +212,35 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 def record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception,
                    state: RunState = RunState.FAILED) -> None:
     """``status.json`` says ``state`` (failed; lost: a peer died), with the one-line error, for the wrapper and
-    ``launch.py status`` (best effort: on a full disk even this small file may not fit)."""
+    ``launch.py status`` (best effort: on a full disk even this small file may not fit).
+
+    Any rank records a failure (a node without its GPUs, an out-of-memory on one rank): rank 0 may be blocked
+    in a collective waiting for it, and every node's wrapper reads the file and ends the job. A lost peer is
+    rank 0's to record."""
     line = str(err).partition("\n")[0]
     if state == RunState.LOST:
         print(f"[rank {env.rank}] lost a peer after step {step}: {line}", flush=True)
     with contextlib.suppress(OSError):
-        if env.is_main and run_dir.is_dir():
+        if (env.is_main or state == RunState.FAILED) and run_dir.is_dir():
             write_status(run_dir, state, step, 0, error=line)
+
+
+def as_failure(err: Exception, cfg: Config, env: dist.DistEnv, step: int) -> DDPMError:
+    """``err`` as the one-line failure a user acts on: a :class:`DDPMError` as it is; a ``torch.OutOfMemoryError``
+    as where it happened (step, rank, the card and its memory), the batch, the precision and the fix."""
+    if isinstance(err, DDPMError):
+        return err
+    import torch
+
+    tc, infra = cfg.training, cfg.infrastructure
+    where = "the CPU"
+    if env.device.type == "cuda":
+        props = torch.cuda.get_device_properties(env.device)
+        where = f"the {props.name} ({props.total_memory / 2**30:.0f} GiB, GPU {env.local_rank})"
+    fixes = [f"lower training.batch_size (now {tc.batch_size})"]
+    if infra.precision == "fp32":
+        fixes.append("set infrastructure.precision=bf16 (fp16 on cards without native bf16)")
+    fixes.append("or spread the batch over more GPUs (infrastructure.num_gpus, infrastructure.num_nodes)")
+    return DDPMError(f"out of memory at step {step} (rank {env.rank}) on {where}: batch {tc.batch_size} "
+                     f"({tc.batch_size // env.world_size} per rank), image size {cfg.data.image_size}, "
+                     f"{infra.precision} (infrastructure.precision): {', '.join(fixes)}; not requeued")

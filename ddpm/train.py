@@ -37,10 +37,11 @@ from ddpm.diffusion import DDPM
 from ddpm.ema import EMA
 from ddpm.envcheck import SetupError, check_torch_floor
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, ConfigError, DDPMError, cli_entry
-from ddpm.optim import build_optimizer, step_unless
+from ddpm.grid import draw_grid
+from ddpm.optim import build_optimizer, follow_fused_setting, step_unless
 from ddpm.precision import amp_dtype, autocast, configure_backends, describe_precision, memory_format, restore_scaler
 from ddpm.rundir import RunDir
-from ddpm.runlog import RunLogger, RunState, record_failure, write_provenance, write_status
+from ddpm.runlog import RunLogger, RunState, as_failure, record_failure, write_provenance, write_status
 from ddpm.unet import UNet
 
 
@@ -166,6 +167,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        follow_fused_setting(self.optimizer)  # the groups keep the saved "fused": this run's setting wins
         self.scaler = restore_scaler(self.scaler, state["scaler"], self.device.type, self._print)  # fp16 <-> bf16
         self.loader.load_state_dict(state["data"])
         self.step = int(state["step"])
@@ -316,19 +318,11 @@ class Trainer:
             self._print(f"stop: checkpoint durable {time.monotonic() - at:.1f} s after {name}")
         return path
 
-    @torch.no_grad()
     def sample_grid(self) -> None:
-        """EMA samples from fixed seeds -> grids/step_<N>.png and TensorBoard (rank 0)."""
+        """EMA samples from fixed seeds -> grids/step_<N>.png and TensorBoard (rank 0), beating the heartbeat."""
         if not self.env.is_main:
             return
-        sc, tc = self.cfg.sampling, self.cfg.training
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # UNet's init
-            ema_model = UNet(**self.model.config_dict()).to(self.device)  # draws: keep dropout's RNG as it was
-        self.ema.copy_to(ema_model)
-        images = DDPM(ema_model, **self.ddpm.state_dict()).sample(
-            tc.num_samples, (self.cfg.model.in_channels, self.cfg.data.image_size, self.cfg.data.image_size),
-            num_steps=sc.num_steps, sampler=sc.sampler, eta=sc.eta, timestep_spacing=sc.timestep_spacing,
-            seeds=list(range(tc.num_samples)), progress=False)
+        images = draw_grid(self.cfg, self.model, self.ema, self.ddpm.state_dict(), self.amp_dtype, self.heartbeat)
         path = RunDir(self.run_dir).grid(self.step)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(images, path)
@@ -373,15 +367,17 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, run_dir, env, overfit_single_batch=args.overfit_single_batch)
         trainer.install_stop_handlers()  # before the resume: a stop during a long read is kept
         trainer.resume()
-    except DDPMError as err:  # every checkpoint unreadable, a missing dataset: not a lost rank (see the wrapper)
-        record_failure(run_dir, env, -1, err)
+    except (DDPMError, torch.OutOfMemoryError) as err:  # every checkpoint unreadable, a missing dataset, a model
+        failure = as_failure(err, cfg, env, 0)  # that does not fit: not a lost rank (see the wrapper)
+        record_failure(run_dir, env, -1, failure)
         dist.cleanup()
-        raise
+        raise failure from None
     try:
         state = trainer.fit()
-    except DDPMError as err:  # a full disk, an unreadable image
-        record_failure(run_dir, env, trainer.step, err)
-        raise
+    except (DDPMError, torch.OutOfMemoryError) as err:  # a full disk, an unreadable image, out of memory (a
+        failure = as_failure(err, cfg, env, trainer.step)  # RuntimeError, but no lost peer): not requeued
+        record_failure(run_dir, env, trainer.step, failure)
+        raise failure from None
     except RuntimeError as err:  # another rank died mid-collective (its node or process): the wrapper requeues
         if not dist.peer_lost(err):
             raise

@@ -154,13 +154,30 @@ def _report_deadline(name: str, run_dir: Path) -> None:
               "slurm.signal_delay_s (time limit) or ask for a longer GraceTime (preemption)", flush=True)
 
 
+FAILED_GRACE_S = 10.0  # a failed rank's torchrun exits on its own within this; the others' may never (see below)
+
+
+def _end_after_failure(proc: subprocess.Popen, error: str) -> int:
+    """A rank recorded ``failed``: torchrun's exit code once it ends on its own, else after SIGKILL to its tree.
+
+    The ranks of other nodes (rank 0 in the rendezvous or a collective) would wait for the failed one until the
+    process group's timeout; the failed rank's own torchrun ends in seconds, after it printed its line.
+    """
+    try:
+        return proc.wait(timeout=FAILED_GRACE_S)
+    except subprocess.TimeoutExpired:
+        print(f"wrapper: a rank failed ({error}); ending this node's training processes", flush=True)
+        _signal_all([proc.pid, *descendants(proc.pid)], signal.SIGKILL)
+        return proc.wait()
+
+
 def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: list[tuple[str, float]]) -> int | None:
     """Wait for torchrun; its exit code, or None when the watchdog killed it (no heartbeat for ``watchdog_s``).
 
     A stop signal is sent to the ranks again every 5 s until torchrun exits: a rank still starting up
     inherits torchrun's SIG_IGN and would miss the first one.
     """
-    reported, resent = False, 0.0
+    reported, resent, started = False, 0.0, time.time()
     while True:
         try:
             return proc.wait(timeout=1.0)
@@ -172,7 +189,11 @@ def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: l
         if signals and time.monotonic() - resent >= 5.0:
             _signal_all(descendants(proc.pid), getattr(signal, signals[0][0]))
             resent = time.monotonic()
-        age = stalled_for(read_status(run_dir) or {}, watchdog_s)
+        status = read_status(run_dir) or {}
+        failed = status.get("state") == RunState.FAILED and float(status.get("heartbeat") or 0) > started - 30
+        if failed and status.get("error"):  # any rank on any node, in this job (a node without its GPUs): the
+            return _end_after_failure(proc, status["error"])  # others may wait for it in a collective
+        age = stalled_for(status, watchdog_s)
         if age is not None:
             print(f"watchdog: no heartbeat from the trainer for {age:.0f} s (training.watchdog_s={watchdog_s}): "
                   "a rank is hung or lost; killing the training processes", flush=True)
@@ -181,13 +202,13 @@ def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: l
             return None
 
 
-CRASH_LOOP = 3  # attempts in a row that lose a rank without a new durable checkpoint: stop requeuing
+CRASH_LOOP = 3  # attempts in a row that lose a rank or stall without a new durable checkpoint: stop requeuing
 
 
 @dataclass(frozen=True)
 class Attempt:
     """What an attempt starts from: the newest checkpoint's step, and how many attempts before it in a row lost a
-    rank without adding a checkpoint (``lost_streak`` in ``status.json``)."""
+    rank or stalled without adding a checkpoint (``lost_streak`` in ``status.json``)."""
 
     checkpoint_step: int
     lost_streak: int
@@ -195,12 +216,13 @@ class Attempt:
     @staticmethod
     def read(run_dir: Path) -> Attempt:
         status, ckpts = read_status(run_dir) or {}, list_checkpoints(run_dir)
-        streak = int(status.get("lost_streak") or 0) if status.get("state") in (RunState.LOST, RunState.STARTING) else 0
+        counted = (RunState.LOST, RunState.STALLED, RunState.STARTING)
+        streak = int(status.get("lost_streak") or 0) if status.get("state") in counted else 0
         return Attempt(ckpts[-1][0] if ckpts else -1, streak)
 
 
 def lost_streak(before: Attempt, run_dir: Path) -> int:
-    """The streak after this attempt lost a rank: 1 when it wrote a new checkpoint, else one more than before."""
+    """The streak after this attempt lost a rank or stalled: 1 when it wrote a new checkpoint, else one more."""
     return 1 if Attempt.read(run_dir).checkpoint_step > before.checkpoint_step else before.lost_streak + 1
 
 
@@ -247,11 +269,15 @@ def run_training(run_dir: Path, cfg: Config) -> str:
             signal.signal(sig, signal.SIG_IGN)
         print(f"training done at step {step}", flush=True)
         return "done"
-    if rc is None:
-        state = RunState.STALLED
+    if rc is None:  # a stall without a new checkpoint counts toward the crash loop: the same hang every attempt
+        state, streak = RunState.STALLED, lost_streak(before, run_dir)  # (a grid, a deadlock) stops in one line
+        why = f"no heartbeat for {cfg.training.watchdog_s} s after step {step} (training.watchdog_s)"
         if node == 0:
             write_status(run_dir, RunState.STALLED, int(step or 0), int(status.get("skipped_steps") or 0),
-                         error=f"no heartbeat for {cfg.training.watchdog_s} s (training.watchdog_s)")
+                         error=why, lost_streak=streak)
+        if streak >= CRASH_LOOP:
+            raise RuntimeError(f"training failed: a crash loop, not requeued: {streak} attempts in a row stalled "
+                               f"without a new checkpoint (last: {why}); see {run_dir}/logs")
         print(f"training stalled after step {step}; resuming from the last checkpoint", flush=True)
     elif state == RunState.STOPPED:
         took = f" {time.monotonic() - signals[0][1]:.1f} s after {signals[0][0]}" if signals else ""
