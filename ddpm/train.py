@@ -258,6 +258,7 @@ class Trainer:
             self.heartbeat()
             # a grid can take minutes: not after a stop signal (it uses no global RNG, so resume stays exact)
             if grid := self.step % tc.sample_every == 0 and not (self.stop_now or self.stop_requested):
+                self.heartbeat(force=True)  # the step a grid that never ends is named by
                 self.sample_grid()
             if save := self.stop_now or self.step % tc.save_every == 0 or self.step == tc.num_iterations:
                 self.save()
