@@ -8,15 +8,21 @@ and the device, in one place for every entry point that runs a network.
     with full_fp32(): features = inception(x)       # FID: Inception always in full fp32
     fmt = memory_format(cfg.infrastructure, device) # channels_last or contiguous (null: by device)
 
-TF32 uses torch's current API only (``torch.backends.cuda.matmul.fp32_precision``,
-``torch.backends.cudnn.conv.fp32_precision``: "tf32" or "ieee"); torch refuses to read flags that were set
-through both it and the legacy ``allow_tf32`` flags, so nothing here touches those.
+TF32 is set through torch's legacy setters (``torch.backends.cuda.matmul.allow_tf32``,
+``torch.backends.cudnn.allow_tf32``): they are the ones that write both of torch's views, the legacy flags and
+``torch.get_float32_matmul_precision()`` as well as the per-backend ``fp32_precision`` strings, so every reader
+agrees and none raises. The per-backend setters write only their own view; a later legacy read (Inductor's on
+torch 2.10-2.12, pytorch/pytorch#166387, and its autotune cache's on 2.14) then raises "mix of the legacy and new
+APIs" at the first compile. ``torch.set_float32_matmul_precision("high")`` is not used: it also sets oneDNN's CPU
+matmuls to TF32, which changes CPU arithmetic where oneDNN has a TF32 path (x86 CPUs with AMX-FP16).
+:func:`fp32_views` reads every view (tests, a GPU node's check).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -91,22 +97,65 @@ def restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], device_t
 
 
 def set_fp32_precision(tf32: bool) -> None:
-    """fp32 matmuls (cuBLAS) and convolutions (cuDNN) in TF32 (``tf32``) or full IEEE fp32; needs no GPU."""
-    mode = "tf32" if tf32 else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode
+    """fp32 matmuls (cuBLAS) and convolutions (cuDNN) in TF32 (``tf32``) or full IEEE fp32; needs no GPU.
+
+    Afterwards both of torch's views agree and can be read without raising: ``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.backends.cudnn.allow_tf32`` and ``torch.get_float32_matmul_precision()`` ("high" or "highest"), and
+    ``torch.backends.cuda.matmul.fp32_precision`` / ``torch.backends.cudnn.conv.fp32_precision`` ("tf32", or
+    "ieee" / "none": cuDNN's off state inherits the unset defaults, which are not TF32). oneDNN (CPU) is left as
+    it is."""
+    _set_tf32(tf32, tf32)
+
+
+def _set_tf32(matmul: bool, conv: bool) -> None:
+    """cuBLAS matmuls (``matmul``) and cuDNN convolutions (``conv``) in TF32 or not, through the legacy setters,
+    which write the legacy and the per-backend views together (torch 2.9 warns once that they will be
+    deprecated; that warning is silenced here: only these setters keep both views true)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Please use the new API settings to control TF32")
+        torch.backends.cuda.matmul.allow_tf32 = matmul  # float32 matmul precision high/highest + cuda matmul tf32/ieee
+        torch.backends.cudnn.allow_tf32 = conv  # cuDNN conv and rnn: tf32/none + the legacy cuDNN flag
+
+
+def tf32_in_effect() -> tuple[bool, bool]:
+    """Whether fp32 (cuBLAS matmuls, cuDNN convolutions) run in TF32 now, read through the per-backend getters,
+    which resolve "none" through their parents and never raise, whichever API set the flags."""
+    return (torch.backends.cuda.matmul.fp32_precision == "tf32",
+            torch.backends.cudnn.conv.fp32_precision == "tf32")
+
+
+# every reader of the TF32 state: torch's legacy ones (which Inductor and user code call), then the per-backend ones
+_VIEWS: dict[str, Callable[[], object]] = {
+    "matmul.allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
+    "cudnn.allow_tf32": lambda: torch.backends.cudnn.allow_tf32,
+    "get_float32_matmul_precision()": torch.get_float32_matmul_precision,
+    "matmul.fp32_precision": lambda: torch.backends.cuda.matmul.fp32_precision,
+    "cudnn.conv.fp32_precision": lambda: torch.backends.cudnn.conv.fp32_precision,
+}
+
+
+def fp32_views() -> dict[str, object]:
+    """What each of torch's TF32 readers answers now, by name; a reader that raises (a mix of the legacy and the
+    per-backend APIs) answers ``"raised: "`` and torch's message. For tests and a GPU node's check."""
+    views: dict[str, object] = {}
+    for name, read in _VIEWS.items():
+        try:
+            views[name] = read()
+        except RuntimeError as err:
+            views[name] = f"raised: {err}"
+    return views
 
 
 @contextlib.contextmanager
 def full_fp32() -> Iterator[None]:
-    """Full IEEE fp32 matmuls and convolutions inside (FID's Inception: the numbers papers cite), then the flags
-    as they were."""
-    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    """Full IEEE fp32 matmuls and convolutions inside (FID's Inception: the numbers papers cite), then TF32 as it
+    was (:func:`tf32_in_effect`), set back the way :func:`set_fp32_precision` sets it: both views agree after."""
+    saved = tf32_in_effect()
     set_fp32_precision(False)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        _set_tf32(*saved)
 
 
 def configure_backends(infra: InfrastructureConfig, training: TrainingConfig, device: torch.device) -> None:

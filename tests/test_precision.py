@@ -2,10 +2,12 @@
 
 - the autocast dtype of each precision choice (``torch.cuda`` queries faked): bf16 only where it is native (sm80
   and newer; ``is_bf16_supported()``'s default counts emulated bf16), else one line naming the card and the fix;
-  fp16 only on CUDA;
+  fp16 only on CUDA; ``tools.bench``'s sampling part by the same rule;
 - a checkpoint resumes across fp16 (scaler on) and bf16/fp32 (scaler state ``{}``) in both directions;
 - TF32 ("tf32") or full fp32 ("ieee") matmuls and convolutions after each entry point's setup: the trainer,
-  ``ddpm.sample``, ``ddpm.evaluate``; FID's Inception always "ieee", and its statistics record it;
+  ``ddpm.sample``, ``ddpm.evaluate``; FID's Inception always "ieee", and its statistics record it; after every
+  setting, each of torch's readers, the legacy ones Inductor calls and the per-backend strings, answers and agrees
+  (in a fresh process for each order), and a compile runs;
 - ``training.deterministic`` and ``infrastructure.channels_last: null`` (on for CPU, off for CUDA).
 
 The flags are process-wide: every test gets them back as they were.
@@ -13,15 +15,19 @@ The flags are process-wide: every test gets them back as they were.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_CONFIG
+from helpers import ROOT, TINY_CONFIG
 
 import ddpm.train
 from ddpm import fid, inception
@@ -34,28 +40,45 @@ from ddpm.precision import (
     channels_last,
     configure_backends,
     describe_precision,
+    fp32_views,
     full_fp32,
     memory_format,
     restore_scaler,
     set_fp32_precision,
+    tf32_in_effect,
 )
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
 
 def tf32_flags() -> tuple[str, str]:
-    """(cuBLAS matmul, cuDNN conv) fp32 precision: "tf32", "ieee" or "none" (inherit)."""
-    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    """(cuBLAS matmul, cuDNN conv): "tf32" or "ieee", once every reader of torch's has answered and agreed
+    (:func:`agreed`)."""
+    matmul, conv = agreed(fp32_views())
+    assert tf32_in_effect() == (matmul, conv)
+    return "tf32" if matmul else "ieee", "tf32" if conv else "ieee"
+
+
+def agreed(views: dict[str, object]) -> tuple[bool, bool]:
+    """(matmul, conv) in TF32, from :func:`ddpm.precision.fp32_views`' answers, after checking that none raised
+    and that the legacy readers and the per-backend strings say the same."""
+    assert not [v for v in views.values() if str(v).startswith("raised")], views
+    matmul, conv = views["matmul.allow_tf32"], views["cudnn.allow_tf32"]
+    assert isinstance(matmul, bool) and isinstance(conv, bool), views
+    assert views["get_float32_matmul_precision()"] == ("high" if matmul else "highest"), views
+    assert (views["matmul.fp32_precision"] == "tf32") == matmul, views
+    assert (views["cudnn.conv.fp32_precision"] == "tf32") == conv, views
+    return matmul, conv
 
 
 @pytest.fixture(autouse=True)
 def restore_backend_flags(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # monkeypatch restores it afterwards
-    saved = (tf32_flags(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+    saved = (tf32_in_effect(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.are_deterministic_algorithms_enabled())
     yield
     (matmul, conv), det, bench, algorithms = saved
-    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = matmul, conv
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv  # both views, as set
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = det, bench
     torch.use_deterministic_algorithms(algorithms)
 
@@ -102,6 +125,29 @@ def test_precision_on_the_cpu_bf16_when_asked_fp16_never():
                                          r"process runs on cpu \(set infrastructure.precision=bf16 or fp32\)$"):
         amp_dtype(InfrastructureConfig(num_gpus=1, precision="fp16"), CPU)  # a GPU config run with --device cpu
     assert autocast_dtype("fp16", "cuda", "sampling.precision") == torch.float16
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5), (8, 0), (9, 0)])
+def test_bench_sampling_takes_trainings_bf16_rule(monkeypatch, capability):
+    """tools.bench's sampling part on CUDA: bf16 (its default when sampling.precision is unset) only on a card with
+    native bf16; elsewhere training's line, before any work on the card; fp16 when asked."""
+    from tools.bench_sampling import report_sampling, sampling_autocast
+
+    fake_card(monkeypatch, capability)
+    args = argparse.Namespace(config=str(TINY_CONFIG), overrides=[], quick=True, repeats=1, sample_batch_sizes=[2])
+    cfg = load_config(TINY_CONFIG)
+    if capability >= (8, 0):
+        assert sampling_autocast(cfg, args, CUDA)[:2] == ("bf16", torch.bfloat16)
+    else:
+        with pytest.raises(SetupError) as rule:
+            autocast_dtype("bf16", CUDA, "sampling.precision")
+        with pytest.raises(SetupError) as bench:  # the net is never called: no CUDA work before the check
+            report_sampling(cfg, torch.nn.Identity(), CUDA, args)
+        assert str(bench.value) == str(rule.value)
+    fp16 = ["infrastructure.num_gpus=1", "sampling.precision=fp16"]
+    asked = sampling_autocast(load_config(TINY_CONFIG, fp16), argparse.Namespace(config=str(TINY_CONFIG),
+                                                                                 overrides=fp16), CUDA)
+    assert asked == ("fp16", torch.float16, "sampling.precision")
 
 
 def steps(trainer: ddpm.train.Trainer, n: int) -> None:
@@ -151,12 +197,61 @@ def test_restore_scaler_replaces_an_incomplete_state(capsys):
 # ---- 2. TF32 both ways, in every entry point; Inception always fp32 ----------------------------------------
 
 
+# a fresh process sets TF32 in the given order and reads every view after each setting, inside full_fp32 and after it
+ORDER_SCRIPT = """
+import json, sys
+from ddpm.precision import fp32_views, full_fp32, set_fp32_precision
+steps = []
+for tf32 in json.loads(sys.argv[1]):
+    set_fp32_precision(tf32)
+    after = fp32_views()
+    with full_fp32():
+        inside = fp32_views()
+    steps.append([tf32, after, inside, fp32_views()])
+print(json.dumps(steps))
+"""
+
+
+@pytest.mark.parametrize("order", [(True, False), (False, True)])
+def test_every_tf32_reader_agrees_after_each_setting_in_a_fresh_process(order):
+    """Torch's legacy readers (Inductor's: ``allow_tf32``, ``get_float32_matmul_precision()``) and the per-backend
+    ``fp32_precision`` strings answer, and agree, after each setting in either order; ``full_fp32`` turns every view
+    off and puts each back. A fresh process, so no flag another test set can mask a mix of APIs."""
+    proc = subprocess.run([sys.executable, "-c", ORDER_SCRIPT, json.dumps(order)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = json.loads(proc.stdout.splitlines()[-1])
+    assert [tf32 for tf32, *_ in steps] == list(order)
+    for tf32, after, inside, restored in steps:
+        assert agreed(after) == (tf32, tf32)
+        assert agreed(inside) == (False, False)
+        assert restored == after
+
+
 @pytest.mark.parametrize("tf32", [True, False])
 def test_set_fp32_precision_sets_matmul_and_conv(tf32):
     set_fp32_precision(tf32)
     assert tf32_flags() == (("tf32",) * 2 if tf32 else ("ieee",) * 2)
     set_fp32_precision(not tf32)
     assert tf32_flags() == (("ieee",) * 2 if tf32 else ("tf32",) * 2)
+
+
+def test_full_fp32_puts_back_tf32_that_a_library_set_through_the_per_backend_api():
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # as code that uses only torch's new API leaves them
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    with full_fp32():  # reads the state without the legacy readers, which may raise here
+        assert tf32_flags() == ("ieee", "ieee")
+    assert tf32_flags() == ("tf32", "tf32")  # the same TF32, now readable both ways
+
+
+def test_a_compile_after_the_setting_runs():
+    """Inductor on the CPU (as ``sampling.compile``) after TF32 was set: Dynamo and Inductor read the flags."""
+    set_fp32_precision(True)
+    net = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(net)(x), net(x))
+    assert tf32_flags() == ("tf32", "tf32")
 
 
 @pytest.mark.parametrize("tf32", [True, False])

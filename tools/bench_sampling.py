@@ -4,9 +4,11 @@ Two tables:
 
 - ours, per sampler (DDPM-T, DDIM-50, DPM-Solver++(2M)-20) and per batch size (``--sample-batch-sizes``):
   images/s at the sampling precision (``sampling.precision``; on CUDA bf16 when the config leaves it unset,
-  the header says which) with ``sampling.compile`` honoured as ``ddpm.sample`` does (one compiled graph per
-  batch size, built in an untimed warmup), FLOPs per network call (``FlopCounterMode``) and, on CUDA, the
-  model FLOP utilisation against the measured bf16 matmul peak;
+  the header says which), turned into an autocast dtype by training's rule (``ddpm.precision.autocast_dtype``:
+  bf16 on a card without native bf16, a V100 or T4, stops with its one line and fix), with ``sampling.compile``
+  honoured as ``ddpm.sample`` does (one compiled graph per batch size, built in an untimed warmup), FLOPs per
+  network call (``FlopCounterMode``) and, on CUDA, the model FLOP utilisation against the measured matmul peak
+  in the same dtype;
 - ours against a diffusers scheduler loop (``DDPMScheduler`` / ``DDIMScheduler.step``) around the same
   network at the first batch size, both fp32 and eager, for DDPM-T and DDIM-50.
 
@@ -31,6 +33,7 @@ from torch import nn
 from ddpm.config import Config
 from ddpm.configtools import apply_overrides, read_yaml
 from ddpm.diffusion import DDPM
+from ddpm.precision import autocast_dtype
 from ddpm.sample import compiled_for_sampling
 from tools.diffusers_twin import diffusers_loop
 
@@ -95,6 +98,16 @@ def sampling_precision(cfg: Config, args: argparse.Namespace, cuda: bool) -> tup
     return "fp32", "sampling.precision's default"
 
 
+def sampling_autocast(cfg: Config, args: argparse.Namespace,
+                      device: torch.device) -> tuple[str, torch.dtype | None, str]:
+    """(precision, autocast dtype or None for fp32, why): :func:`sampling_precision`'s choice through training's
+    rule (:func:`ddpm.precision.autocast_dtype`), before any work on the device: bf16 on a card without native bf16
+    (V100, T4) and fp16 off CUDA raise its :class:`~ddpm.envcheck.SetupError` (one line naming the card and the
+    fix), as ``ddpm.sample`` and the trainer do."""
+    precision, why = sampling_precision(cfg, args, device.type == "cuda")
+    return precision, autocast_dtype(precision, device, "sampling.precision"), why
+
+
 def flops_per_image(net: nn.Module, cfg: Config, device: torch.device) -> float:
     """FLOPs of one network call on one image (they scale linearly with the batch)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -149,15 +162,15 @@ def report_sampling(cfg: Config, ours: nn.Module, device: torch.device, args: ar
     quick_steps = (10 if cuda else 2) if args.quick else None
     repeats = args.repeats if quick_steps else 1
     batches = args.sample_batch_sizes
-    precision, why = sampling_precision(cfg, args, cuda)
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    precision, autocast, why = sampling_autocast(cfg, args, device)
     compile_net = cfg.sampling.compile
     how = (f"QUICK: median of {repeats} runs of {quick_steps} steps, per-step time x steps" if quick_steps
            else "one full run each")
     print(f"\n2. sampling: DDPM.sample, {precision} ({why}), compile={compile_net}"
           f"{' (mode reduce-overhead: CUDA graphs)' if compile_net and cuda else ''}, per-image seeds; {how}")
     flops = flops_per_image(ours, cfg, device)
-    peak = matmul_peak(device, torch.bfloat16) if cuda else None
+    peak_dtype = autocast or torch.float32  # the matmuls the sampler runs (fp32: TF32 where infrastructure.tf32)
+    peak = matmul_peak(device, peak_dtype) if cuda else None
     ours.eval()
     with Pressure() as pressure:
         rows = bench_ours(ours, cfg, batches, device, autocast, compile_net, quick_steps, repeats)
@@ -171,7 +184,8 @@ def report_sampling(cfg: Config, ours: nn.Module, device: torch.device, args: ar
               f"{f'{rates[0]:.4f}-{rates[-1]:.4f}':>17} {1e3 * med:>9.2f} {flops * batch / 1e9:>11.2f} "
               f"{achieved / 1e9:>9.1f}" + (f"  {100 * achieved / peak:4.1f}%" if peak else ""))
     if peak:
-        print(f"   MFU: achieved FLOP/s over the measured bf16 matmul peak, {peak / 1e12:.0f} TFLOP/s")
+        print(f"   MFU: achieved FLOP/s over the measured {str(peak_dtype).removeprefix('torch.')} matmul peak, "
+              f"{peak / 1e12:.0f} TFLOP/s")
     print(f"   ({pressure})")
     batch = batches[0]
     print(f"   against diffusers: batch {batch}, fp32 eager in both (as ddpm.sample runs by default), our network "

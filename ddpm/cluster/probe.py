@@ -1,8 +1,14 @@
-"""The doctor's job on a training node: torch, driver, GPUs, an all-reduce, storage and training speed.
+"""The doctor's job on a training node: torch, driver, GPUs, the build's kernels for each card, the precision, an
+all-reduce, storage and training speed.
 
 ``launch.py doctor`` submits :class:`ProbeTask` with the training job's resources (partition, gres, nodes,
 CPUs, memory); it runs torchrun around ``python -m ddpm.cluster.probe`` as the trainer would be run, and rank 0
 writes ``probe.json``: the report's lines and the measured figures the run plan is computed from.
+
+The report is kept whatever fails: a check that fails is a FAIL line with its fix, and every other line is still
+measured where it can be. No GPU seen or no kernels for the card: the all-reduce and the training speed say they
+were skipped and why, while the driver, storage and checkpoint-save lines are measured. A precision the card
+cannot run (bf16 on a V100 or T4): the speed is timed in fp16, the fix's first choice, and its line says so.
 
     python -m ddpm.cluster.probe --config RUN_DIR/config.yaml --run-dir RUN_DIR   # each rank, under torchrun
 """
@@ -10,6 +16,7 @@ writes ``probe.json``: the report's lines and the measured figures the run plan 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -18,21 +25,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ddpm.config import Config, load_config
 from ddpm.envcheck import (
     TORCH_FLOOR_TEXT,
+    SetupError,
     check_torch_floor,
     driver_problem,
     gpu_problem,
     installed_torch,
+    kernel_problem,
     nvidia_driver,
     torch_floor_problem,
 )
 from ddpm.errors import cli_entry
 from ddpm.fsio import atomic_write_text
 from ddpm.rundir import RunDir
+
+if TYPE_CHECKING:  # not imported here: the doctor on the login node imports this module without torch
+    import torch
 
 Line = tuple[str, str, str]  # (ok | note | FAIL, what, detail)
 
@@ -84,7 +96,9 @@ def time_checkpoint(cfg: Config, directory: Path) -> tuple[int, float]:
 
 
 def environment_lines(cfg: Config) -> list[Line]:
-    """torch and its CUDA build against the floor, the driver, the GPUs seen against those asked for."""
+    """torch and its CUDA build against the floor, the driver, the GPUs seen against those asked for, the build's
+    kernels for each card (:func:`kernel_lines`) and whether they run ``infrastructure.precision``
+    (:func:`precision_line`)."""
     import torch
 
     version, build, driver = installed_torch(), torch.version.cuda, nvidia_driver()
@@ -97,16 +111,66 @@ def environment_lines(cfg: Config) -> list[Line]:
     asked = cfg.infrastructure.num_gpus
     if asked == 0:
         lines.append(("note", "gpus", "the config asks for no GPU (infrastructure.num_gpus=0): no GPU was tested"))
-    elif (missing := gpu_problem(asked, "training", "infrastructure.num_gpus")) is not None:
-        lines.append(("FAIL", "gpus", missing))
-    else:
-        seen = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
-        names = ", ".join(f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm{p.major}{p.minor})" for p in seen)
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        lines.append(("ok", "gpus", f"{len(seen)} seen, {asked} asked: {names}"))
-        lines.append(("ok" if native else "note", "bf16", "native bf16 (sm >= 80)" if native else
-                      "no native bf16 on this card: set infrastructure.precision=fp16 (bf16 stops with one line)"))
+        return [*lines, precision_line(cfg, torch.device("cpu"))]
+    if (missing := gpu_problem(asked, "training", "infrastructure.num_gpus")) is not None:
+        return [*lines, ("FAIL", "gpus", missing)]
+    seen = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    names = ", ".join(f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm{p.major}{p.minor})" for p in seen)
+    lines.append(("ok", "gpus", f"{len(seen)} seen, {asked} asked: {names}"))
+    return [*lines, *kernel_lines(), precision_line(cfg, torch.device("cuda", 0))]
+
+
+def kernel_lines() -> list[Line]:
+    """ok or FAIL for every visible card: whether this torch's build has kernels for it (its sm against
+    ``torch.cuda.get_arch_list()``, :func:`ddpm.envcheck.kernel_problem`: the FAIL names the card, its sm, the
+    build, its archs and the install route that covers the card). Cards of one model and sm share a line."""
+    import torch
+
+    cards: dict[tuple[str, tuple[int, int]], list[int]] = {}
+    for i in range(torch.cuda.device_count()):
+        cards.setdefault((torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i)), []).append(i)
+    lines: list[Line] = []
+    for (name, (major, minor)), index in cards.items():
+        others = f" (the same for GPU {', '.join(map(str, index[1:]))})" if len(index) > 1 else ""
+        if (problem := kernel_problem(index[0])) is not None:
+            lines.append(("FAIL", "kernels", problem + others))
+        else:
+            lines.append(("ok", "kernels", f"GPU {', '.join(map(str, index))} ({name}, sm{major}{minor}): this torch "
+                          f"{torch.__version__} (CUDA {torch.version.cuda} build) has kernels for it (archs "
+                          f"{' '.join(torch.cuda.get_arch_list())})"))
     return lines
+
+
+def precision_line(cfg: Config, device: torch.device) -> Line:
+    """Whether ``device`` runs ``infrastructure.precision`` by training's own rule
+    (:func:`ddpm.precision.autocast_dtype`): FAIL with its one line and fix (bf16 on a card without native bf16)."""
+    import torch
+
+    from ddpm.precision import autocast_dtype, describe_precision
+
+    asked = cfg.infrastructure.precision
+    try:
+        amp = autocast_dtype(asked, device, "infrastructure.precision")
+    except SetupError as err:
+        return "FAIL", "precision", str(err)
+    native = device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    return "ok", "precision", (f"infrastructure.precision={asked}: {describe_precision(amp, device)}"
+                               + ("" if native else "; this card has no native bf16 (sm < 80)"))
+
+
+def speed_precision(cfg: Config, device: torch.device) -> tuple[str, str | None]:
+    """(the precision to time the training step in, why it is not ``infrastructure.precision`` or None): the
+    configured one where ``device`` runs it, else fp16 on CUDA (the first fix :func:`precision_line` names)."""
+    from ddpm.precision import autocast_dtype
+
+    asked = cfg.infrastructure.precision
+    try:
+        autocast_dtype(asked, device, "infrastructure.precision")
+        return asked, None
+    except SetupError:
+        fallback = "fp16" if device.type == "cuda" else "fp32"
+        return fallback, (f"infrastructure.precision={asked} cannot run on this card, see the precision line; "
+                          f"{fallback} is the fix's first choice")
 
 
 def allreduce_line(env: Any, mb: int = 64) -> Line:
@@ -181,34 +245,56 @@ def training_speed(cfg: Config, env: Any, run_dir: Path, steps: int = 20,
     return rate, (torch.cuda.max_memory_allocated(env.device) / 2**30 if cuda else None)
 
 
+# what the all-reduce and the training speed cannot pass, by the line that failed
+_BLOCKS = {"torch": "this torch cannot run the project (the torch line)",
+           "gpus": "the GPUs asked for are not seen (the gpus line)",
+           "kernels": "this torch has no kernels for the card (the kernels line)"}
+
+
 def probe(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """Every rank: the checks above; rank 0 returns the report (lines, img_per_s, save_s)."""
+    """Every rank: the checks above; rank 0 returns the report (lines, img_per_s, save_s, and speed_precision:
+    the precision the speed was timed in, or None when it was skipped). A failed check is a FAIL line and the
+    rest is measured where it can be: storage and the checkpoint save need no GPU, the all-reduce and the speed
+    need the GPUs and their kernels (skipped with a note saying why otherwise)."""
     from ddpm import dist
     from ddpm.cpus import apply_cpu_budget, cpu_budget
 
     lines = environment_lines(cfg)
-    result: dict[str, Any] = {"lines": lines, "img_per_s": None, "save_s": None}
-    if any(kind == "FAIL" for kind, _, _ in lines):
-        return result  # no GPU, or a torch that cannot run: the rest would say nothing more
-    env = dist.init_distributed(cfg.infrastructure.num_gpus > 0, timeout_s=600)
-    budget = apply_cpu_budget(cpu_budget("train", env.device, workers=0))
-    lines.append(allreduce_line(env))
-    if env.is_main:
+    result: dict[str, Any] = {"lines": lines, "img_per_s": None, "save_s": None, "speed_precision": None}
+    blocked = next((_BLOCKS[what] for kind, what, _ in lines if kind == "FAIL" and what in _BLOCKS), None)
+    env = None
+    if blocked is None:
+        try:
+            env = dist.init_distributed(cfg.infrastructure.num_gpus > 0, timeout_s=600)
+        except SetupError as err:  # this rank's GPUs (envcheck.require_gpus: count, kernels)
+            lines.append(("FAIL", "rank setup", str(err)))
+            blocked = "this rank could not take its GPU (the rank setup line)"
+    lines.append(allreduce_line(env) if env is not None else ("note", "all-reduce", f"skipped: {blocked}"))
+    main = env.is_main if env is not None else int(os.environ.get("RANK", "0")) == 0
+    if main:
         scratch = Path(os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or tempfile.gettempdir())
         for what, where in (("run.root", Path(cfg.run.root)), ("node scratch", scratch)):
             write, read = storage_speed(where)
             lines.append(("ok", what, f"{where}: write {write:.0f} MB/s (fsynced), read {read:.0f} MB/s"))
-    rate, peak = training_speed(cfg, env, run_dir)
-    lines.append(("ok", "training speed", f"{rate:.1f} img/s, global batch {cfg.training.batch_size}, "
-                  f"{env.world_size} x {env.device.type}, precision {cfg.infrastructure.precision}"
-                  + (f", peak memory {peak:.1f} GiB" if peak is not None else "") + f"; each rank: {budget}"))
-    result["img_per_s"] = rate
-    if env.is_main:
+    if env is None:
+        lines.append(("note", "training speed", f"skipped: {blocked}"))
+    else:
+        budget = apply_cpu_budget(cpu_budget("train", env.device, workers=0))
+        precision, instead = speed_precision(cfg, env.device)
+        timed = dataclasses.replace(cfg, infrastructure=dataclasses.replace(cfg.infrastructure, precision=precision))
+        rate, peak = training_speed(timed, env, run_dir)
+        lines.append(("note" if instead else "ok", "training speed", f"{rate:.1f} img/s, global batch "
+                      f"{cfg.training.batch_size}, {env.world_size} x {env.device.type}, precision {precision}"
+                      + (f" ({instead})" if instead else "")
+                      + (f", peak memory {peak:.1f} GiB" if peak is not None else "") + f"; each rank: {budget}"))
+        result["img_per_s"], result["speed_precision"] = rate, precision
+    if main and not any(kind == "FAIL" and what == "torch" for kind, what, _ in lines):
         size, result["save_s"] = time_checkpoint(cfg, Path(cfg.run.root))
         lines.append(("ok", "checkpoint save", f"{size / 2**20:.1f} MiB written to run.root in "
                       f"{result['save_s']:.1f} s"))
-    dist.barrier()
-    dist.cleanup()
+    if env is not None:
+        dist.barrier()
+        dist.cleanup()
     return result
 
 
