@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ddpm.cluster.executors import (
     AssembleTask,
@@ -211,12 +214,24 @@ def print_summary(cfg: Config, run_dir: Path, jobs: dict[str, Any]) -> None:
             print(f"{stage + ' job:':<13} {jobs[stage]}")
     run = RunDir(run_dir)
     print(f"logs:         {run.logs}/<job id>/")
-    print(f"tensorboard:  tensorboard --logdir {run.tb}")
-    print(f"status:       python launch.py status {run_dir}")
+    print(f"tensorboard:  {shlex.join(['tensorboard', '--logdir', str(run.tb)])}")
+    print(f"status:       {shlex.join(['python', 'launch.py', 'status', str(run_dir)])}")
     n, s, c = cfg.sampling.num_samples, cfg.data.image_size, cfg.model.in_channels
     if "eval" in jobs:
         print(f"eval:         {run.fid} (tensorboard: eval/fid)")
     print(f"outputs:      {run.samples.npz((n, s, s, c))}, {run.samples.grid.name}, {run.samples.metrics.name}")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The shell-quoted command that continues the run in ``run_dir`` (its config.yaml names the run; run.root is
+    given as an override, as YAML reads it: a root YAML would read as something else goes in double quotes)."""
+    root = str(run_dir.resolve().parent)
+    try:
+        as_is = yaml.safe_load(root) == root
+    except yaml.YAMLError:
+        as_is = False
+    value = root if as_is else json.dumps(root)  # a JSON string is a YAML double-quoted scalar
+    return shlex.join(["python", "launch.py", "--config", str(RunDir(run_dir).config), f"run.root={value}"])
 
 
 def status(run_dir: Path) -> int:
@@ -248,8 +263,7 @@ def status(run_dir: Path) -> int:
     train_job = job_state(jobs["train"]) if jobs.get("cluster") == "slurm" and "train" in jobs else "GONE"
     alive = train_job.split("(")[0] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
     if train and train.get("state") != RunState.DONE and not alive:  # e.g. cancelled on preemption (PreemptMode=CANCEL)
-        print(f"  resume: python launch.py --config {run.config} run.root={run_dir.resolve().parent}"
-              "   (continues from the last checkpoint)")
+        print(f"  resume: {resume_command(run_dir)}   (continues from the last checkpoint)")
     if cfg.eval.enabled:
         results = [r for r in (read_result(run_dir, step) for step in eval_steps(cfg)) if r is not None]
         best = min(results, key=lambda r: r["mean"], default=None)

@@ -201,8 +201,15 @@ class RunConfig:
     root: str = field(default="runs", metadata=PATH)
     """Directory holding the runs (shared storage on a cluster)."""
     name: str = "ddpm"
-    """The run's name; requeues and resubmissions with the same name continue it."""
+    """The run's name (letters, digits, '.', '_', '-'); requeues and resubmissions with the same name continue it."""
+
+    NAME_CHARS: ClassVar[str] = "letters, digits, '.', '_' and '-'"  # what a path, a job name and a shell take as is
 
     def __post_init__(self) -> None:
         check_fields(self, "run")
-        require(bool(self.name) and "/" not in self.name, "run.name", self.name, "a non-empty name without '/'")
+        name = self.name
+        require(bool(name), "run.name", name, f"a non-empty name of {self.NAME_CHARS}")
+        bad = next((c for c in name if not (c.isascii() and (c.isalnum() or c in "._-"))), None)
+        require(bad is None, "run.name", name, f"{self.NAME_CHARS} only, not {bad!r}: the name becomes a directory, "
+                "SLURM job names and the commands printed to copy")
+        require(name not in (".", ".."), "run.name", name, "a directory of its own under run.root, not '.' or '..'")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import subprocess
 import time
 from collections.abc import Callable
@@ -208,8 +209,9 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
     if not _wait(lambda: (read_status(run_dir) or {}).get("step", -1) >= 20, timeout):
         return report("FAIL", "running", f"job {job} did not reach step 20 in {timeout:.0f} s "
                       f"({job_state(job)}); see {log}")
-    subprocess.run(["scancel", f"--signal={cfg.training.stop_signal}", job], check=True, timeout=60)
-    report("ok", "stop signal", f"scancel --signal={cfg.training.stop_signal} {job} (what the time limit sends)")
+    scancel = ["scancel", f"--signal={cfg.training.stop_signal}", job]
+    subprocess.run(scancel, check=True, timeout=60)
+    report("ok", "stop signal", f"{shlex.join(scancel)} (what the time limit sends)")
     if not _wait(lambda: "stop: checkpoint durable" in (log.read_text() if log.is_file() else ""), 120):
         return report("FAIL", "checkpoint", f"no checkpoint after the stop signal; see {log}")
     report("ok", "checkpoint", f"written at step {load_latest(run_dir)[1]['step']}")

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,13 +147,18 @@ def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependen
 
 
 def sbatch_script(executor: Any, array_size: int | None = None) -> str:
-    """The sbatch text submitit writes for a SlurmExecutor (for --dry-run); ``array_size`` for an array.
+    """The sbatch script ``executor.submit(...)`` writes (``array_size``: ``executor.map_array`` over that many
+    items), rendered by submitit's own code (for ``launch.py --dry-run``): quoted as the submitted one is.
 
-    submitit (1.5) has no public call that returns this text; ``_make_sbatch_string`` is the function its
-    ``SlurmExecutor`` uses, fed with the executor's public ``parameters`` (tests/test_launch_slurm.py checks
-    the text against a real submission)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    submitit (1.5) has no public call that returns it; this takes the steps of its submission without the
+    ``sbatch`` call: ``_make_submission_file_text(_submitit_command_str)`` of the executor, for an array that of
+    the copy ``SlurmExecutor._internal_process_submissions`` makes with ``map_count`` set (an array of one item
+    is submitted as a plain job). tests/test_dry_run_slurm.py compares the text with real submissions."""
+    import submitit
 
-    command = f"{sys.executable} -u -m submitit.core._submit {executor.folder}"
-    return _make_sbatch_string(command=command, folder=executor.folder, map_count=array_size,
-                               **executor.parameters)
+    renderer = executor
+    if array_size is not None and array_size > 1:
+        renderer = submitit.SlurmExecutor(executor.folder, executor.max_num_timeout)
+        renderer.update_parameters(**executor.parameters)
+        renderer.parameters["map_count"] = array_size
+    return renderer._make_submission_file_text(executor._submitit_command_str, "dry-run")
