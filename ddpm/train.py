@@ -94,7 +94,7 @@ class Trainer:
         self.stop_now = False  # the flag reduced over ranks: every rank agrees on it
         self._stop_at: tuple[str, float] | None = None  # (signal name, monotonic time) of the first stop signal
         self._last_beat, self._last_save_s, self._handlers = 0.0, 0.0, False
-        self._logger: RunLogger | None = None  # opened at the first log: TensorBoard continues at the resumed step
+        self._logger: RunLogger | None = None  # opened as the loop starts: TensorBoard continues at the resumed step
         self._iter: Any = None  # the loader's workers start with the first batch
         self._fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -250,6 +250,7 @@ class Trainer:
                     f"{self.env.world_size} x {self.device.type}, global batch {tc.batch_size}, "
                     f"{describe_precision(self.amp_dtype, self.device)}, step {self.step}/{tc.num_iterations}, "
                     f"run dir {self.run_dir}; each rank: {self.budget}")
+        self.logger.mark_start(self.step)  # the first log's rate and ETA count from here (set-up and resume done)
         while self.step < tc.num_iterations and not self.stop_now:
             x0, t, noise = self.next_batch()
             metrics = self.train_step(x0, t, noise)
