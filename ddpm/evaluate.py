@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import json
 import os
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -150,7 +151,7 @@ def select(run_dir: Path, cfg: Config) -> dict[str, Any]:
     if missing:
         tasks = ", ".join(f"{steps.index(s)} (step {s})" for s in missing)
         print(f"eval: no result for task {tasks}: failed or not run (see its log); re-run one alone with "
-              f"`python -m ddpm.evaluate task {run_dir} --index K`", flush=True)
+              f"`{shlex.join(['python', '-m', 'ddpm.evaluate', 'task', str(run_dir)])} --index K`", flush=True)
     if not rows:
         raise DDPMError(f"eval: none of the {len(steps)} checkpoints was evaluated; see the eval tasks' logs in "
                         f"{RunDir(run_dir).logs}")
