@@ -5,6 +5,12 @@ default import mode). The fixture itself (``slurm_cluster``) lives in tests/conf
 
 The test cluster has no accounting (accounting_storage/none), so ``sacct`` fails; everything here asks
 ``scontrol show job -o`` instead. Finished jobs stay visible to scontrol for MinJobAge=300 s.
+
+A job moves on its own between a read of its state and an act on it: a requeued job starts when its BeginTime
+comes, a job ends, a node comes back. Every helper that acts on a read (``release_held``, ``scancel``,
+``request_resume``) takes what slurmctld answers for a state that has moved on as that state, reads again and
+goes on; waits take one read per poll (tests/test_slurm_harness.py makes each change happen in between). The
+measured pace that bounds the waits of training runs is in tests/slurm_runs.py.
 """
 
 from __future__ import annotations
@@ -27,21 +33,8 @@ CLUSTER_SH = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
 PARTITION = "debug"
 
 # JobState values after which a job never runs again on its own
-TERMINAL_STATES = frozenset(
-    {
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-        "TIMEOUT",
-        "NODE_FAIL",
-        "PREEMPTED",
-        "BOOT_FAIL",
-        "DEADLINE",
-        "OUT_OF_MEMORY",
-        "SPECIAL_EXIT",
-        "REVOKED",
-    }
-)
+TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                             "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED"})
 
 
 class SlurmError(RuntimeError):
@@ -125,31 +118,55 @@ def sbatch(*args: str, cwd: str | Path | None = None) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def release_requeued(job_id: str | int, min_gap_s: float = 2.0) -> bool:
-    """Start a requeued job now instead of after the requeue delay.
+def held(rec: dict[str, str]) -> bool:
+    """A requeued job waiting out its BeginTime delay (PENDING, Reason=BeginTime)."""
+    return rec.get("JobState") == "PENDING" and rec.get("Reason") == "BeginTime"
+
+
+def release_held(rec: dict[str, str], min_gap_s: float = 2.0, attempts: int = 3) -> bool:
+    """Start the requeued job of ``rec`` (a record read before) ``min_gap_s`` from now instead of after the
+    requeue delay; True when this call moved its start earlier.
 
     A requeued job (``scontrol requeue``, or a preempted/failed --requeue job) waits PENDING with
     Reason=BeginTime for cred_expire+1 s (121 s by default, 11 s on the test cluster). That delay is
     there for a reason: slurmd revokes the job's credential when the old run is killed, and refuses a
     new launch whose credential is from the same second or earlier ("Killing non-startable batch
-    JobId=N: Job credential revoked" in slurmctld.log -> the job ends FAILED). So the job is released
-    at ``max(now, requeue time + min_gap_s)``; the requeue time is the record's SubmitTime.
-    Returns True when it was released (i.e. it was pending on BeginTime).
+    JobId=N: Job credential revoked" in slurmctld.log -> the job ends FAILED). Releasing it ``min_gap_s``
+    (rounded up to a second) after this call is after that kill whatever happened since ``rec`` was read,
+    a new requeue included; a job already due to start by then is left alone (releasing it again at every poll
+    would push its start back each time).
+
+    Between the read and the update the job may have moved on: started on its own (its BeginTime came),
+    released by someone else, ended, purged, or requeued again. slurmctld then refuses the update ("Job is no
+    longer pending execution", "Job has already finished", "Invalid job id"): the job is read again and, no
+    longer held, left as it is; held again (a new requeue), released from the new record.
     """
-    rec = show_job(job_id)
-    if rec.get("JobState") != "PENDING" or rec.get("Reason") != "BeginTime":
-        return False
-    start = "now"
-    try:
-        requeued_at = datetime.fromisoformat(rec["SubmitTime"])
-    except (KeyError, ValueError):
-        requeued_at = None
-    if requeued_at is not None:
-        earliest = requeued_at + timedelta(seconds=math.ceil(min_gap_s))
-        if earliest > datetime.now():
-            start = earliest.isoformat(timespec="seconds")
-    _run(["scontrol", "update", f"JobId={job_id}", f"StartTime={start}"])
-    return True
+    job_id = rec["JobId"]
+    for _ in range(attempts):
+        if not held(rec):
+            return False
+        start = (datetime.now() + timedelta(seconds=math.ceil(min_gap_s) + 1)).replace(microsecond=0)
+        try:
+            due = datetime.fromisoformat(rec["StartTime"])
+        except (KeyError, ValueError):  # "Unknown": its begin time has passed, the scheduler is about to start it
+            return False
+        if due <= start:  # due by then already: released before, or its BeginTime comes first
+            return False
+        update = _run(["scontrol", "update", f"JobId={job_id}", f"StartTime={start.isoformat()}"], check=False)
+        if update.returncode == 0:
+            return True
+        recs = show_jobs(job_id)
+        if not recs:  # purged
+            return False
+        rec = recs[0]
+    raise SlurmError(f"scontrol update JobId={job_id} StartTime: {update.stderr.strip()} "
+                     f"(the job is still {rec['JobState']}, Reason={rec.get('Reason')})")
+
+
+def release_requeued(job_id: str | int, min_gap_s: float = 2.0) -> bool:
+    """:func:`release_held` on the job's current record; False when it is not held (or no longer known)."""
+    recs = show_jobs(job_id)
+    return len(recs) == 1 and release_held(recs[0], min_gap_s)
 
 
 def wait_for_state(job_id: str | int, states: Iterable[str], timeout: float = 30, poll: float = 0.2) -> str:
@@ -170,7 +187,7 @@ def wait_for_job(job_id: str | int, timeout: float = 30, poll: float = 0.2, rele
     """Poll ``scontrol show job -o`` (not sacct: no accounting here) until the job is terminal.
 
     For an array job id, waits for every task and returns COMPLETED if all completed, else the first
-    other terminal state. ``release=True`` also calls :func:`release_requeued` on requeued jobs.
+    other terminal state. ``release=True`` also calls :func:`release_held` on the records of requeued jobs.
     Raises TimeoutError (with the last record) when the job is still not terminal after ``timeout``.
     """
     deadline = time.monotonic() + timeout
@@ -184,8 +201,7 @@ def wait_for_job(job_id: str | int, timeout: float = 30, poll: float = 0.2, rele
             return bad[0] if bad else "COMPLETED"
         if release:
             for r in recs:
-                if r["JobState"] == "PENDING" and r.get("Reason") == "BeginTime":
-                    release_requeued(r["JobId"])
+                release_held(r)
         if time.monotonic() > deadline:
             summary = "; ".join(f"{r['JobId']} {r['JobState']} Reason={r.get('Reason')}" for r in recs)
             raise TimeoutError(f"job {job_id} not finished after {timeout}s: {summary}")
@@ -211,78 +227,65 @@ def next_job_id() -> int:
     raise SlurmError("NEXT_JOB_ID not in `scontrol show config`")
 
 
+def unfinished_since(first_id: int) -> list[str]:
+    """The ids of every unfinished job with id >= first_id (jobs submitted after that point); arrays once."""
+    ids = {r.get("ArrayJobId") or r["JobId"] for r in show_jobs()
+           if int(r.get("ArrayJobId") or r["JobId"]) >= first_id and r["JobState"] not in TERMINAL_STATES}
+    return sorted(ids, key=int)
+
+
+def scancel(*job_ids: str, args: Iterable[str] = ()) -> None:
+    """``scancel [ARGS] JOB...`` (e.g. ``args=["--signal=USR2"]``) for jobs read before: a job that has ended or been
+    purged since is not an error (scancel then fails on it, or not, depending on the SLURM version); a job still
+    unfinished that scancel could not reach is."""
+    if not job_ids:
+        return
+    proc = _run(["scancel", *args, *job_ids], check=False)
+    if proc.returncode == 0:
+        return
+    live = [j for j in job_ids if any(r["JobState"] not in TERMINAL_STATES | {"COMPLETING"} for r in show_jobs(j))]
+    if live:
+        raise SlurmError(f"scancel {' '.join([*args, *live])} failed: {proc.stderr.strip()}")
+
+
 def cancel_jobs_since(first_id: int) -> list[str]:
     """scancel every unfinished job with id >= first_id (jobs submitted after that point)."""
-    ids = []
-    for r in show_jobs():
-        jid = r.get("ArrayJobId") or r["JobId"]
-        if int(jid) >= first_id and r["JobState"] not in TERMINAL_STATES:
-            ids.append(jid)
-    ids = sorted(set(ids), key=int)
-    if ids:
-        _run(["scancel", *ids], check=False)
+    ids = unfinished_since(first_id)
+    scancel(*ids)
     return ids
+
+
+def node_state(node: str) -> str:
+    """The node's State as ``scontrol show node`` gives it: IDLE, MIXED, IDLE+DRAIN, DOWN*, ..."""
+    return parse_scontrol_line(_run(["scontrol", "show", "node", "-o", node]).stdout)["State"]
+
+
+def in_service(state: str) -> bool:
+    """A node state that takes jobs: IDLE, MIXED or ALLOCATED, not drained, failed or unresponsive (``*``)."""
+    base, *flags = state.split("+")
+    return base in {"IDLE", "MIXED", "ALLOCATED"} and not {"DRAIN", "FAIL", "NOT_RESPONDING"} & set(flags)
+
+
+def request_resume(node: str) -> bool:
+    """``scontrol update NodeName=NODE State=RESUME`` for a node read out of service: True when slurmctld took it.
+    The node may be back already (ReturnToService=2 returns a DOWN node when its slurmd registers, ``cluster.sh
+    start`` resumes it too); slurmctld then refuses ("Invalid node state specified"): not an error."""
+    return _run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=False).returncode == 0
+
+
+def resume_node(node: str, timeout: float = 60) -> str:
+    """Bring ``node`` back in service (:func:`request_resume` while it is out) and wait until it is; its state."""
+    deadline = time.monotonic() + timeout
+    while not in_service(state := node_state(node)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"node {node} still {state} after {timeout:.0f} s")
+        request_resume(node)
+        time.sleep(0.5)
+    return state
 
 
 def slurm_available() -> bool:
     return shutil.which("sbatch") is not None and shutil.which("scontrol") is not None
-
-
-# --------------------------------------------------------------------------------------------- submitit
-def scontrol_watcher(delay_s: int = 2):
-    """A submitit info watcher that asks ``scontrol show job -o`` instead of ``sacct``.
-
-    Why: submitit's SlurmInfoWatcher polls ``sacct``, which fails without accounting
-    ("Slurm accounting storage is disabled"). submitit then logs "Bypassing sacct error" and
-    ``job.state`` stays "UNKNOWN", which submitit counts as *not done*. ``job.result()`` still works for
-    jobs that wrote their result pickle (success, or a Python exception -> FailedJobError), but a job
-    that dies without one (scancel, time limit, os._exit, OOM kill, node failure) makes
-    ``job.wait()``/``job.result()`` hang forever.
-
-    Use per job (``job.watcher = scontrol_watcher()``), or for all jobs of the process
-    (``submitit.SlurmJob.watcher = scontrol_watcher()``). Jobs that slurmctld no longer knows
-    (purged MinJobAge after the end) are reported as state "PURGED", which counts as done.
-    """
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
-    class ScontrolInfoWatcher(SlurmInfoWatcher):
-        def _make_command(self) -> list[str] | None:
-            if not self._registered - self._finished:
-                return None
-            return ["scontrol", "show", "job", "-o"]  # all jobs in one call
-
-        def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
-            if not isinstance(string, str):
-                string = string.decode()
-            info: dict[str, dict[str, str]] = {}
-            for line in string.splitlines():
-                if not line.startswith("JobId="):
-                    continue
-                rec = parse_scontrol_line(line)
-                stats = {"JobID": rec["JobId"], "State": rec["JobState"], "NodeList": rec.get("NodeList", "")}
-                array_id, tasks = rec.get("ArrayJobId"), rec.get("ArrayTaskId")
-                if array_id and tasks:
-                    for task in _expand_task_ids(tasks):
-                        info[f"{array_id}_{task}"] = stats
-                else:
-                    info[rec["JobId"]] = stats
-            for job_id in self._registered - self._finished:
-                if job_id not in info:
-                    info[job_id] = {"JobID": job_id, "State": "PURGED", "NodeList": ""}
-            return info
-
-    return ScontrolInfoWatcher(delay_s=delay_s)
-
-
-def _expand_task_ids(spec: str) -> list[int]:
-    """``0-3,7,9-11%2`` -> [0, 1, 2, 3, 7, 9, 10, 11]."""
-    out: list[int] = []
-    for part in spec.split("%")[0].split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ faults
@@ -297,45 +300,18 @@ def restarts(job_id: str | int) -> int:
     return int(show_job(job_id).get("Restarts", "0"))
 
 
-def wait_for_restart(job_id: str | int, count: int = 1, timeout: float = 120) -> None:
-    """Wait until the job has been requeued ``count`` times (fails fast if it ended instead)."""
+def wait_for_restart(job_id: str | int, count: int = 1, timeout: float = 120) -> dict[str, str]:
+    """Wait until the job has been requeued ``count`` times; its record then (whatever the job did since: held,
+    running again, even ended). Fails fast when it ended without that many requeues. One read per poll: a job
+    requeued and ended between two reads is requeued."""
     deadline = time.monotonic() + timeout
-    while restarts(job_id) < count:
+    while True:
         rec = show_job(job_id)
+        if int(rec.get("Restarts", "0")) >= count:
+            return rec
         if rec["JobState"] in TERMINAL_STATES or time.monotonic() > deadline:
             raise SlurmError(f"job {job_id} not requeued {count}x: {rec['JobState']} Restarts={rec.get('Restarts')}")
         time.sleep(0.2)
-
-
-def job_pids(job_id: str | int) -> list[int]:
-    """Every process of a job on this node: those whose environment has SLURM_JOB_ID=<job_id>."""
-    needle = f"SLURM_JOB_ID={job_id}\0".encode()
-    pids = []
-    for env in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if needle in env.read_bytes():
-                pids.append(int(env.parent.name))
-        except OSError:
-            continue
-    return pids
-
-
-def logged_step(log: Path) -> int:
-    """The last ``step N/`` progress line of a training log (0 before the first)."""
-    import re
-
-    found = re.findall(r"^step (\d+)/", log.read_text() if log.is_file() else "", flags=re.M)
-    return int(found[-1]) if found else 0
-
-
-def wait_for_step(log: Path, step: int, timeout: float = 120) -> int:
-    """Wait until the training log has reached ``step``; returns the step seen."""
-    deadline = time.monotonic() + timeout
-    while (seen := logged_step(log)) < step:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{log} never reached step {step} (last: {seen})")
-        time.sleep(0.2)
-    return seen
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:

@@ -23,7 +23,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import ROOT, TINY_CONFIG, launch
-from slurm_helpers import BACKGROUND, preempt, restarts, wait_for_job, wait_for_restart, wait_for_state, wait_for_step
+from slurm_helpers import (
+    BACKGROUND,
+    TERMINAL_STATES,
+    job_state,
+    preempt,
+    restarts,
+    wait_for_job,
+    wait_for_restart,
+    wait_for_state,
+)
+from slurm_runs import GRACE_S, Pace, measure_pace, wait_for_step
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.runlog import write_status
@@ -38,6 +48,12 @@ def train_locally(images: Path, root: Path, *overrides: str) -> Path:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root / "tiny"
+
+
+@pytest.fixture(scope="module")
+def pace(images: Path) -> Pace:
+    """This machine's measured training pace: the bounds of the SLURM waits (tests/slurm_runs.py)."""
+    return measure_pace(images)
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +93,19 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slurm
-def test_full_disk_during_checkpoint(slurm_cluster, images, small_disk):
+def test_full_disk_during_checkpoint(slurm_cluster, images, small_disk, pace):
     proc = launch(f"data.path={images}", f"run.root={small_disk}", *WORKERS, "--stage", "train", "--only",
                   "training.num_iterations=2000", "training.save_every=100", "training.log_every=10")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = small_disk / "tiny"
     job, log = job_of(run_dir)
-    assert wait_for_state(job, {"RUNNING"}, timeout=120) == "RUNNING"
-    wait_for_step(log, 110)  # step_100 is durable
+    assert wait_for_state(job, {"RUNNING"}, timeout=pace.bound()) == "RUNNING"
+    wait_for_step(log, 110, timeout=pace.bound(steps=110), job=job)  # step_100 is durable
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
     with open(small_disk / "filler", "wb") as f:  # leave 1 MiB: logs still fit, a ~3 MiB checkpoint does not
         f.write(b"\0" * (free - 2**20))
     before = snapshot(run_dir / "checkpoints")
-    assert wait_for_job(job, timeout=120) == "FAILED"
+    assert wait_for_job(job, timeout=pace.bound(steps=100, starts=0)) == "FAILED"
     text = log.read_text()
     errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "no space left on the device for step_00000200.pt" in errors[0], text[-3000:]
@@ -124,14 +140,14 @@ def test_unreadable_checkpoints_cli(images, trained, tmp_path):
 
 
 @pytest.mark.slurm
-def test_unreadable_checkpoints_slurm(slurm_cluster, images, trained, tmp_path):
+def test_unreadable_checkpoints_slurm(slurm_cluster, images, trained, tmp_path, pace):
     run_dir = copy_run(trained, tmp_path)
     before = _truncate_all(run_dir)
     proc = launch(f"data.path={images}", f"run.root={tmp_path}", "training.num_iterations=20", "--stage", "train",
                   "--only")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job, log = job_of(run_dir)
-    assert wait_for_job(job, timeout=120) == "FAILED"
+    assert wait_for_job(job, timeout=pace.bound()) == "FAILED"
     text = log.read_text()
     assert f"training failed: {run_dir}/checkpoints: no checkpoint can be loaded" in text, text[-3000:]
     assert restarts(job) == 0 and snapshot(run_dir / "checkpoints") == before
@@ -142,6 +158,8 @@ def test_unreadable_checkpoints_slurm(slurm_cluster, images, trained, tmp_path):
 
 SAMPLING = ["sampling.sampler=ddpm", "sampling.num_steps=50", "sampling.num_samples=200", "sampling.num_shards=2",
             "sampling.batch_size=4", "sampling.seed_base=7"]
+SHARD_STEPS = 25 * 50  # network evaluations of one shard: 25 batches of 4, 50 steps each (each cheaper than a
+# training step: a forward pass of a batch of 4, no backward), what the bounds of its waits count in training steps
 
 
 def sample_reference(run_dir: Path, out: Path) -> list[subprocess.Popen[str]]:
@@ -155,14 +173,14 @@ def sample_reference(run_dir: Path, out: Path) -> list[subprocess.Popen[str]]:
 
 
 @pytest.mark.slurm
-def test_sampling_task_preempted_mid_shard(slurm_cluster, images, trained, tmp_path):
+def test_sampling_task_preempted_mid_shard(slurm_cluster, images, trained, tmp_path, pace):
     run_dir = copy_run(trained, tmp_path)
     ref = tmp_path / "ref"
     references = sample_reference(run_dir, ref)
     try:
-        preempted_shard(images, tmp_path, run_dir)
+        preempted_shard(images, tmp_path, run_dir, pace)
         for proc in references:
-            out, _ = proc.communicate(timeout=300)
+            out, _ = proc.communicate(timeout=pace.bound(steps=SHARD_STEPS))
             assert proc.returncode == 0, out
     finally:
         for proc in references:
@@ -173,21 +191,23 @@ def test_sampling_task_preempted_mid_shard(slurm_cluster, images, trained, tmp_p
     assert np.array_equal(got, expected)
 
 
-def preempted_shard(images: Path, root: Path, run_dir: Path) -> None:
+def preempted_shard(images: Path, root: Path, run_dir: Path, pace: Pace) -> None:
     """SAMPLING on the local SLURM, shard 0 preempted once it has a partial file; returns once assembly is done."""
     proc = launch(f"data.path={images}", f"run.root={root}", *WORKERS, *SAMPLING, "--stage", "sample")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = json.loads((run_dir / "jobs.json").read_text())
     task0 = jobs["sample_tasks"][0]
     partial = run_dir / "samples" / "shards" / "shard_0.partial.npz"
-    deadline = time.monotonic() + 120
-    while not partial.is_file():  # at least one batch of shard 0 is durable
-        assert time.monotonic() < deadline, "shard 0 never wrote a partial file"
-        time.sleep(0.1)
+    deadline = time.monotonic() + pace.bound(steps=SHARD_STEPS // 25)
+    while not partial.is_file():  # at least one batch of shard 0 is durable (of 25)
+        assert time.monotonic() < deadline and job_state(task0) not in TERMINAL_STATES, \
+            "shard 0 never wrote a partial file"
+        time.sleep(0.2)
     preempt()
-    wait_for_restart(task0, 1)
-    assert wait_for_job(jobs["sample"], timeout=400, release=True) == "COMPLETED"  # task 0 released from BeginTime
-    assert wait_for_job(jobs["assemble"], timeout=400) == "COMPLETED"
+    wait_for_restart(task0, 1, timeout=GRACE_S + pace.bound(steps=SHARD_STEPS // 25, starts=0))
+    # task 0 released from BeginTime; its shard resumes, the other may still run
+    assert wait_for_job(jobs["sample"], timeout=pace.bound(steps=SHARD_STEPS), release=True) == "COMPLETED"
+    assert wait_for_job(jobs["assemble"], timeout=pace.bound()) == "COMPLETED"
     log = run_dir / "logs" / task0 / f"{task0}_0_log.out"
     logs = "".join(p.read_text() for p in (run_dir / "logs").rglob("*.out"))
     assert "shard 0: stopped by SIGTERM" in logs and "shard_0.partial.npz: resuming after" in logs, log

@@ -14,7 +14,8 @@ restored afterwards.
 Every training run has loader workers on (``data.num_workers=1``) and one torch thread per rank. A 2-node run
 and its one-node reference run the same world (2 ranks, gloo, the same global ranks and data shards), so they
 are compared bitwise; each faulted run is compared with the same reference, so it also equals the
-uninterrupted 2-node runs of the first test.
+uninterrupted 2-node runs of the first test. Waits are for events and bounded by this machine's measured pace
+(tests/slurm_runs.py); the run is long enough that the job cannot end before a fault reaches it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pytest
 from helpers import ROOT, TINY_CONFIG, launch
 from slurm_helpers import (
     CLUSTER_SH,
+    TERMINAL_STATES,
     assert_same_training_state,
     job_state,
     preempt,
@@ -40,16 +42,15 @@ from slurm_helpers import (
     wait_for_job,
     wait_for_restart,
     wait_for_state,
-    wait_for_step,
 )
+from slurm_runs import GRACE_S, Pace, measure_pace, wait_for_step
 
 from ddpm.checkpoint import load_latest
 from ddpm.cluster.rendezvous import rendezvous_port
 
 MULTINODE_SH = ROOT / "tests" / "slurm" / "multinode.sh"
 pytestmark = pytest.mark.slurm
-N = 200  # steps of each run; the faults land after step 110 (step_100 durable)
-COMMON = ["data.num_workers=1", "training.log_every=10", "training.save_every=100", f"training.num_iterations={N}"]
+COMMON = ["data.num_workers=1", "training.log_every=10", "training.save_every=100"]
 TWO_NODES = [*COMMON, "infrastructure.num_nodes=2", "slurm.cpus_per_task=1", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 ONE_NODE = [*COMMON, "infrastructure.nproc_per_node=2"]  # the reference: torchrun --nproc-per-node 2, no SLURM
 
@@ -73,17 +74,28 @@ def two_nodes(slurm_cluster) -> Iterator[list[str]]:
         assert subprocess.run(["ip", "link", "show", "ddpmbr0"], capture_output=True).returncode != 0
 
 
-def start_training(images: Path, root: Path, *overrides: str) -> tuple[Path, str, Path]:
+@pytest.fixture(scope="module")
+def pace(images: Path) -> Pace:
+    return measure_pace(images)
+
+
+@pytest.fixture(scope="module")
+def n(pace: Pace) -> int:
+    """Steps of each run (200); the faults land after step 110 (step_100 durable)."""
+    return pace.run_length(110, at_least=200)
+
+
+def start_training(images: Path, root: Path, pace: Pace, *overrides: str) -> tuple[Path, str, Path]:
     """A 2-node training job from launch.py; (run dir, job id, log of node 0's task) once it runs."""
     proc = launch("--stage", "train", "--only", f"data.path={images}", f"run.root={root}", *TWO_NODES, *overrides)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = root / "tiny"
     job = json.loads((run_dir / "jobs.json").read_text())["train"]
-    assert wait_for_state(job, {"RUNNING"}, timeout=120) == "RUNNING"
+    assert wait_for_state(job, {"RUNNING"}, timeout=pace.bound()) == "RUNNING"
     return run_dir, job, run_dir / "logs" / job / f"{job}_0_log.out"
 
 
-def finish(job: str, log: Path, timeout: float = 400, clean_from: str = "", release: bool = True) -> str:
+def finish(job: str, log: Path, timeout: float, clean_from: str = "", release: bool = True) -> str:
     """Wait until the (requeued) job completes; the log text of node 0's task, with no traceback after the
     first ``clean_from`` (torchrun prints its ChildFailedError when a rank exits on a lost peer).
     ``release``: start the requeued job before SLURM's BeginTime delay (see ``release_requeued``)."""
@@ -133,12 +145,12 @@ def test_status_kill_and_revive_node(two_nodes) -> None:
     assert status.returncode == 0 and "node2: slurmd running in ddpm-node2" in status.stdout, status.stdout
 
 
-def test_two_jobs_at_once_launch_and_sbatch(two_nodes, images, tmp_path, reference):
+def test_two_jobs_at_once_launch_and_sbatch(two_nodes, images, tmp_path, reference, pace, n):
     """Job A (launch.py: train -> 2 sampling tasks of 2 CPUs, one per node -> assembly) and job B
     (slurm/train.sbatch --nodes=2) train at once on the same nodes, each with its own rendezvous port."""
-    ref = reference(*ONE_NODE)
-    proc = launch(f"data.path={images}", f"run.root={tmp_path / 'a'}", *TWO_NODES, "sampling.num_shards=2",
-                  "slurm.sample_cpus_per_task=2")
+    ref = reference(*ONE_NODE, f"training.num_iterations={n}")
+    proc = launch(f"data.path={images}", f"run.root={tmp_path / 'a'}", *TWO_NODES, f"training.num_iterations={n}",
+                  "sampling.num_shards=2", "slurm.sample_cpus_per_task=2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_a = tmp_path / "a" / "tiny"
     jobs = json.loads((run_a / "jobs.json").read_text())
@@ -147,19 +159,20 @@ def test_two_jobs_at_once_launch_and_sbatch(two_nodes, images, tmp_path, referen
                    f"--output={tmp_path}/b-%j.out",
                    f"--export=ALL,OMP_NUM_THREADS=1,PATH={Path(sys.executable).parent}:{os.environ['PATH']}",
                    str(template_without_gres(tmp_path, "train.sbatch")), str(TINY_CONFIG), f"data.path={images}",
-                   f"run.root={tmp_path / 'b'}", *TWO_NODES, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while not (job_state(job_a) == "RUNNING" and job_state(job_b) == "RUNNING"):
-        assert time.monotonic() < deadline, (job_state(job_a), job_state(job_b))
+                   f"run.root={tmp_path / 'b'}", *TWO_NODES, f"training.num_iterations={n}", cwd=ROOT)
+    deadline = time.monotonic() + pace.bound()
+    while (states := (job_state(job_a), job_state(job_b))) != ("RUNNING", "RUNNING"):
+        assert time.monotonic() < deadline and not TERMINAL_STATES & set(states), states
         time.sleep(0.2)
 
-    assert wait_for_job(job_b, timeout=400) == "COMPLETED", (tmp_path / f"b-{job_b}.out").read_text()[-3000:]
-    assert wait_for_job(jobs["assemble"], timeout=400) == "COMPLETED"
+    assert wait_for_job(job_b, timeout=pace.bound(steps=n, ranks=4)) == "COMPLETED", \
+        (tmp_path / f"b-{job_b}.out").read_text()[-3000:]
+    assert wait_for_job(jobs["assemble"], timeout=pace.bound(steps=n, starts=3, ranks=4)) == "COMPLETED"
     logs = {job_a: (run_a / "logs" / job_a / f"{job_a}_0_log.out").read_text(),
             job_b: (run_b / "logs" / f"train-{job_b}-0.out").read_text()}
     for job, text in logs.items():
         assert f"--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=node1:{rendezvous_port(job)}" in text, text[-3000:]
-        assert f"training done at step {N}" in text and "Traceback" not in text, text[-3000:]
+        assert f"training done at step {n}" in text and "Traceback" not in text, text[-3000:]
     assert rendezvous_port(job_a) != rendezvous_port(job_b)
     assert hosts(run_a) == [["node1", "node2"]] and hosts(run_b) == [["node1", "node2"]]
     shard_hosts = {line.split("hostname=")[1].split(",")[0] for p in (run_a / "logs").glob("*_*/*_log.out")
@@ -167,24 +180,24 @@ def test_two_jobs_at_once_launch_and_sbatch(two_nodes, images, tmp_path, referen
     assert shard_hosts == {"node1", "node2"}  # the two sampling tasks ran on different nodes
     shown = subprocess.run([sys.executable, "launch.py", "status", str(run_a)], capture_output=True, text=True,
                            cwd=ROOT, timeout=60).stdout
-    assert f"training: done at step {N}/{N}" in shown and "sampling: 2/2 shards complete" in shown, shown
+    assert f"training: done at step {n}/{n}" in shown and "sampling: 2/2 shards complete" in shown, shown
     assert "assembly: " in shown and "samples_12x8x8x3.npz" in shown, shown
     expected = ref.state()
     assert_same_training_state(expected, load_latest(run_a)[1])
     assert_same_training_state(expected, load_latest(run_b)[1])
 
 
-def test_preemption_of_a_two_node_job(two_nodes, images, tmp_path, reference):
+def test_preemption_of_a_two_node_job(two_nodes, images, tmp_path, reference, pace, n):
     """A higher-priority job takes a whole node: SIGTERM to every process of the job on both nodes; every rank
     stops at the same step, rank 0 writes one checkpoint, the job is requeued once and resumes exactly."""
-    ref = reference(*ONE_NODE)
-    run_dir, job, log = start_training(images, tmp_path)
-    wait_for_step(log, 110)
+    ref = reference(*ONE_NODE, f"training.num_iterations={n}")
+    run_dir, job, log = start_training(images, tmp_path, pace, f"training.num_iterations={n}")
+    wait_for_step(log, 110, timeout=pace.bound(steps=110, ranks=2), job=job)
     preempt(cpus=2)  # all of one node's CPUs: SLURM must preempt the 2-node job (1 CPU on each node)
-    wait_for_restart(job, 1)
+    wait_for_restart(job, 1, timeout=GRACE_S + pace.bound(steps=10, starts=0, ranks=2))
     stopped = load_latest(run_dir)[1]["step"]
-    assert 110 <= stopped < N
-    text = finish(job, log)
+    assert 110 <= stopped < n
+    text = finish(job, log, timeout=pace.bound(steps=n, ranks=2))
     node2 = (log.parent / f"{job}_1_log.out").read_text()  # node 1's task: rank 1
     assert "[rank 0] received SIGTERM" in text and "[rank 1] received SIGTERM" in node2, node2[-3000:]
     assert f"[rank 0] stopped at step {stopped} " in text and f"[rank 1] stopped at step {stopped} " in node2
@@ -195,14 +208,15 @@ def test_preemption_of_a_two_node_job(two_nodes, images, tmp_path, reference):
     assert_same_training_state(ref.state(), load_latest(run_dir)[1])
 
 
-def test_node_lost_mid_run(two_nodes, images, tmp_path, reference):
+def test_node_lost_mid_run(two_nodes, images, tmp_path, reference, pace, n):
     """node2 dies (slurmd, slurmstepd, torchrun, the rank and its loader worker: SIGKILL). Rank 0 on node1 sees
     its connections reset and exits at once: the job is requeued within the bound, waits for two nodes, and
     resumes from the last durable checkpoint when node2 is back."""
     bound = 30  # training.watchdog_s: the bound when a node vanishes without resetting its connections
-    ref = reference(*ONE_NODE)
-    run_dir, job, log = start_training(images, tmp_path, f"training.watchdog_s={bound}")
-    wait_for_step(log, 110)
+    ref = reference(*ONE_NODE, f"training.num_iterations={n}")
+    run_dir, job, log = start_training(images, tmp_path, pace, f"training.num_iterations={n}",
+                                       f"training.watchdog_s={bound}")
+    wait_for_step(log, 110, timeout=pace.bound(steps=110, ranks=2), job=job)
     t0 = time.monotonic()
     assert _run(str(MULTINODE_SH), "kill-node", "node2").returncode == 0
     durable = load_latest(run_dir)[1]["step"]
@@ -218,7 +232,7 @@ def test_node_lost_mid_run(two_nodes, images, tmp_path, reference):
     # no early release: SLURM's BeginTime delay (cred_expire + 1 s: 11 s here) lets the old attempt's srun, stuck
     # on the dead node's step, die first; started 2 s after the requeue, the new attempt's step (the same id, 0)
     # was cancelled by it
-    text = finish(job, log, clean_from="resumed from", release=False)
+    text = finish(job, log, timeout=pace.bound(steps=n, ranks=2), clean_from="resumed from", release=False)
     # rank 0's collective failed on the dead peer: gloo says "Connection reset by peer" or "Connection closed by
     # peer" or "Broken pipe", depending on where the reset finds it (ddpm.dist.peer_lost)
     assert "[rank 0] lost a peer after step" in text and "training lost a rank after step" in text

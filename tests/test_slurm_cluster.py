@@ -6,18 +6,18 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from slurm_helpers import (
     array_states,
     job_state,
-    release_requeued,
+    parse_scontrol_line,
     sbatch,
-    scontrol_watcher,
     show_job,
     wait_for_file,
     wait_for_job,
-    wait_for_state,
+    wait_for_restart,
 )
 
 pytestmark = pytest.mark.slurm
@@ -79,12 +79,10 @@ def test_requeue_runs_again(slurm_cluster, tmp_path):
     assert job_state(job_id) == "RUNNING"
 
     subprocess.run(["scontrol", "requeue", job_id], check=True)
-    # Slurm holds a requeued job ~120 s (Reason=BeginTime); release_requeued starts it now
-    deadline = time.monotonic() + 20
-    while not release_requeued(job_id):
-        assert time.monotonic() < deadline, f"job {job_id} never pending on BeginTime: {show_job(job_id)}"
-        time.sleep(0.1)
-    assert wait_for_job(job_id, timeout=30) == "COMPLETED"
+    # Slurm holds a requeued job ~120 s (11 s here: Reason=BeginTime); release=True starts it 2 s after the requeue
+    t0 = time.monotonic()
+    assert wait_for_job(job_id, timeout=30, release=True) == "COMPLETED"
+    assert time.monotonic() - t0 < 10, "the requeued job was not released: it waited out its BeginTime"
     assert log.read_text().split() == ["0", "1"]
     assert show_job(job_id)["Restarts"] == "1"
 
@@ -155,6 +153,62 @@ def test_dependency_never_satisfied(slurm_cluster, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- submitit
+def scontrol_watcher(delay_s: int = 2) -> Any:
+    """A submitit info watcher that asks ``scontrol show job -o`` instead of ``sacct``.
+
+    Why: submitit's SlurmInfoWatcher polls ``sacct``, which fails without accounting
+    ("Slurm accounting storage is disabled"). submitit then logs "Bypassing sacct error" and
+    ``job.state`` stays "UNKNOWN", which submitit counts as *not done*. ``job.result()`` still works for
+    jobs that wrote their result pickle (success, or a Python exception -> FailedJobError), but a job
+    that dies without one (scancel, time limit, os._exit, OOM kill, node failure) makes
+    ``job.wait()``/``job.result()`` hang forever.
+
+    Use per job (``job.watcher = scontrol_watcher()``), or for all jobs of the process
+    (``submitit.SlurmJob.watcher = scontrol_watcher()``). Jobs that slurmctld no longer knows
+    (purged MinJobAge after the end) are reported as state "PURGED", which counts as done.
+    """
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    class ScontrolInfoWatcher(SlurmInfoWatcher):
+        def _make_command(self) -> list[str] | None:
+            if not self._registered - self._finished:
+                return None
+            return ["scontrol", "show", "job", "-o"]  # all jobs in one call
+
+        def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+            if not isinstance(string, str):
+                string = string.decode()
+            info: dict[str, dict[str, str]] = {}
+            for line in string.splitlines():
+                if not line.startswith("JobId="):
+                    continue
+                rec = parse_scontrol_line(line)
+                stats = {"JobID": rec["JobId"], "State": rec["JobState"], "NodeList": rec.get("NodeList", "")}
+                array_id, tasks = rec.get("ArrayJobId"), rec.get("ArrayTaskId")
+                if array_id and tasks:
+                    for task in _expand_task_ids(tasks):
+                        info[f"{array_id}_{task}"] = stats
+                else:
+                    info[rec["JobId"]] = stats
+            for job_id in self._registered - self._finished:
+                if job_id not in info:
+                    info[job_id] = {"JobID": job_id, "State": "PURGED", "NodeList": ""}
+            return info
+
+    return ScontrolInfoWatcher(delay_s=delay_s)
+
+
+def _expand_task_ids(spec: str) -> list[int]:
+    """``0-3,7,9-11%2`` -> [0, 1, 2, 3, 7, 9, 10, 11]."""
+    out: list[int] = []
+    for part in spec.split("%")[0].split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 @pytest.fixture
 def executor(slurm_cluster, tmp_path):
     submitit = pytest.importorskip("submitit")
@@ -252,10 +306,7 @@ def test_submitit_preemption_requeue(executor, tmp_path):
     wait_for_file(marker, timeout=30)
     time.sleep(1.0)  # submitit installs its signal handlers before calling the function; be safe
     job._interrupt()  # scancel --signal USR2 <id>
-    assert wait_for_state(job.job_id, {"PENDING"}, timeout=20) == "PENDING"
-    deadline = time.monotonic() + 20
-    while not release_requeued(job.job_id):
-        assert time.monotonic() < deadline, show_job(job.job_id)
-        time.sleep(0.1)
+    wait_for_restart(job.job_id, 1, timeout=20)  # requeued, not ended
+    assert wait_for_job(job.job_id, timeout=30, release=True) == "COMPLETED"
     assert job.result() == 1
     assert marker.read_text().split("\n")[:2] == ["0 0", "1 1"]

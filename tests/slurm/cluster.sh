@@ -79,6 +79,13 @@ stop_pids() {  # stop_pids NAME PID...: SIGTERM, wait up to 10 s, then SIGKILL
     sleep 0.5
 }
 
+# in a subshell about to exec a daemon: a daemon keeps what it inherits for life (munged kept the fd of a `flock FILE
+# pytest` and held that lock until it was restarted; slurmctld and slurmd close theirs)
+close_inherited_fds() {
+    local fd
+    for fd in /proc/$BASHPID/fd/*; do fd=${fd##*/}; (( fd <= 2 )) || eval "exec $fd>&-" 2>/dev/null || true; done
+}
+
 # ----------------------------------------------------------------------------------------------- install
 cmd_install() {
     need_root
@@ -220,8 +227,8 @@ start_munge() {
     rm -f "$MUNGE_RUN"/munge.socket.2 "$MUNGE_RUN"/munge.socket.2.lock "$MUNGE_PID"
     log "starting munged"
     # munged daemonizes itself; setsid + redirected stdio so no caller's fds or session hold it
-    setsid runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_PID" \
-        </dev/null >>"$LOG_DIR/munged.stdout" 2>&1 9>&- || true
+    ( close_inherited_fds; exec setsid runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_PID" ) \
+        </dev/null >>"$LOG_DIR/munged.stdout" 2>&1 || true
     local _
     for _ in $(seq 1 50); do munge_ok && return 0; sleep 0.2; done
     tail -n 20 /var/log/munge/munged.log "$LOG_DIR/munged.stdout" 2>/dev/null >&2 || true
@@ -256,7 +263,7 @@ stop_slurm_daemons() {
 SPAWNED_PID=
 spawn() {
     local name=$1; shift
-    setsid "$@" </dev/null >>"$LOG_DIR/$name.stdout" 2>&1 9>&- &
+    ( close_inherited_fds; exec setsid "$@" ) </dev/null >>"$LOG_DIR/$name.stdout" 2>&1 &
     SPAWNED_PID=$!
     disown "$SPAWNED_PID" 2>/dev/null || true
 }
@@ -307,9 +314,7 @@ cmd_start() {
         log "cluster already up and healthy: node $(node_name) $(node_state), partition $PARTITION"
         return 0
     fi
-    if [[ $changed -eq 1 ]]; then
-        log "config changed: (re)starting slurm daemons"
-    fi
+    [[ $changed -eq 0 ]] || log "config changed: (re)starting slurm daemons"
     # both daemons, also when only slurmd died (the dead-node test): a slurmctld that stayed up would deliver its
     # queued kill of the node's lost job to the new slurmd, killing that job's next run if it starts at once
     start_munge
@@ -373,6 +378,8 @@ lock() {
     exec 9>/run/ddpm-slurm-test.lock
     flock -w 120 9 || die "timed out (120 s) waiting for /run/ddpm-slurm-test.lock"
 }
+
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0  # sourced (tests/test_slurm_harness.py): the functions only
 
 MULTINODE=$(dirname "${BASH_SOURCE[0]}")/multinode.sh
 multinode_up() { ip link show ddpmbr0 >/dev/null 2>&1; }
