@@ -8,8 +8,9 @@ Every key is declared here (or, for the job sections ``sampling``, ``eval``, ``s
 :mod:`ddpm.jobconfig`), once, with the docstring under it. A section checks its own values in ``__post_init__``:
 first each value's type (a ``Literal``'s choices, ``int`` never ``bool``; lists become tuples, mappings read-only),
 then ranges, so one built in Python is as valid as one read from YAML and fails with the same line. :class:`Config`
-checks what spans sections (the U-Net's attention resolutions and heads against the image size, ``num_steps <=
-ddpm.num_timesteps`` for ``sampling`` and ``eval.sampling``, fp16 only with a GPU). Unknown keys, wrong types and
+checks what spans sections (the U-Net's attention resolutions and heads against the image size, for ``sampling`` and
+``eval.sampling`` a registered sampler and its own limit on ``num_steps`` against ``ddpm.num_timesteps``
+(:mod:`ddpm.samplers`), fp16 only with a GPU). Unknown keys, wrong types and
 bad values raise :class:`ConfigError` with one line naming the key; a key that moved names its new home
 (``eval.num_steps moved: use eval.sampling.num_steps``). ``to_dict`` gives plain YAML types (lists, dicts).
 """
@@ -29,6 +30,7 @@ from ddpm.architecture import architecture_problem
 from ddpm.configtools import apply_overrides, check_fields, describe, plain, read_yaml, require, tree_from_dict
 from ddpm.fsio import atomic_write_text
 from ddpm.jobconfig import PATH, EvalConfig, Precision, RunConfig, Sampler, SamplingConfig, SlurmConfig, Spacing
+from ddpm.samplers import get_sampler, sampler_names
 
 __all__ = ["Config", "EvalConfig", "Precision", "RunConfig", "Sampler", "SamplingConfig", "SlurmConfig", "Spacing",
            "choices", "dump_config", "load_config"]
@@ -280,10 +282,11 @@ class Config:
         T = self.ddpm.num_timesteps
         gpus, gpus_key = self.task_gpus
         for key, part in (("sampling", self.sampling), ("eval.sampling", self.eval.sampling)):
-            require(part.num_steps <= T, f"{key}.num_steps", part.num_steps, f"at most ddpm.num_timesteps ({T})")
-            if part.sampler == "dpmpp_2m" and part.timestep_spacing == "leading":  # T//(S+1) must be >= 1
-                require(part.num_steps < T, f"{key}.num_steps", part.num_steps,
-                        f"at most ddpm.num_timesteps - 1 ({T - 1}) for dpmpp_2m with leading spacing")
+            require(part.sampler in sampler_names(), f"{key}.sampler", part.sampler,
+                    f"one of {', '.join(sampler_names())} (the samplers of ddpm.samplers)")
+            most, why = get_sampler(part.sampler).most_steps(T, part.timestep_spacing)  # the sampler's own limit
+            require(part.num_steps <= most, f"{key}.num_steps", part.num_steps, f"at most ddpm.num_timesteps ({T})"
+                    if why is None else f"at most ddpm.num_timesteps - {T - most} ({most}) for {part.sampler} {why}")
             require(gpus > 0 or part.precision != "fp16", f"{key}.precision", part.precision,
                     f"fp32 or bf16 for a CPU task ({gpus_key} gives it no GPU): fp16 autocast needs a CUDA GPU")
         world = self.infrastructure.world_size

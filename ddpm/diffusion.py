@@ -1,14 +1,15 @@
-"""DDPM math (Ho et al. 2020) and its samplers: ancestral (respaced), DDIM (Song et al. 2021) and
-DPM-Solver++(2M) (Lu et al. 2022).
+"""DDPM math (Ho et al. 2020) and the sampling loop; the samplers themselves are :mod:`ddpm.samplers` (ancestral,
+DDIM, DPM-Solver++(2M), ...), one module each, found by name.
 
 ``DDPM`` is not an ``nn.Module``: it takes the network as an argument
-(improved-diffusion's ``GaussianDiffusion``), so the schedule is never part of
-a state dict that EMA or the optimizer sees. The schedule is computed in
-float64 and cast to the data's dtype/device at use.
+(improved-diffusion's ``GaussianDiffusion``), so the schedule (:class:`ddpm.schedule.Schedule`) is never part of
+a state dict that EMA or the optimizer sees. The schedule is computed in float64 and cast to the data's
+dtype/device at use.
 
     diffusion = DDPM.from_config(cfg.ddpm, model)
     loss, metrics = diffusion.compute_loss(x0, t, noise)                 # Algorithm 1
     images = diffusion.sample(16, (3, 64, 64), num_steps=50, sampler="ddim", seeds=range(16))
+    images = diffusion.sample(16, (3, 64, 64), sampler=cfg.sampling, seeds=range(16))  # settings whole
     DDPM(model, **diffusion.state_dict())                                # rebuilds it
 """
 
@@ -23,36 +24,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ddpm.config import DDPMConfig, Sampler, Spacing, Variance, choices
+from ddpm.config import DDPMConfig, Variance, choices
+from ddpm.samplers import Sampler, SamplerSettings, SamplerSpec, check_settings, get_sampler
+from ddpm.samplers.ancestral import posterior_step
+from ddpm.schedule import Schedule
 
-VARIANCES, SAMPLERS, SPACINGS = choices(Variance), choices(Sampler), choices(Spacing)  # declared in ddpm.config
+VARIANCES = choices(Variance)  # declared in ddpm.config
 
 
 def make_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading", sampler: str = "ddpm") -> np.ndarray:
     """The ``num_steps`` timesteps ``sampler`` visits, ascending int64 [S], as diffusers' scheduler for that
-    sampler picks them (its ``timestep_spacing``, ``steps_offset=0``).
+    sampler picks them (its ``timestep_spacing``, ``steps_offset=0``): the sampler's own rule
+    (:meth:`ddpm.samplers.Sampler.make_timesteps`).
 
     leading, ddpm / ddim (DDIM paper; DDPMScheduler, DDIMScheduler): t_i = i * (T // S), i = 0..S-1, so 0, 20,
     ..., 980 for T=1000, S=50; leading, dpmpp_2m (DPMSolverMultistepScheduler): S + 1 points i * (T // (S + 1)),
     i = 0..S, without t = 0 (its last step goes to sigma = 0 instead), so 90, 180, ..., 900 for S=10;
     trailing, every sampler: round(arange(T, 0, -T/S)) - 1, which always includes T - 1.
     """
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep_spacing {spacing!r} (expected one of {', '.join(SPACINGS)})")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
-    solver_leading = spacing == "leading" and sampler == "dpmpp_2m"  # T // (S + 1) >= 1 needs S <= T - 1
-    most = num_timesteps - 1 if solver_leading else num_timesteps
-    if int(num_steps) != num_steps or not 1 <= num_steps <= most:
-        what = "dpmpp_2m with leading spacing: T // (num_steps + 1) >= 1" if solver_leading else "the T"
-        raise ValueError(f"num_steps={num_steps!r}: expected an integer in [1, {most}] ({what})")
-    if solver_leading:
-        ts = np.arange(1, num_steps + 1, dtype=np.int64) * (num_timesteps // (num_steps + 1))
-    elif spacing == "leading":
-        ts = np.arange(0, num_steps, dtype=np.int64) * (num_timesteps // num_steps)
-    else:
-        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(np.int64) - 1
-    return np.sort(ts)
+    return get_sampler(sampler).make_timesteps(num_timesteps, num_steps, spacing)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -92,60 +82,18 @@ def draw_noise(gens: list[torch.Generator] | None, shape: tuple[int, ...], devic
     return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in gens])
 
 
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """Every quantity derived from betas [T] (float64, one value per timestep t = 0..T-1)."""
-
-    betas: torch.Tensor
-    alphas: torch.Tensor
-    alphas_cumprod: torch.Tensor  # abar_t = prod_{s<=t} alpha_s
-    alphas_cumprod_prev: torch.Tensor  # abar_{t-1}, with abar_{-1} = 1
-    sqrt_alphas_cumprod: torch.Tensor
-    sqrt_one_minus_alphas_cumprod: torch.Tensor
-    sqrt_recip_alphas_cumprod: torch.Tensor
-    sqrt_recipm1_alphas_cumprod: torch.Tensor
-    posterior_variance: torch.Tensor  # beta~_t, Ho eq. 7
-    posterior_log_variance_clipped: torch.Tensor  # log beta~_t with beta~_0 replaced by beta~_1
-    posterior_mean_coef1: torch.Tensor  # mu~_t coefficient of x0, Ho eq. 7
-    posterior_mean_coef2: torch.Tensor  # mu~_t coefficient of x_t, Ho eq. 7
-    fixed_large_log_variance: torch.Tensor  # log beta_t with beta_0 replaced by beta~_1 (improved-diffusion)
-
-    @classmethod
-    def from_betas(cls, betas: torch.Tensor) -> Schedule:
-        betas = betas.to(torch.float64)
-        alphas = 1.0 - betas
-        ac = torch.cumprod(alphas, dim=0)
-        ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
-        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)  # Ho eq. 7: beta~_t
-        post_var_1 = post_var[1:2] if len(betas) > 1 else betas[:1]
-        return cls(
-            betas=betas, alphas=alphas, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
-            sqrt_alphas_cumprod=ac.sqrt(), sqrt_one_minus_alphas_cumprod=(1.0 - ac).sqrt(),
-            sqrt_recip_alphas_cumprod=(1.0 / ac).sqrt(), sqrt_recipm1_alphas_cumprod=(1.0 / ac - 1.0).sqrt(),
-            posterior_variance=post_var,
-            posterior_log_variance_clipped=torch.cat([post_var_1, post_var[1:]]).log(),
-            posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
-            posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
-            fixed_large_log_variance=torch.cat([post_var_1, betas[1:]]).log(),
-        )
-
-    def respace(self, timesteps: Sequence[int]) -> Schedule:
-        """Schedule of the kept (ascending) timesteps: beta'_i = 1 - abar_{t_i} / abar_{t_{i-1}}.
-
-        Nichol & Dhariwal 2021 Sec. 4 ("respacing"); the model still sees the original t_i.
-        """
-        ac = self.alphas_cumprod[torch.as_tensor(np.asarray(timesteps), dtype=torch.long)]
-        prev = torch.cat([ac.new_ones(1), ac[:-1]])
-        return Schedule.from_betas(1.0 - ac / prev)
-
-    def to(self, device: torch.device) -> Schedule:
-        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        return Schedule(**{f.name: getattr(self, f.name).to(device, dtype) for f in dataclasses.fields(self)})
-
-
-def _at(arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """arr[t] as x's dtype, shaped [B, 1, ..., 1] to broadcast against x [B, ...]."""
-    return arr[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+def sampler_settings(sampler: str | SamplerSettings, num_steps: int | None = None, eta: float = 0.0,
+                     timestep_spacing: str = "leading") -> SamplerSettings:
+    """``DDPM.sample``'s sampler argument as one settings object: a name with the three keywords, or a settings
+    object given whole (then the keywords must keep their defaults: ValueError naming any that does not)."""
+    if isinstance(sampler, str):
+        return SamplerSpec(sampler, num_steps, eta, timestep_spacing)
+    given = {k: v for k, v, default in (("num_steps", num_steps, None), ("eta", eta, 0.0),
+                                        ("timestep_spacing", timestep_spacing, "leading")) if v != default}
+    if given:
+        raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} given with a sampler settings object "
+                         f"({sampler.sampler}, {sampler.num_steps} steps): give each setting once")
+    return sampler
 
 
 class DDPM:
@@ -184,7 +132,7 @@ class DDPM:
         for f in dataclasses.fields(Schedule):
             if f.name != "fixed_large_log_variance":
                 setattr(self, f.name, getattr(self.schedule, f.name))
-        self._on_device: dict[tuple[tuple[int, ...] | None, torch.device], Schedule] = {}
+        self._on_device: dict[torch.device, Schedule] = {}
 
     @classmethod
     def from_config(cls, ddpm_cfg: DDPMConfig, model: nn.Module) -> DDPM:
@@ -195,13 +143,11 @@ class DDPM:
         return {"num_timesteps": self.num_timesteps, "beta_start": self.beta_start,
                 "beta_end": self.beta_end, "variance": self.variance}
 
-    def _sched(self, device: torch.device, timesteps: np.ndarray | None = None) -> Schedule:
-        """The schedule (respaced to ``timesteps`` when given) on ``device``, cached per (timesteps, device)."""
-        key = (None if timesteps is None else tuple(int(t) for t in timesteps), device)
-        if key not in self._on_device:
-            sched = self.schedule if timesteps is None else self.schedule.respace(timesteps.tolist())
-            self._on_device[key] = sched.to(device)
-        return self._on_device[key]
+    def _sched(self, device: torch.device) -> Schedule:
+        """The schedule on ``device`` (float64; float32 on MPS), cached per device."""
+        if device not in self._on_device:
+            self._on_device[device] = self.schedule.to(device)
+        return self._on_device[device]
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -214,7 +160,7 @@ class DDPM:
         if noise is None:
             noise = torch.randn_like(x0)
         s = self._sched(x0.device)
-        x_t = _at(s.sqrt_alphas_cumprod, t, x0) * x0 + _at(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        x_t = s.at(s.sqrt_alphas_cumprod, t, x0) * x0 + s.at(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
         return x_t, noise
 
     def compute_loss(self, x0: torch.Tensor, t: torch.Tensor | None = None,
@@ -237,23 +183,6 @@ class DDPM:
 
     # ---- one reverse step -----------------------------------------------------------------------
 
-    def _ddpm_step(self, net: Callable, s: Schedule, x: torch.Tensor, i: torch.Tensor, t_model: torch.Tensor,
-                   noise: torch.Tensor | None, clip_denoised: bool) -> torch.Tensor:
-        """x_{t-1} ~ p(x_{t-1} | x_t) at schedule index i and model timestep t_model (both [B] or [1])."""
-        eps = net(x, t_model).to(x.dtype)
-        # Ho eq. 15 solved for x0: x0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps.
-        x0 = _at(s.sqrt_recip_alphas_cumprod, i, x) * x - _at(s.sqrt_recipm1_alphas_cumprod, i, x) * eps
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-        # Ho eq. 7: posterior mean mu~_t(x_t, x0).
-        mean = _at(s.posterior_mean_coef1, i, x) * x0 + _at(s.posterior_mean_coef2, i, x) * x
-        if noise is None:
-            return mean
-        log_var = s.posterior_log_variance_clipped if self.variance == "fixed_small" else s.fixed_large_log_variance
-        # Algorithm 2 line 4: x_{t-1} = mu + sigma_t z, with no noise at t = 0.
-        std = _at(torch.exp(0.5 * log_var), i, x) * (i != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return mean + std * noise
-
     def reverse_process(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                         clip_denoised: bool = True) -> torch.Tensor:
         """One ancestral step (Algorithm 2): x_t [B, C, H, W], t LongTensor [B] -> x_{t-1} [B, C, H, W].
@@ -265,55 +194,41 @@ class DDPM:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.long).reshape(-1).expand(x_t.shape[0])
         if noise is None:
             noise = torch.randn_like(x_t)
-        return self._ddpm_step(self.model, self._sched(x_t.device), x_t, t, t, noise, clip_denoised)
-
-    def _ddim_step(self, net: Callable, ac: torch.Tensor, ac_prev: torch.Tensor, x: torch.Tensor, t_model: torch.Tensor,
-                   eta: float, noise: torch.Tensor | None, clip_denoised: bool) -> torch.Tensor:
-        """Song et al. 2021 eq. 12 from abar_t (ac) to abar_prev (ac_prev), both 0-dim float64."""
-        eps = net(x, t_model).to(x.dtype)
-        x0 = ((1.0 / ac).sqrt().to(x.dtype)) * x - ((1.0 / ac - 1.0).sqrt().to(x.dtype)) * eps
-        if clip_denoised:  # re-derive eps from the clipped x0 (improved-diffusion, diffusers DDIM)
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = (x - ac.sqrt().to(x.dtype) * x0) / (1.0 - ac).sqrt().to(x.dtype)
-        # sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)  (eq. 16)
-        sigma = eta * ((1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev)).sqrt()
-        dir_xt = (1.0 - ac_prev - sigma**2).clamp(min=0.0).sqrt()
-        out = ac_prev.sqrt().to(x.dtype) * x0 + dir_xt.to(x.dtype) * eps  # eq. 12 without the noise term
-        if noise is not None:
-            out = out + sigma.to(x.dtype) * noise
-        return out
+        eps = self.model(x_t, t).to(x_t.dtype)
+        return posterior_step(self._sched(x_t.device), t, x_t, eps, noise, clip_denoised, self.variance)
 
     # ---- sampling -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def sample(self, batch_size: int, image_shape: Sequence[int], num_steps: int | None = None,
-               sampler: str = "ddpm", eta: float = 0.0, timestep_spacing: str = "leading",
+               sampler: str | SamplerSettings = "ddpm", eta: float = 0.0, timestep_spacing: str = "leading",
                seeds: Sequence[int] | None = None, x_T: torch.Tensor | None = None, progress: bool = True,
                clip_denoised: bool = True, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Draw ``batch_size`` images [B, *image_shape] in [-1, 1] (when ``clip_denoised``) from x_T ~ N(0, I).
 
-        sampler "ddpm": ancestral sampling (Algorithm 2), respaced to ``num_steps`` (default T) timesteps;
-        "ddim": Song et al. eq. 12 with ``eta`` (0: deterministic; 1: ancestral variance), the last step
-        going to abar = 1 (the x0 prediction); "dpmpp_2m": DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2),
-        deterministic (``eta`` unused), its last step also to abar = 1 (diffusers' final_sigmas_type="zero").
-        ``timestep_spacing`` ("leading" or "trailing") picks the timesteps as diffusers' scheduler for the
-        sampler does (``make_timesteps``; leading differs for dpmpp_2m). With ``seeds`` (one int per image)
-        image i uses its own ``torch.Generator`` for its initial noise and every step's noise, so it depends on
-        seeds[i] only. ``x_T`` [B, *image_shape] replaces the initial noise (the
+        ``sampler`` is a name with its settings in ``num_steps`` (None: T), ``eta`` and ``timestep_spacing``, or
+        the settings whole (:class:`~ddpm.samplers.SamplerSpec`, or the config's sampling section: its sampler,
+        num_steps, eta and timestep_spacing), as the stages and tools pass them; the three keywords then keep
+        their defaults. "ddpm": ancestral sampling (Algorithm 2), respaced to ``num_steps`` timesteps; "ddim":
+        Song et al. eq. 12 with ``eta`` (0: deterministic; 1: ancestral variance), the last step going to abar = 1
+        (the x0 prediction); "dpmpp_2m": DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), deterministic (``eta``
+        unused), its last step also to abar = 1 (diffusers' final_sigmas_type="zero"); any other name of
+        :func:`ddpm.samplers.sampler_names`. ``timestep_spacing`` ("leading" or "trailing") picks the timesteps as
+        diffusers' scheduler for the sampler does (``make_timesteps``; leading differs for dpmpp_2m).
+
+        With ``seeds`` (one int per image) image i uses its own ``torch.Generator`` for its initial noise and every
+        step's noise, so it depends on seeds[i] only. ``x_T`` [B, *image_shape] replaces the initial noise (the
         generators still draw and drop it). ``clip_denoised`` clamps every x0 prediction to [-1, 1].
         The model runs in eval mode under no_grad, on its parameters' device; its mode is restored. It is
         called as ``model(x [B, ...], t [1])``: one timestep broadcast over the batch, so the time embedding
         is computed once and each image's result does not depend on the batch size. ``autocast_dtype`` (e.g.
-        torch.bfloat16) runs each model call under ``torch.autocast``; its output and all else stay x's dtype.
+        torch.bfloat16) runs each model call under ``torch.autocast``; its output and all else stay float32.
+        Bad settings raise ValueError naming the value (the sampler's own limits: :func:`check_settings`).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta={eta!r}: expected a float in [0, 1]")
-        steps = self.num_timesteps if num_steps is None else num_steps
-        timesteps = make_timesteps(self.num_timesteps, steps, timestep_spacing, sampler)  # ascending [S]
+        settings = sampler_settings(sampler, num_steps, eta, timestep_spacing)
+        cls, timesteps = check_settings(settings, self.num_timesteps)  # ascending [S]
         shape = (batch_size, *[int(d) for d in image_shape])
         if x_T is not None and tuple(x_T.shape) != shape:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
@@ -322,70 +237,25 @@ class DDPM:
         x = draw_noise(gens, shape, device)
         if x_T is not None:
             x = x_T.to(device=device, dtype=torch.float32)
+        run = cls(self.schedule, timesteps, device, settings.eta, clip_denoised, self.variance)
         was_training = self.model.training
         self.model.eval()
-        net = autocast_call(self.model, autocast_dtype)
         try:
-            if sampler == "ddpm":
-                x = self._sample_ddpm(net, x, timesteps, gens, clip_denoised, progress)
-            elif sampler == "ddim":
-                x = self._sample_ddim(net, x, timesteps, eta, gens, clip_denoised, progress)
-            else:
-                x = self._sample_dpmpp_2m(net, x, timesteps, gens, clip_denoised, progress)
+            return self.denoise(run, x, gens, autocast_call(self.model, autocast_dtype), progress)
         finally:
             self.model.train(was_training)
-        return x
 
-    def _sample_ddpm(self, net: Callable, x: torch.Tensor, timesteps: np.ndarray, gens: list[torch.Generator] | None,
-                     clip_denoised: bool, progress: bool) -> torch.Tensor:
-        full = len(timesteps) == self.num_timesteps
-        s = self._sched(x.device, None if full else timesteps)
-        for i in tqdm(range(len(timesteps) - 1, -1, -1), disable=not progress, desc="ddpm", leave=False):
-            idx = torch.full((1,), i, device=x.device, dtype=torch.long)
-            t_model = torch.full((1,), int(timesteps[i]), device=x.device, dtype=torch.long)
-            noise = draw_noise(gens, tuple(x.shape), x.device) if i > 0 else None
-            x = self._ddpm_step(net, s, x, idx, t_model, noise, clip_denoised)
-        return x
-
-    def _sample_ddim(self, net: Callable, x: torch.Tensor, timesteps: np.ndarray, eta: float,
-                     gens: list[torch.Generator] | None, clip_denoised: bool, progress: bool) -> torch.Tensor:
-        ac_all = self.alphas_cumprod
-        for i in tqdm(range(len(timesteps) - 1, -1, -1), disable=not progress, desc="ddim", leave=False):
-            ac = ac_all[int(timesteps[i])]
-            ac_prev = ac_all[int(timesteps[i - 1])] if i > 0 else torch.ones((), dtype=torch.float64)
-            t_model = torch.full((1,), int(timesteps[i]), device=x.device, dtype=torch.long)
-            noise = draw_noise(gens, tuple(x.shape), x.device) if (eta > 0 and i > 0) else None
-            x = self._ddim_step(net, ac, ac_prev, x, t_model, eta, noise, clip_denoised)
-        return x
-
-    def _sample_dpmpp_2m(self, net: Callable, x: torch.Tensor, timesteps: np.ndarray,
-                         gens: list[torch.Generator] | None, clip_denoised: bool, progress: bool) -> torch.Tensor:
-        """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: x_T [B, ...] -> x0 [B, ...]; timesteps ascending [S].
-
-        Deterministic: ``gens`` drew x_T and nothing more. alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t);
-        coefficients in float64 (the schedule), cast to x's dtype. The first step has no history and the last
-        one (to sigma = 0, abar = 1, h = inf) is first order (diffusers' lower_order_final): it returns x0.
-        """
-        ts = timesteps[::-1]  # descending: t_0 = the noisiest, as in the paper
-        ac = self.alphas_cumprod[torch.as_tensor(ts.copy())]
-        alpha, sigma = ac.sqrt(), (1.0 - ac).sqrt()
-        lam = torch.log(alpha / sigma)  # lambda_t = log(alpha_t / sigma_t), the half log-SNR
-        x0_prev, h_prev = None, None
-        for i in tqdm(range(len(ts)), disable=not progress, desc="dpmpp_2m", leave=False):
+    def denoise(self, sampler: Sampler, x: torch.Tensor, gens: list[torch.Generator] | None = None,
+                net: Callable[..., torch.Tensor] | None = None, progress: bool = False) -> torch.Tensor:
+        """Run one sampler run (an instance: its timesteps, constants and history) from x [B, ...] at its noisiest
+        timestep to the clean image [B, ...], in x's dtype: for i = S-1 .. 0, fresh noise when the sampler takes
+        it (row b from gens[b], or the global RNG), eps = net(x, t_i [1]), x = ``sampler.step``. ``net`` defaults
+        to the model as it is (mode and grad are the caller's; :meth:`sample` sets them)."""
+        net = self.model if net is None else net
+        ts = sampler.timesteps
+        for i in tqdm(range(len(ts) - 1, -1, -1), disable=not progress, desc=sampler.name, leave=False):
             t_model = torch.full((1,), int(ts[i]), device=x.device, dtype=torch.long)
+            noise = draw_noise(gens, tuple(x.shape), x.device) if sampler.noise_at(i) else None
             eps = net(x, t_model).to(x.dtype)
-            # the data prediction, Ho eq. 15 solved for x0: x0 = (x_t - sigma_t eps) / alpha_t
-            x0 = (x - sigma[i].to(x.dtype) * eps) / alpha[i].to(x.dtype)
-            if clip_denoised:
-                x0 = x0.clamp(-1.0, 1.0)
-            if i == len(ts) - 1:  # to sigma = 0: sigma_next / sigma_i = 0, e^{-h} = 0, alpha_next = 1
-                return x0
-            h = lam[i + 1] - lam[i]  # h_i = lambda_{t_{i+1}} - lambda_{t_i} > 0
-            d = x0  # first order: DPM-Solver++(1), which is DDIM with eta = 0
-            if x0_prev is not None:  # 2M: D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1} / h_i
-                c = h / (2.0 * h_prev)  # 1 / (2r)
-                d = (1.0 + c).to(x.dtype) * x0 - c.to(x.dtype) * x0_prev
-            # x_{t_{i+1}} = (sigma_{t_{i+1}} / sigma_{t_i}) x_{t_i} - alpha_{t_{i+1}} (e^{-h_i} - 1) D
-            x = (sigma[i + 1] / sigma[i]).to(x.dtype) * x - (alpha[i + 1] * torch.expm1(-h)).to(x.dtype) * d
-            x0_prev, h_prev = x0, h
+            x = sampler.step(i, x, eps, noise)
         return x

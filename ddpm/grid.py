@@ -44,11 +44,11 @@ def draw_grid(cfg: Config, model: UNet, ema: EMA, ddpm_state: dict[str, Any], am
     The EMA network is built under a forked RNG (UNet's initialisation draws): the training run's dropout RNG stays
     as it was, so a resumed run stays exact whether or not it drew a grid.
     """
-    sc, n, device = cfg.sampling, cfg.training.num_samples, next(model.parameters()).device
+    n, device = cfg.training.num_samples, next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         ema_model = UNet(**model.config_dict()).to(device)
     ema.copy_to(ema_model)
     size = cfg.data.image_size
     return DDPM(Beating(ema_model, beat), **ddpm_state).sample(
-        n, (cfg.model.in_channels, size, size), num_steps=sc.num_steps, sampler=sc.sampler, eta=sc.eta,
-        timestep_spacing=sc.timestep_spacing, seeds=list(range(n)), progress=False, autocast_dtype=amp_dtype)
+        n, (cfg.model.in_channels, size, size), sampler=cfg.sampling, seeds=list(range(n)), progress=False,
+        autocast_dtype=amp_dtype)

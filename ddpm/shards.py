@@ -40,6 +40,7 @@ from ddpm.outputs import ShardSpec
 from ddpm.precision import autocast_dtype, set_fp32_precision
 from ddpm.rundir import RunDir, ShardFiles, shard_files, stale_dir
 from ddpm.runlog import package_versions
+from ddpm.samplers import get_sampler
 from ddpm.unet import UNet
 
 if TYPE_CHECKING:
@@ -132,9 +133,7 @@ def _generate(diffusion: Any, images: np.ndarray, spec: ShardSpec, s: SamplingCo
     for b0 in tqdm(batches, desc=f"shard {spec.shard}", unit="batch", disable=not progress):
         b1 = min(b0 + s.batch_size, stop)
         seeds = [s.seed_base + i for i in range(b0, b1)]  # image i <- seed_base + i
-        x = diffusion.sample(b1 - b0, (c, h, w), num_steps=s.num_steps, sampler=s.sampler, eta=s.eta,
-                             timestep_spacing=s.timestep_spacing, seeds=seeds, progress=False,
-                             autocast_dtype=autocast)
+        x = diffusion.sample(b1 - b0, (c, h, w), sampler=s, seeds=seeds, progress=False, autocast_dtype=autocast)
         done.append(to_uint8(x))
         payload = _npz_bytes(arr_0=np.concatenate(done), settings_json=settings_json)
         atomic_write_bytes(partial, lambda f, data=payload: f.write(data))
@@ -215,9 +214,11 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
     _check(0 <= shard < s.num_shards,
            f"shard {shard} out of range: sampling.num_shards is {s.num_shards} (shards 0..{s.num_shards - 1})")
     T = state["ddpm"]["num_timesteps"]
-    if s.num_steps > T:
+    most, why = get_sampler(s.sampler).most_steps(T, s.timestep_spacing)  # the sampler's own limit
+    if s.num_steps > most:
+        limit = f", {T}" if why is None else f" - {T - most}, {most}, for {s.sampler} {why}"
         raise ConfigError(f"sampling.num_steps: invalid value {s.num_steps} (expected at most the checkpoint's "
-                          f"ddpm.num_timesteps, {T})")
+                          f"ddpm.num_timesteps{limit})")
     if s.use_ema and not state.get("ema"):
         print(f"{ckpt}: no EMA weights in the checkpoint; using the raw model weights", flush=True)
         s = dataclasses.replace(s, use_ema=False)

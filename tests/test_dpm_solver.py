@@ -30,6 +30,7 @@ from test_diffusers_parity import (
 from torch import nn
 
 from ddpm.diffusion import DDPM, make_timesteps
+from ddpm.samplers import get_sampler
 from ddpm.unet import UNet
 
 try:
@@ -120,7 +121,7 @@ def test_first_and_last_steps_are_ddim(clip: bool) -> None:
 
     def ddim(steps: int, spacing: str) -> torch.Tensor:  # DDIM eta 0 over dpmpp_2m's timesteps
         ts = make_timesteps(T, steps, spacing, "dpmpp_2m")
-        return ddpm._sample_ddim(ddpm.model, x_T.clone(), ts, 0.0, None, clip, False)
+        return ddpm.denoise(get_sampler("ddim")(ddpm.schedule, ts, x_T.device, 0.0, clip), x_T.clone())
 
     assert torch.equal(ddim(2, "trailing"), ours(ddpm, x_T, 2, "trailing", clip, sampler="ddim"))
     for spacing in ("leading", "trailing"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -130,9 +131,10 @@ def bench_ours(net: nn.Module, cfg: Config, batch_sizes: list[int], device: torc
         ddpm.sample(batch, shape, num_steps=3, sampler="ddim", progress=False, autocast_dtype=autocast)
         for sampler, total in sampler_steps(cfg):
             run = min(quick_steps or total, total)
-            per_step = [timed(lambda s=sampler, r=run, b=batch: ddpm.sample(
-                b, shape, num_steps=r, sampler=s, eta=cfg.sampling.eta, seeds=range(b), progress=False,
-                autocast_dtype=autocast), device) / run for _ in range(repeats)]
+            spec = dataclasses.replace(cfg.sampling, sampler=sampler, num_steps=run)  # the config's, re-stepped
+            per_step = [timed(lambda sp=spec, b=batch: ddpm.sample(
+                b, shape, sampler=sp, seeds=range(b), progress=False, autocast_dtype=autocast), device) / run
+                for _ in range(repeats)]
             rows.append((sampler, total, batch, per_step))
     return rows
 
@@ -148,9 +150,9 @@ def bench_vs_diffusers(net: nn.Module, cfg: Config, batch_size: int, device: tor
         run = min(quick_steps or total, total)
         ours, theirs = [], []
         for _ in range(repeats):  # ours: a whole sampler call, respaced to `run` steps when quick (same work/step)
-            ours.append(timed(lambda s=sampler, r=run: ddpm.sample(
-                batch_size, shape[1:], num_steps=r, sampler=s, eta=cfg.sampling.eta, seeds=range(batch_size),
-                progress=False), device) / run)
+            spec = dataclasses.replace(cfg.sampling, sampler=sampler, num_steps=run)
+            ours.append(timed(lambda sp=spec: ddpm.sample(
+                batch_size, shape[1:], sampler=sp, seeds=range(batch_size), progress=False), device) / run)
             theirs.append(timed(lambda s=sampler, n=total, r=run: diffusers_loop(net, cfg, s, n, r, shape, device),
                                 device) / run)
         rows.append((sampler, total, statistics.median(ours), statistics.median(theirs)))
