@@ -240,3 +240,42 @@ def test_node_lost_mid_run(two_nodes, images, tmp_path, reference, pace, n):
     assert f"resumed from {run_dir}/checkpoints/step_{durable:08d}.pt" in text
     assert restarts(job) == 1
     assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+
+
+def test_a_node_without_its_gpus_fails_the_job(two_nodes, images, tmp_path, pace):
+    """A 2-node GPU job whose second node sees no GPU (a mis-set gres, a drained card): node2's rank records
+    the one line (naming node2) and every node's wrapper ends its torchrun, so the job ends FAILED in seconds,
+    not after the process group's timeout. node1 gets a fake H100 (tests/fakes/sitecustomize.py) whose
+    ``init_process_group`` waits, as NCCL's does for a rank that never comes. The srun runs without
+    ``--kill-on-bad-exit`` (as submitit's does): node1's wrapper must end on its own."""
+    from test_gpu_generations import CUDA13, fake_env
+
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "sm": [9, 0], "archs": CUDA13, "memory_gib": 80, "nodes": ["node1"]}
+    env = fake_env(gpu=h100, hang_process_group=True)
+    template = template_without_gres(tmp_path, "train.sbatch")
+    template.write_text(template.read_text().replace("srun --kill-on-bad-exit=1 ", "srun "))
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "DDPM_FAKE")}
+    os.environ.update({k: env[k] for k in saved})  # --export=ALL carries them into the job
+    try:
+        job = sbatch("--nodes=2", "--cpus-per-task=1", "--mem=1G", "--partition=debug",
+                     f"--output={tmp_path}/job-%j.out",
+                     f"--export=ALL,OMP_NUM_THREADS=1,PATH={Path(sys.executable).parent}:{os.environ['PATH']}",
+                     str(template), str(TINY_CONFIG), f"data.path={images}", f"run.root={tmp_path}", *TWO_NODES,
+                     "infrastructure.num_gpus=1", "training.num_iterations=20", cwd=ROOT)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert wait_for_state(job, {"RUNNING"}, timeout=pace.bound()) == "RUNNING"
+    started = time.monotonic()
+    state = wait_for_job(job, timeout=120)
+    took = time.monotonic() - started
+    run_dir = tmp_path / "tiny"
+    logs = {i: (run_dir / "logs" / f"train-{job}-{i}.out").read_text() for i in (0, 1)}
+    assert state == "FAILED" and took < 60, f"{state} after {took:.0f} s: {logs}"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "this process sees 0" in status["error"], status
+    assert "node node2" in status["error"] and "node node1" not in status["error"], status["error"]
+    assert f"error: training failed: {status['error']}" in logs[1], logs[1][-3000:]  # node2's wrapper
+    assert "wrapper: a rank failed" in logs[0] and "error: training failed:" in logs[0], logs[0][-3000:]
+    assert restarts(job) == 0 and "requeuing" not in logs[0] + logs[1]
+    print(f"a node without its GPUs: the 2-node job ended FAILED {took:.1f} s after it started")
