@@ -4,7 +4,8 @@
    partition's PreemptMode, GraceTime, KillWait, MaxTime against ``slurm.time_min``; the time a checkpoint of
    the configured model needs on ``run.root`` against the time SLURM gives after a stop signal.
 2. One short job with the training resources (partition, gres, nodes, CPUs, memory; ``ddpm.cluster.probe``):
-   torch and its CUDA build against the floor, the driver, the GPUs seen against those asked for and bf16, an
+   torch and its CUDA build against the floor, the driver, the GPUs seen against those asked for, the build's
+   kernels for each card, whether the card runs ``infrastructure.precision`` (a FAIL costs no other line), an
    all-reduce across the job's ranks (NCCL on GPUs, gloo on CPU) with its bandwidth, write and read speed of
    ``run.root`` and node-local scratch, the configured model's training img/s; then the run plan: wall time
    for ``training.num_iterations``, GPU-hours, requeues, disk, and the checkpoint save against the signal window.
