@@ -12,9 +12,10 @@ from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 from ddpm.configtools import FrozenMap, check_fields, require
+from ddpm.samplers import SPACINGS, sampler_names
 
-Sampler = Literal["ddpm", "ddim", "dpmpp_2m"]
-Spacing = Literal["leading", "trailing"]
+Sampler = Literal[sampler_names()]  # the registry's names (ddpm.samplers): a new sampler module adds its own
+Spacing = Literal[SPACINGS]
 Precision = Literal["fp32", "bf16", "fp16"]
 PATH = {"path": True}  # field metadata: "~" and "$VAR" are expanded on the machine that loads the config
 
@@ -37,12 +38,13 @@ class SamplingConfig:
     num_steps: int = field(default=1000, metadata={"pixels": True})
     """Denoising steps (<= ddpm.num_timesteps); fewer steps respace the schedule."""
     sampler: Sampler = field(default="ddpm", metadata={"pixels": True})
-    """ddpm (ancestral, Ho et al. Algorithm 2), ddim (Song et al. 2021) or dpmpp_2m (DPM-Solver++(2M), Lu 2022)."""
+    """A sampler of ddpm.samplers: ddpm (ancestral, Ho et al. Algorithm 2), ddim (Song et al. 2021), dpmpp_2m
+    (DPM-Solver++(2M), Lu 2022), dpmpp_2m_sde (its SDE variant), or any module added there."""
     eta: float = field(default=0.0, metadata={"pixels": True})
     """DDIM stochasticity: 0 deterministic, 1 matches DDPM's variance."""
     timestep_spacing: Spacing = field(default="leading", metadata={"pixels": True})
     """Which timesteps a sampler visits, as diffusers' scheduler for that sampler picks them (timestep_spacing):
-    trailing T-1 down by T/S; leading multiples of T//S from 0 (ddpm, ddim), of T//(S+1) from T//(S+1) (dpmpp_2m)."""
+    trailing T-1 down by T/S; leading multiples of T//S from 0 (ddpm, ddim), of T//(S+1) from T//(S+1) (DPM-Solver)."""
     num_samples: int = field(default=10000, metadata={"pixels": True})
     """Images in the final set (the npz)."""
     num_shards: int = field(default=8, metadata={"pixels": True})

@@ -28,8 +28,10 @@ from ddpm.config import (
 from ddpm.configtools import parse_with_overrides
 from ddpm.errors import ConfigError, DDPMError
 from ddpm.evaluate import eval_sampling
+from ddpm.samplers import sampler_names
 
 BABEL = ROOT / "configs" / "ddpm_babel.yaml"
+SAMPLERS = ", ".join(sampler_names())  # the registry's (ddpm/samplers/): a new sampler module adds its name
 TINY = TINY_CONFIG
 MODAL = ROOT / "configs" / "ddpm_modal.yaml"
 
@@ -111,7 +113,7 @@ VALIDATION = [
     (["model.channel_mult=[1,x]"], "model.channel_mult[1]: invalid value 'x' (expected int)"),
     (["model.dropout=1.0"], "model.dropout: invalid value 1.0 (expected a float in [0, 1))"),
     (["model.use_scale_shift_norm=maybe"], "model.use_scale_shift_norm: invalid value 'maybe' (expected bool)"),
-    (["sampling.sampler=euler"], "sampling.sampler: invalid value 'euler' (expected one of ddpm, ddim, dpmpp_2m)"),
+    (["sampling.sampler=euler"], f"sampling.sampler: invalid value 'euler' (expected one of {SAMPLERS})"),
     (["sampling.timestep_spacing=linspace"], "sampling.timestep_spacing: invalid value 'linspace'"),
     (["data.source=s3"], "data.source: invalid value 's3'"),
     (["data.crop_center=[89]"], "data.crop_center: invalid value [89] (expected null or [x, y]"),
@@ -125,7 +127,7 @@ VALIDATION = [
     (["run.name=a/b"], "run.name: invalid value 'a/b'"),
     (["batch_size=8"], "override 'batch_size=8': expected section.key=value"),
     (["training.batch_size"], "override 'training.batch_size': expected section.key=value"),
-    (["sampling.sampler=foo"], "sampling.sampler: invalid value 'foo' (expected one of ddpm, ddim, dpmpp_2m)"),
+    (["sampling.sampler=foo"], f"sampling.sampler: invalid value 'foo' (expected one of {SAMPLERS})"),
     (["sampling.precision=fp8"], "sampling.precision: invalid value 'fp8' (expected one of fp32, bf16, fp16)"),
     (["infrastructure.precision=true"], "infrastructure.precision: invalid value True (expected one of fp32, bf16"),
     (["infrastructure.num_gpus=false"], "infrastructure.num_gpus: invalid value False (expected int)"),
@@ -290,7 +292,7 @@ def test_python_m_ddpm_config_prints_a_documented_default_config():
                          cwd=ROOT, timeout=60).stdout
     assert config_from_dict(yaml.safe_load(out)) == Config()  # the listing is itself a valid config
     assert "  num_heads: 4  # int. Attention heads; must divide the channels at every attention." in out
-    assert "  sampler: ddpm  # one of ddpm, ddim, dpmpp_2m." in out
+    assert f"  sampler: ddpm  # one of {SAMPLERS}." in out
 
 
 def test_dry_run_sizes_each_stage(images, slurm_cluster):

@@ -10,6 +10,7 @@ import pytest
 from helpers import TINY_CONFIG, run_main
 
 from ddpm.config import load_config
+from ddpm.samplers import sampler_names
 
 
 def test_parallel_shards_and_loader_figures():
@@ -18,10 +19,12 @@ def test_parallel_shards_and_loader_figures():
     cfg = load_config(TINY_CONFIG, ["training.batch_size=16"])
     out = io.StringIO()
     shards = report_shards(cfg, images=8, steps=2, out=out)
-    assert 0 < shards["efficiency"] < 10 and 0 < shards["default_efficiency"] < 10 and shards["one_s"] > 0
+    # the figures are what the times say, whatever this machine's load made the times (no speed bound here)
+    assert shards["one_s"] > 0 and shards["parallel_s"] > 0 and shards["efficiency"] == shards["one_s"] / \
+        shards["parallel_s"] and shards["default_efficiency"] > 0
     loader = report_loader(cfg, windows=2, repeats=1, out=out, steps_per_window=5)
     assert loader["rate_0"] > 0 and loader["rate_workers"] > 0 and loader["stall"] >= 0 and loader["stall_0"] >= 0
-    assert 0 < loader["wait_ms_0"] < 1e4 and 0 < loader["wait_ms_workers"] < 1e4
+    assert loader["wait_ms_0"] > 0 and loader["wait_ms_workers"] > 0
     text = out.getvalue()
     assert re.search(r"parallel-shard efficiency \d+\.\d\d \(target >= 0\.9\)", text), text
     assert re.search(r"loader-worker ratio \d+\.\d\d \(target >= 0\.95\)", text), text
@@ -47,7 +50,7 @@ def test_sampler_table_scores_each_row(checkpoint, digit_classifier, monkeypatch
     assert digit_classifier.stat().st_mtime_ns == stamp and len(list(digit_classifier.parent.iterdir())) == 1
     bad = run_main(main, [checkpoint, "--samplers", "euler"], capsys)
     assert bad.code == 2 and bad.err.strip() == (
-        "error: --samplers: unknown euler (expected some of ddpm, ddim, dpmpp_2m)")
+        f"error: --samplers: unknown euler (expected some of {', '.join(sampler_names())})")
 
     class Asked(Exception):
         pass
