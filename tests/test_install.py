@@ -182,7 +182,9 @@ def make_venv(tmp_path: Path, index: str = "", version: str | None = None,
     python.write_text(FAKE_PYTHON)
     python.chmod(python.stat().st_mode | stat.S_IXUSR)
     log = tmp_path / "log"
-    env = {**os.environ, "FAKE_LOG": str(log), "FAKE_VERSION": version or requires_python(), **fake}
+    # a user's shell, even when the suite itself runs under `make test` (a nested make prints "make[1]: ***")
+    outer = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env = {**outer, "FAKE_LOG": str(log), "FAKE_VERSION": version or requires_python(), **fake}
     proc = subprocess.run(["make", "-s", "venv", f"PYTHON={python}", f"VENV={tmp_path / 'venv'}",
                            f"TORCH_INDEX={index}", "TORCH_SPEC=torch>=2.10 torchvision"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
