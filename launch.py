@@ -260,8 +260,7 @@ def status(run_dir: Path) -> int:
           f"{cfg.training.num_iterations}; last checkpoint: {ckpts[-1][1] if ckpts else 'none'}")
     if train.get("error"):
         print(f"  error: {train['error']}")
-    train_job = job_state(jobs["train"]) if jobs.get("cluster") == "slurm" and "train" in jobs else "GONE"
-    alive = train_job.split("(")[0] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
+    alive = jobs.get("cluster") == "slurm" and "train" in jobs and job_state(jobs["train"]).alive
     if train and train.get("state") != RunState.DONE and not alive:  # e.g. cancelled on preemption (PreemptMode=CANCEL)
         print(f"  resume: {resume_command(run_dir)}   (continues from the last checkpoint)")
     if cfg.eval.enabled:

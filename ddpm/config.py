@@ -117,7 +117,8 @@ class TrainingConfig:
     seed: int = 0
     """Seed of the data order, the noise and timesteps of every step, and dropout."""
     stop_signal: StopSignal = "USR2"
-    """The signal SLURM sends before the time limit (sbatch --signal); SIGTERM (preemption) always stops too."""
+    """The signal SLURM sends every training, eval and sampling job before its time limit (sbatch --signal): the
+    trainer saves, a sampling task keeps its partial shard; SIGTERM (preemption) always stops too."""
     watchdog_s: int = 600
     """No trainer heartbeat for this long (a hung or lost rank): processes killed, job requeued; 0 = off."""
     deterministic: bool = False

@@ -46,10 +46,6 @@ TINY = ["model.base_channels=16", "model.channel_mult=[1,2]", "model.num_res_blo
         "slurm.max_restarts=2", "slurm.gres=null", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 
 
-# the states in which a job has ended for good (GONE: neither squeue nor scontrol knows it any more)
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE", "OUT_OF_MEMORY", "NODE_FAIL")
-
-
 class Report:
     """Prints each check as it is made; remembers whether any failed."""
 
@@ -188,7 +184,7 @@ def check_stop_path(cfg: Config, report: Report, timeout: float, root: Path) -> 
                 return report("FAIL", "submitted", f"sbatch refused the tiny CPU job: {last}; see slurm.additional")
         _follow_stop_path(cfg, report, timeout, jobs, root)
     finally:  # nothing of the doctor's is left queued
-        alive = [j for j, _ in jobs.values() if job_state(j).split("(")[0] in ("PENDING", "RUNNING", "REQUEUED")]
+        alive = [j for j, _ in jobs.values() if job_state(j).alive]
         if alive:
             subprocess.run(["scancel", *alive], capture_output=True, timeout=60)
             print(f"note  cleanup            cancelled the doctor's unfinished jobs {' '.join(alive)}", flush=True)
@@ -221,7 +217,7 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
                       f"`scontrol requeue` their jobs and slurm.additional; see {log}")
     report("ok", "requeue", f"job {job} requeued; SLURM holds a requeued job a while (BeginTime) before it runs")
     def done(name: str) -> bool:
-        return job_state(jobs[name][0]).split("(")[0] in ENDED
+        return job_state(jobs[name][0]).ended
 
     if not _wait(lambda: done("stopped") and done("reference"), timeout):
         return report("FAIL", "resume", f"job {job} did not finish in {timeout:.0f} s ({job_state(job)}); see {log}")
@@ -255,7 +251,7 @@ def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
            f"{sc.partition or 'default'}, {cfg.infrastructure.num_nodes} node(s), gres {sc.gres or 'none'}, "
            f"{sc.cpus_per_task} CPUs, {sc.mem_gb} GB)")
     log = RunDir(run_dir).job_log(job)
-    if not _wait(lambda: job_state(job).split("(")[0] in ENDED, timeout):
+    if not _wait(lambda: job_state(job).ended, timeout):
         subprocess.run(["scancel", job], capture_output=True, timeout=60)
         return report("FAIL", "node job", f"job {job} did not finish in {timeout:.0f} s ({job_state(job)}); see {log}")
     probe_file = RunDir(run_dir).probe

@@ -137,6 +137,7 @@ def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependen
         params["qos"] = sc.qos
     if stage == "train":
         params["nodes"] = infra.num_nodes
+    additional.setdefault("signal", f"{cfg.training.stop_signal}@{sc.signal_delay_s}")  # submitit's is USR2
     if stage in ("train", "eval", "sample"):
         additional["requeue"] = True
     if res["gpus"] > 0:  # slurm.gres names the type for training; a sampling task asks its own count of it

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
-from ddpm.cluster.wrapper import requeue_self, run_training
+from ddpm.cluster.wrapper import requeue_and_end, run_training
 from ddpm.config import Config, load_config
 from ddpm.errors import DDPMError
 from ddpm.rundir import RunDir
@@ -46,23 +45,24 @@ class StopSampling(BaseException):
     """Raised in a sampling task by a stop signal; the partial shard on disk stays (at most one batch is lost)."""
 
 
-def _stoppable(label: str, max_restarts: int, work: Any) -> str:
-    """Run ``work()`` so that a stop signal (a preemption's SIGTERM, the time limit's USR2) ends it at once: the
-    partial file on disk holds every finished batch; the task is requeued (or SLURM is already requeuing it)."""
+def _stoppable(label: str, cfg: Config, work: Any) -> str:
+    """Run ``work()`` so that a stop signal (a preemption's SIGTERM, the time limit's ``training.stop_signal``)
+    ends it at once: the partial file on disk holds every finished batch; the task is requeued (or SLURM is
+    already requeuing it)."""
+    stops = (signal.SIGTERM, getattr(signal, f"SIG{cfg.training.stop_signal}"))
+
     def stop(signum: int, _frame: Any) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR2):  # SLURM's later SIGTERM must not interrupt the requeue
+        for sig in stops:  # SLURM's later SIGTERM must not interrupt the requeue
             signal.signal(sig, signal.SIG_IGN)
         raise StopSampling(signal.Signals(signum).name)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
+    for sig in stops:
         signal.signal(sig, stop)
     try:
         return str(work())
     except StopSampling as err:
         print(f"{label}: stopped by {err}; the finished batches are in its partial file", flush=True)
-        if requeue_self(max_restarts):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM ends us at once
-            time.sleep(600)  # the requeue ends this task
+        requeue_and_end(cfg.slurm.max_restarts)
         return "stopped"
 
 
@@ -88,7 +88,7 @@ class SampleTask:
     (resolved when the task runs: the eval stage picks ``best`` after this task was queued). Stoppable."""
 
     def __init__(self, run_dir: str | Path, cfg: Config, cpu_share: int = 1):
-        self.run_dir, self.cfg, self.max_restarts = Path(run_dir), cfg, cfg.slurm.max_restarts
+        self.run_dir, self.cfg = Path(run_dir), cfg
         self.cpu_share = cpu_share  # tasks the local executor runs at once on this machine (1 on SLURM)
 
     def __call__(self, shard: int) -> str:
@@ -96,7 +96,7 @@ class SampleTask:
 
         device = _device(self.cfg, f"sampling task {shard}")
         print(f"shard {shard}: {_budget('sample', self.cpu_share)}", flush=True)
-        return _stoppable(f"shard {shard}", self.max_restarts, lambda: sample_stage(
+        return _stoppable(f"shard {shard}", self.cfg, lambda: sample_stage(
             self.run_dir, self.cfg, shard, device))
 
 
@@ -113,7 +113,7 @@ class EvalTask:
         device = _device(self.cfg, f"eval task {index}")
         print(f"eval task {index} (step {step}): {_budget('sample', self.cpu_share)}", flush=True)
         try:
-            return _stoppable(f"eval task {index}", self.cfg.slurm.max_restarts, lambda: evaluate_step(
+            return _stoppable(f"eval task {index}", self.cfg, lambda: evaluate_step(
                 self.run_dir, self.cfg, step, device=device)["mean"])
         except DDPMError as err:  # one line in the task's log; the selection names the task
             print(f"error: eval task {index} (step {step}): {err}", flush=True)

@@ -39,7 +39,7 @@ import psutil
 
 from ddpm.checkpoint import list_checkpoints
 from ddpm.cluster.rendezvous import first_slurm_host, rendezvous_port
-from ddpm.cluster.squeue import job_state
+from ddpm.cluster.squeue import GONE, job_state
 from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
 from ddpm.envcheck import check_torch_floor
@@ -93,6 +93,16 @@ def _signal_all(pids: list[int], signum: int) -> None:
             pass
 
 
+def requeue_and_end(max_restarts: int) -> None:
+    """Requeue this job (:func:`requeue_self`), then wait for the requeue's SIGTERM to end this process: a requeued
+    job never reports success or failure. Returns at once when it is not requeued (outside SLURM, restarts spent,
+    or SLURM ending it); the caller then exits with its own status. Used by training's wrapper and the
+    sampling and eval tasks alike."""
+    if requeue_self(max_restarts):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM ends us at once (not KillWait later)
+        time.sleep(600)
+
+
 def requeue_self(max_restarts: int) -> bool:
     """``scontrol requeue`` this job unless it has restarted ``max_restarts`` times already.
 
@@ -109,12 +119,12 @@ def requeue_self(max_restarts: int) -> bool:
     if restarts >= max_restarts:
         print(f"not requeuing job {job_id}: it has restarted {restarts} times (slurm.max_restarts)", flush=True)
         return False
-    state = job_state(job_id).split("(")[0]  # "GONE": squeue and scontrol did not answer; try the requeue
-    if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"):
+    state = job_state(job_id)  # GONE: squeue and scontrol did not answer; try the requeue
+    if state.requeueing:
         print(f"job {job_id} is already being requeued by SLURM (preemption)", flush=True)
         return True
-    if state not in ("RUNNING", "GONE"):  # COMPLETING: a plain scancel or the hard limit ends it; never undo that
-        print(f"not requeuing job {job_id}: SLURM is ending it (JobState={state}: scancel or the time limit); "
+    if state.name not in ("RUNNING", GONE):  # COMPLETING: a plain scancel or the hard limit ends it; never undo that
+        print(f"not requeuing job {job_id}: SLURM is ending it (JobState={state.name}: scancel or the time limit); "
               "`python launch.py status RUN_DIR` prints the command that resumes it", flush=True)
         return False
     print(f"requeuing job {job_id} (restart {restarts + 1}/{max_restarts})", flush=True)
@@ -297,9 +307,8 @@ def run_training(run_dir: Path, cfg: Config) -> str:
         print(f"training lost a rank after step {step} ({why}); resuming from the last checkpoint", flush=True)
     else:
         raise RuntimeError(f"training failed: torchrun exited with {rc}, status '{state}'; see {run_dir}/logs")
-    if node == 0 and requeue_self(cfg.slurm.max_restarts):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM ends us at once (not KillWait later)
-        time.sleep(600)  # scontrol requeue ends this job; never report success or failure
+    if node == 0:
+        requeue_and_end(cfg.slurm.max_restarts)
     return state
 
 

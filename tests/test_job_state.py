@@ -1,0 +1,76 @@
+"""The run's job states and stop signal, read in one place.
+
+- ``ddpm.cluster.squeue.JobState``: squeue's answer as a type; ``.alive``, ``.requeueing`` and ``.ended`` are the
+  only readings of SLURM's state names (launch.py status, the doctor and the wrapper ask them);
+- ``training.stop_signal`` is the time limit's signal of every job of a run, as
+  submitted (``#SBATCH --signal``), and the one a sampling or eval task stops on.
+
+The real-SLURM side (a requeued job's state, a stop delivered by the time limit) is in test_faults_slurm.py,
+test_faults_storage.py and test_slurm_harness.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, TINY_CONFIG, signal_handlers_restored
+
+from ddpm.cluster.squeue import JobState, job_state
+from ddpm.config import load_config
+
+
+@pytest.mark.parametrize("name, alive, requeueing", [
+    ("PENDING", True, True), ("REQUEUED", True, True), ("REQUEUE_HOLD", True, True), ("RUNNING", True, False),
+    ("CONFIGURING", True, False), ("COMPLETING", True, False), ("SUSPENDED", True, False),
+    ("COMPLETED", False, False), ("FAILED", False, False), ("CANCELLED", False, False), ("TIMEOUT", False, False),
+    ("NODE_FAIL", False, False), ("OUT_OF_MEMORY", False, False), ("PREEMPTED", False, False), ("GONE", False, False),
+])
+def test_job_state_readings(name: str, alive: bool, requeueing: bool) -> None:
+    state = JobState(name)
+    assert (state.alive, state.requeueing, state.ended) == (alive, requeueing, not alive)
+
+
+def test_job_state_prints_as_squeue_does() -> None:
+    assert str(JobState("PENDING", "BeginTime")) == "PENDING(BeginTime)" and str(JobState("RUNNING")) == "RUNNING"
+
+
+def test_without_squeue_a_job_is_gone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No squeue/scontrol on PATH (a login node without the client, or they did not answer): GONE, not an error."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert job_state("123") == JobState("GONE") and job_state("123").ended
+
+
+@pytest.mark.parametrize("stop", ["USR1", "USR2"])
+def test_every_requeued_job_gets_the_stop_signal(stop: str) -> None:
+    from ddpm.cluster.executors import make_executor, sbatch_script
+
+    cfg = load_config(TINY_CONFIG, [f"training.stop_signal={stop}", "slurm.signal_delay_s=75"])
+    for stage in ("train", "eval", "select", "sample", "assemble"):
+        script = sbatch_script(make_executor(cfg, Path("/tmp/r"), stage, "slurm"))
+        assert script.count("--signal") == 1 and f"#SBATCH --signal={stop}@75\n" in script, (stage, script)
+
+
+def test_a_sampling_task_stops_on_the_configured_signal(capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """training.stop_signal=USR1 stops a task (outside SLURM: no requeue, "stopped"); USR2 is then not a stop."""
+    from ddpm.cluster.tasks import _stoppable
+
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(TINY_CONFIG, ["training.stop_signal=USR1"])
+    with signal_handlers_restored():
+        assert _stoppable("shard 0", cfg, lambda: os.kill(os.getpid(), signal.SIGUSR1) or "done") == "stopped"
+    out = capsys.readouterr().out
+    assert "shard 0: stopped by SIGUSR1" in out and "stopped outside SLURM" in out, out
+    code = ("import os, signal, sys; sys.path.insert(0, 'tests'); from ddpm.cluster.tasks import _stoppable; "
+            "from ddpm.config import load_config; from helpers import TINY_CONFIG; "
+            "cfg = load_config(TINY_CONFIG, ['training.stop_signal=USR1']); "
+            "_stoppable('shard 0', cfg, lambda: os.kill(os.getpid(), signal.SIGUSR2))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGUSR2, proc  # not taken over: USR2's default action ends the process
