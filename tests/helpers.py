@@ -44,6 +44,14 @@ def randomize(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
     return model
 
 
+def tiny_unet(image_size: int = 8) -> torch.nn.Module:
+    """A seeded, randomized 16-channel U-Net (attention at ``image_size // 2``; eval mode): eps not identically 0."""
+    from ddpm.unet import UNet
+
+    torch.manual_seed(0)
+    return randomize(UNet(3, 16, [1, 2], 1, [image_size // 2], 2, 0.0, True, image_size=image_size)).eval()
+
+
 @contextlib.contextmanager
 def signal_handlers_restored() -> Iterator[None]:
     """A Trainer installs stop handlers and ``close()`` ignores those signals: give pytest its own back."""

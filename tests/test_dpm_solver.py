@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import tiny_unet
 from test_diffusers_parity import (
     BETA_END,
     BETA_START,
@@ -31,7 +31,6 @@ from torch import nn
 
 from ddpm.diffusion import DDPM, make_timesteps
 from ddpm.samplers import get_sampler
-from ddpm.unet import UNet
 
 try:
     from diffusers import DPMSolverMultistepScheduler
@@ -44,11 +43,6 @@ SEEDS, SHAPE = [3, 14, 15], (2, 6, 6)
 # relative at t = 0, which DDIM's leading spacing visits and DPM-Solver's does not)
 STOCK_RTOL = 2e-5
 FLOAT64_SCHEDULE_RTOL = 3e-6  # diffusers given our float64 alphas_cumprod (float32 arithmetic): measured 9.5e-7
-
-
-def tiny_unet() -> UNet:
-    torch.manual_seed(0)
-    return randomize(UNet(3, 16, [1, 2], 1, [4], 2, 0.0, True, image_size=8)).eval()  # eps not identically 0
 
 
 def diffusers_dpmpp_2m(model: nn.Module, x_T: torch.Tensor, steps: int, spacing: str, clip: bool,
@@ -131,16 +125,17 @@ def test_first_and_last_steps_are_ddim(clip: bool) -> None:
 
 # ---- seeds --------------------------------------------------------------------------------------------------
 
-def test_image_depends_on_its_seed_only() -> None:
-    """Seeds [a, b, c, d] in one batch == [a] + [b, c, d] (hence any sharding); the seeds only pick x_T (no
-    noise afterwards), so an x_T drawn from them with other seeds gives the same images.
+def same_images_from_any_batching(sampler: str) -> tuple[DDPM, torch.Tensor, torch.Tensor, dict]:
+    """Seeds [a, b, c, d] in one batch == [a] + [b, c, d] (hence any sharding), for ``sampler`` at 8 steps:
+    bitwise with an elementwise eps (the toy), and with the U-Net for batches 4 vs 2 + 2; the reversed seeds give
+    the images reversed; x_T drawn from the seeds themselves changes nothing. Returns the U-Net's DDPM, its four
+    images [4, 3, 8, 8], that x_T and the sampling keywords, for the sampler's own checks.
 
-    Bitwise with an elementwise eps (the toy), and with the U-Net for batches 4 vs 2 + 2. On CPU the U-Net
-    itself is not bitwise batch-invariant at batch 1 (measured 1.1e-6 on one eps, 4.4e-6 to 1.3e-5 after 8 steps
-    depending on the thread count, the same for ddim and ddpm), so 1 + 3 is compared to 5e-5 there: an image
-    that depended on its batch neighbours would differ by 0.1 or more."""
+    On CPU the U-Net itself is not bitwise batch-invariant at batch 1 (measured 1.1e-6 on one eps, 4.4e-6 to
+    1.3e-5 after 8 steps depending on the thread count, the same for ddim and ddpm), so 1 + 3 is compared to 5e-5
+    there: an image that depended on its batch neighbours would differ by 0.1 or more."""
     seeds, shape = [7, 21, 1000, 3], (3, 8, 8)
-    kw = dict(num_steps=8, sampler="dpmpp_2m", progress=False)
+    kw = dict(num_steps=8, sampler=sampler, progress=False)
     toy = ddpm_with_toy()
     split = [toy.sample(1, shape, seeds=seeds[:1], **kw), toy.sample(3, shape, seeds=seeds[1:], **kw)]
     assert torch.equal(toy.sample(4, shape, seeds=seeds, **kw), torch.cat(split))
@@ -153,7 +148,15 @@ def test_image_depends_on_its_seed_only() -> None:
     assert torch.equal(ddpm.sample(4, shape, seeds=seeds[::-1], **kw), four.flip(0))
     assert len({im.numpy().tobytes() for im in four}) == 4 and four.abs().max() <= 1.0 and four.std() > 0.1
     x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    assert torch.equal(ddpm.sample(4, shape, seeds=[0, 1, 2, 9], x_T=x_T, **kw), four)
+    assert torch.equal(ddpm.sample(4, shape, seeds=seeds, x_T=x_T, **kw), four)
+    return ddpm, four, x_T, kw
+
+
+def test_image_depends_on_its_seed_only() -> None:
+    """The seeds only pick x_T (no noise afterwards): x_T drawn from them, given with other seeds, gives the same
+    images."""
+    ddpm, four, x_T, kw = same_images_from_any_batching("dpmpp_2m")
+    assert torch.equal(ddpm.sample(4, x_T.shape[1:], seeds=[0, 1, 2, 9], x_T=x_T, **kw), four)
 
 
 # ---- convergence to the probability-flow ODE -------------------------------------------------------------

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_unet
 from test_diffusers_parity import BETA_END, BETA_START, SCHEDULE, T, assert_close, ddpm_with_toy, max_rel, seeded
-from test_dpm_solver import GaussianEps, tiny_unet
+from test_dpm_solver import GaussianEps, same_images_from_any_batching
 from torch import nn
 
 from ddpm.diffusion import DDPM, draw_noise, make_generators, make_timesteps
@@ -160,31 +161,12 @@ def test_first_and_last_steps_are_ddim_with_eta_1(clip: bool) -> None:
 # ---- seeds --------------------------------------------------------------------------------------------------
 
 def test_image_depends_on_its_seed_only() -> None:
-    """Seeds [a, b, c, d] in one batch == [a] + [b, c, d] (hence any sharding): bitwise with the elementwise toy
-    eps, and with the U-Net for batches 4 vs 2 + 2; the U-Net is not bitwise batch-invariant at batch 1 on CPU
-    (tests/test_dpm_solver.py measured up to 1.3e-5), so 1 + 3 is compared to 5e-5 there, where an image that
-    depended on its neighbours' noise would differ by 0.1 or more. The seeds pick every step's noise, not only
+    """Any batching gives the same images (test_dpm_solver's checks); the seeds pick every step's noise, not only
     x_T: the same x_T with other seeds gives other images."""
-    seeds, shape = [7, 21, 1000, 3], (3, 8, 8)
-    kw: dict[str, Any] = dict(num_steps=8, sampler="dpmpp_2m_sde", progress=False)
-    toy = ddpm_with_toy()
-    split = [toy.sample(1, shape, seeds=seeds[:1], **kw), toy.sample(3, shape, seeds=seeds[1:], **kw)]
-    assert torch.equal(toy.sample(4, shape, seeds=seeds, **kw), torch.cat(split))
-    ddpm = DDPM(tiny_unet(), T, BETA_START, BETA_END)
-    four = ddpm.sample(4, shape, seeds=seeds, **kw)
-    assert torch.equal(four, torch.cat([ddpm.sample(2, shape, seeds=seeds[:2], **kw),
-                                        ddpm.sample(2, shape, seeds=seeds[2:], **kw)]))
-    split = [ddpm.sample(1, shape, seeds=seeds[:1], **kw), ddpm.sample(3, shape, seeds=seeds[1:], **kw)]
-    torch.testing.assert_close(torch.cat(split), four, rtol=0.0, atol=5e-5)
-    assert torch.equal(ddpm.sample(4, shape, seeds=seeds[::-1], **kw), four.flip(0))
-    assert len({im.numpy().tobytes() for im in four}) == 4 and four.abs().max() <= 1.0 and four.std() > 0.1
-    x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    assert torch.equal(ddpm.sample(4, shape, seeds=seeds, x_T=x_T, **kw), four)
-    other = ddpm.sample(4, shape, seeds=[0, 1, 2, 9], x_T=x_T, **kw)
+    ddpm, four, x_T, kw = same_images_from_any_batching("dpmpp_2m_sde")
+    other = ddpm.sample(4, x_T.shape[1:], seeds=[0, 1, 2, 9], x_T=x_T, **kw)
     assert min(max_rel(a, b) for a, b in zip(other, four, strict=True)) > 1e-2
 
-
-# ---- Gaussian data -----------------------------------------------------------------------------------------
 
 def test_gaussian_data_gets_its_mean_and_nearly_its_std() -> None:
     """The exact eps of N(MU, SD^2) data, 50 trailing steps, 65,536 i.i.d. pixels (standard errors SD / 256 for
