@@ -8,7 +8,6 @@ Statistics, the Frechet distance and the reference CLI are in :mod:`ddpm.fid`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,9 @@ from torch import nn
 from torchvision.models import Inception3
 
 from ddpm.errors import FIDError
+from ddpm.fidweights import WEIGHTS_NAME, WEIGHTS_URL, resolve_weights  # noqa: F401 (this module's API too)
 from ddpm.precision import full_fp32
 
-WEIGHTS_URL = pfi.FID_WEIGHTS_URL  # pytorch-fid's own file: the numbers papers cite
-WEIGHTS_NAME = WEIGHTS_URL.rsplit("/", 1)[-1]  # pt_inception-2015-12-05-6726825d.pth
 FEATURE_DIM = 2048  # pool3
 
 
@@ -68,21 +66,6 @@ class FIDFeatures(pfi.InceptionV3):
             nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1))),
         ])
         self.requires_grad_(False)
-
-
-def resolve_weights(path: str | Path | None = None) -> Path:
-    """The weights file: ``path`` if given, else the torch hub cache; one-line error when absent."""
-    if path is not None:
-        p = Path(os.path.expanduser(str(path)))
-        if not p.is_file():
-            raise FIDError(f"FID Inception weights not found: {p} (download: curl -L -o {p} {WEIGHTS_URL})")
-        return p
-    p = Path(torch.hub.get_dir(), "checkpoints", WEIGHTS_NAME)  # torch hub's cache (not a run directory)
-    if not p.is_file():
-        raise FIDError(f"FID Inception weights not found at {p}; download them once on the login node: "
-                       f"mkdir -p {p.parent} && curl -L -o {p} {WEIGHTS_URL} "
-                       f"(or set sampling.fid_weights / --weights to a copy)")
-    return p
 
 
 def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu") -> FIDFeatures:

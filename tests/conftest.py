@@ -61,6 +61,14 @@ _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/u
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # One torch thread for this process and every process the tests start (the product's CPU budget takes
+    # OMP_NUM_THREADS as a cap; tests of the budget itself set or clear it). The tiny models gain nothing from a
+    # second thread, and a 2-thread region waits for both cores: with the other core busy (a neighbour's job, the
+    # loaded runs of benchmarks/README.md) one 3.7 s test took 329 s. Set OMP_NUM_THREADS yourself to test more.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     # also declared in pyproject.toml; registering here keeps `--strict-markers` happy from any rootdir
     config.addinivalue_line("markers", "slurm: runs jobs on a real local SLURM cluster (tests/slurm/cluster.sh)")
 

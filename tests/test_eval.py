@@ -189,3 +189,15 @@ def test_dry_run_prints_the_eval_array_and_the_selection(images, fid_inputs, tmp
     assert "#SBATCH --array=0-3%4" in jobs["eval"] and dependency("eval") == "afterok:<train job id>"
     assert dependency("select") == "afterany:<eval job id>" and dependency("sample") == "afterok:<select job id>"
     assert "#SBATCH --time=240" in jobs["eval"] and "#SBATCH --time=30" in jobs["select"]
+
+
+def test_the_eval_preflight_leaves_the_network_unimported(images, fid_inputs, tmp_path):
+    """Checking the eval stage's inputs reads files only: pytorch-fid and torchvision (seconds to import: a
+    refused command took 9 s) are imported by the eval tasks, not by launch.py's preflight."""
+    code = ("import sys, launch\n"
+            "try:\n    launch.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('imported:', sorted(m for m in ('torchvision', 'pytorch_fid') if m in sys.modules))")
+    args = ["--config", str(TINY_CONFIG), "--cluster", "local", "--dry-run", f"data.path={images}",
+            f"run.root={tmp_path}", *EVAL, *fid_inputs]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "# ---- eval job ----" in proc.stdout and "imported: []" in proc.stdout, proc.stdout + proc.stderr

@@ -211,7 +211,7 @@ def check_eval(cfg: Config, stages: list[str]) -> None:
 
     if "eval" in stages:
         from ddpm.fid import FIDStats
-        from ddpm.inception import resolve_weights
+        from ddpm.fidweights import resolve_weights
 
         if cfg.sampling.fid_reference is None:
             raise ConfigError("sampling.fid_reference: not set (the eval stage compares each checkpoint with it; "
