@@ -1,9 +1,11 @@
-"""The run's job states and stop signal, read in one place.
+"""The run's job states, stop signal and state machine, each in one place.
 
 - ``ddpm.cluster.squeue.JobState``: squeue's answer as a type; ``.alive``, ``.requeueing`` and ``.ended`` are the
   only readings of SLURM's state names (launch.py status, the doctor and the wrapper ask them);
 - ``training.stop_signal`` is the time limit's signal of every job of a run, as
-  submitted (``#SBATCH --signal``), and the one a sampling or eval task stops on.
+  submitted (``#SBATCH --signal``), and the one a sampling or eval task stops on;
+- ``ddpm.cluster.attempt.judge``: how a training attempt ended (torchrun's exit, status.json) -> done, requeue,
+  fail with the trainer's line, or the crash-loop line.
 
 The real-SLURM side (a requeued job's state, a stop delivered by the time limit) is in test_faults_slurm.py,
 test_faults_storage.py and test_slurm_harness.py.
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, TINY_CONFIG, signal_handlers_restored
 
+from ddpm.cluster.attempt import CRASH_LOOP, Attempt, judge
 from ddpm.cluster.squeue import JobState, job_state
 from ddpm.config import load_config
 
@@ -74,3 +77,48 @@ def test_a_sampling_task_stops_on_the_configured_signal(capsys: pytest.CaptureFi
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGUSR2, proc  # not taken over: USR2's default action ends the process
+
+
+# ---- the run's state machine (ddpm/cluster/attempt.py): how an attempt ended -> what the job does next ---------
+
+FRESH, PROGRESS = Attempt(100, 0), Attempt(200, 0)  # an attempt's start; its end when it wrote a new checkpoint
+
+
+@pytest.mark.parametrize("rc, status, end, want", [
+    (0, {"state": "done", "step": 500}, PROGRESS, ("done", "done", "training done at step 500")),
+    (3, {"state": "stopped", "step": 150}, PROGRESS, ("stopped", "requeue", "training stopped at step 150; "
+                                                      "checkpoint is durable")),
+    (1, {"state": "failed", "step": 7, "error": "out of memory at step 7"}, FRESH,
+     ("failed", "fail", "training failed: out of memory at step 7")),
+    (None, {"state": "running", "step": 40}, FRESH, ("stalled", "requeue", "training stalled after step 40; "
+                                                     "resuming from the last checkpoint")),
+    (-9, {"state": "running", "step": 40}, FRESH, ("lost", "requeue", "training lost a rank after step 40 "
+                                                   "(torchrun exited with -9 while the trainer was running); "
+                                                   "resuming from the last checkpoint")),
+    (1, {"state": "starting", "step": -1}, FRESH, ("lost", "requeue", "training lost a rank after step -1 "
+                                                   "(torchrun exited with 1 while the trainer was starting); "
+                                                   "resuming from the last checkpoint")),
+    (0, {"state": "running", "step": 3}, FRESH, ("failed", "error", "training failed: torchrun exited with 0, "
+                                                 "status 'running'; see L")),
+    (1, {"state": "failed", "step": 3}, FRESH, ("failed", "error", "training failed: torchrun exited with 1, "
+                                                "status 'failed'; see L")),  # failed without its line: not the user's
+])
+def test_each_ending_has_one_next_step(rc: int | None, status: dict, end: Attempt, want: tuple[str, str, str]) -> None:
+    verdict = judge(rc, status, FRESH, end, 600, "L")
+    assert (verdict.state, verdict.next, verdict.line) == want
+
+
+def test_the_third_stall_or_loss_without_a_checkpoint_is_a_crash_loop() -> None:
+    streak, lines = 0, []
+    for _ in range(CRASH_LOOP):
+        start = Attempt(100, streak)
+        verdict = judge(None, {"state": "running", "step": 4}, start, Attempt(100, streak), 10, "L")
+        streak, lines = verdict.streak, [*lines, verdict.next]
+        assert verdict.why == "no heartbeat for 10 s after step 4 (training.watchdog_s)"
+    assert lines == ["requeue", "requeue", "error"] and streak == CRASH_LOOP
+    assert verdict.line == ("training failed: a crash loop, not requeued: 3 attempts in a row stalled without a new "
+                            "checkpoint (last: no heartbeat for 10 s after step 4 (training.watchdog_s)); see L")
+    lost = judge(137, {"state": "lost", "step": 9, "error": "rank 1 died"}, Attempt(100, 2), Attempt(100, 2), 10, "L")
+    assert (lost.next, lost.streak) == ("error", 3) and "3 attempts in a row lost a rank" in lost.line
+    saved = judge(137, {"state": "lost", "step": 9}, Attempt(100, 2), Attempt(150, 2), 10, "L")  # a new checkpoint
+    assert (saved.next, saved.streak) == ("requeue", 1)

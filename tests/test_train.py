@@ -380,7 +380,7 @@ def test_grids_do_not_change_training_with_dropout(make_trainer, tmp_path):
 def test_a_crash_loop_is_counted_across_attempts(tmp_path):
     """Attempts that lose a rank without adding a checkpoint count up (the wrapper stops requeuing at CRASH_LOOP);
     a new checkpoint starts the count again; any other state starts from zero."""
-    from ddpm.cluster.wrapper import CRASH_LOOP, Attempt, lost_streak
+    from ddpm.cluster.attempt import CRASH_LOOP, Attempt, lost_streak
     from ddpm.runlog import write_status
 
     ckpts = tmp_path / "checkpoints"
@@ -390,11 +390,11 @@ def test_a_crash_loop_is_counted_across_attempts(tmp_path):
     for _ in range(CRASH_LOOP):  # start-up crashes, no checkpoint ever written
         write_status(tmp_path, "starting", -1, 0, lost_streak=streak)
         before = Attempt.read(tmp_path)
-        streak = lost_streak(before, tmp_path)
+        streak = lost_streak(before, Attempt.read(tmp_path))
         write_status(tmp_path, "lost", -1, 0, lost_streak=streak)
     assert streak == CRASH_LOOP == 3
     before = Attempt.read(tmp_path)
     (ckpts / "step_00000100.pt").write_bytes(b"")  # this attempt made progress
-    assert before == Attempt(-1, 3) and lost_streak(before, tmp_path) == 1
+    assert before == Attempt(-1, 3) and lost_streak(before, Attempt.read(tmp_path)) == 1
     write_status(tmp_path, "stopped", 100, 0, lost_streak=2)
     assert Attempt.read(tmp_path) == Attempt(100, 0)

@@ -16,8 +16,8 @@ starts torchrun around ``python -m ddpm.train`` and owns the requeue policy:
   ``error`` (bad input, no GPU, a full disk: not requeued), or else torchrun exited non-zero while the
   trainer was ``starting`` or ``running`` (or wrote ``lost``): a rank's process or node died, or NCCL's
   watchdog aborted the survivors before Python could write anything. That is ``lost``: requeue from the
-  last durable checkpoint (or step 0), unless :data:`CRASH_LOOP` attempts in a row lost a rank without
-  a new checkpoint (a crash loop: one line, not requeued again).
+  last durable checkpoint (or step 0), unless three attempts in a row lost a rank without a new checkpoint
+  (a crash loop: one line, not requeued again). :mod:`ddpm.cluster.attempt` holds that table.
 
 The same wrapper is the sbatch route: ``srun python -m ddpm.cluster train --run-dir D``.
 """
@@ -31,13 +31,12 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from ddpm.checkpoint import list_checkpoints
+from ddpm.cluster.attempt import Attempt, judge
 from ddpm.cluster.rendezvous import first_slurm_host, rendezvous_port
 from ddpm.cluster.squeue import GONE, job_state
 from ddpm.config import Config, dump_config, load_config
@@ -212,30 +211,6 @@ def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: l
             return None
 
 
-CRASH_LOOP = 3  # attempts in a row that lose a rank or stall without a new durable checkpoint: stop requeuing
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """What an attempt starts from: the newest checkpoint's step, and how many attempts before it in a row lost a
-    rank or stalled without adding a checkpoint (``lost_streak`` in ``status.json``)."""
-
-    checkpoint_step: int
-    lost_streak: int
-
-    @staticmethod
-    def read(run_dir: Path) -> Attempt:
-        status, ckpts = read_status(run_dir) or {}, list_checkpoints(run_dir)
-        counted = (RunState.LOST, RunState.STALLED, RunState.STARTING)
-        streak = int(status.get("lost_streak") or 0) if status.get("state") in counted else 0
-        return Attempt(ckpts[-1][0] if ckpts else -1, streak)
-
-
-def lost_streak(before: Attempt, run_dir: Path) -> int:
-    """The streak after this attempt lost a rank or stalled: 1 when it wrote a new checkpoint, else one more."""
-    return 1 if Attempt.read(run_dir).checkpoint_step > before.checkpoint_step else before.lost_streak + 1
-
-
 def run_training(run_dir: Path, cfg: Config) -> str:
     """Run torchrun for this node; return "done", or requeue / raise. Blocks until torchrun exits.
 
@@ -270,46 +245,27 @@ def run_training(run_dir: Path, cfg: Config) -> str:
         signal.signal(sig, forward)
     rc = supervise(proc, run_dir, cfg.training.watchdog_s, signals)
     status = read_status(run_dir) or {}
-    state, step = status.get("state"), status.get("step")
-    if rc == 0 and state == RunState.DONE:
+    verdict = judge(rc, status, before, Attempt.read(run_dir), cfg.training.watchdog_s, run_dir / "logs")
+    if verdict.next == "done":
         # nothing is left to save: a stop signal now (the time limit's, just as training ended) must not kill
         # this process as it exits (Python restores default handlers at exit, but keeps SIG_IGN), or the job
         # would end FAILED and its afterok dependents never start
         for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
-        print(f"training done at step {step}", flush=True)
-        return "done"
-    if rc is None:  # a stall without a new checkpoint counts toward the crash loop: the same hang every attempt
-        state, streak = RunState.STALLED, lost_streak(before, run_dir)  # (a grid, a deadlock) stops in one line
-        why = f"no heartbeat for {cfg.training.watchdog_s} s after step {step} (training.watchdog_s)"
-        if node == 0:
-            write_status(run_dir, RunState.STALLED, int(step or 0), int(status.get("skipped_steps") or 0),
-                         error=why, lost_streak=streak)
-        if streak >= CRASH_LOOP:
-            raise RuntimeError(f"training failed: a crash loop, not requeued: {streak} attempts in a row stalled "
-                               f"without a new checkpoint (last: {why}); see {run_dir}/logs")
-        print(f"training stalled after step {step}; resuming from the last checkpoint", flush=True)
-    elif state == RunState.STOPPED:
-        took = f" {time.monotonic() - signals[0][1]:.1f} s after {signals[0][0]}" if signals else ""
-        print(f"training stopped at step {step}; checkpoint is durable{took}", flush=True)
-    elif state == RunState.FAILED and status.get("error"):  # the trainer's one line (no GPU, unreadable checkpoints,
-        raise DDPMError(f"training failed: {status['error']}")  # a full disk): fix and resubmit; never requeued
-    elif rc != 0 and state in (RunState.LOST, RunState.STARTING, RunState.RUNNING):  # a rank died (or NCCL's
-        state = RunState.LOST  # watchdog aborted them all)
-        streak = lost_streak(before, run_dir)
-        why = status.get("error") or f"torchrun exited with {rc} while the trainer was {status.get('state')}"
-        if node == 0:
-            write_status(run_dir, RunState.LOST, int(step or 0), int(status.get("skipped_steps") or 0), error=why,
-                         lost_streak=streak)
-        if streak >= CRASH_LOOP:
-            raise RuntimeError(f"training failed: a crash loop, not requeued: {streak} attempts in a row lost a rank "
-                               f"without a new checkpoint (last: {why}); see {run_dir}/logs")
-        print(f"training lost a rank after step {step} ({why}); resuming from the last checkpoint", flush=True)
-    else:
-        raise RuntimeError(f"training failed: torchrun exited with {rc}, status '{state}'; see {run_dir}/logs")
+        print(verdict.line, flush=True)
+        return RunState.DONE
+    if verdict.streak and node == 0:  # stalled or lost: the streak survives the requeue in status.json
+        write_status(run_dir, verdict.state, int(status.get("step") or 0), int(status.get("skipped_steps") or 0),
+                     error=verdict.why, lost_streak=verdict.streak)
+    if verdict.next == "fail":  # the trainer's one line: fix and resubmit; never requeued
+        raise DDPMError(verdict.line)
+    if verdict.next == "error":
+        raise RuntimeError(verdict.line)
+    took = f" {time.monotonic() - signals[0][1]:.1f} s after {signals[0][0]}" if signals else ""
+    print(verdict.line + (took if verdict.state == RunState.STOPPED else ""), flush=True)
     if node == 0:
         requeue_and_end(cfg.slurm.max_restarts)
-    return state
+    return verdict.state
 
 
 def build_parser() -> argparse.ArgumentParser:
