@@ -1,4 +1,4 @@
-"""SLURM side: the torchrun wrapper with requeue-after-save, submitit executors, the stage tasks.
+"""The training job's wrapper (``python -m ddpm.cluster train``): torchrun for this node, then requeue-after-save.
 
 The training job runs one task per node; each runs :func:`run_training`, which
 starts torchrun around ``python -m ddpm.train`` and owns the requeue policy:
