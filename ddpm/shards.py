@@ -118,17 +118,17 @@ def _resume_partial(files: ShardFiles, spec: ShardSpec) -> np.ndarray | None:
 
 
 def _generate(diffusion: Any, images: np.ndarray, spec: ShardSpec, s: SamplingConfig, partial: Path,
-              progress: bool) -> np.ndarray:
+              autocast: torch.dtype | None, progress: bool) -> np.ndarray:
     """Sample the images still missing, batch by batch, saving partial progress after each batch.
 
-    ``images`` holds the first n images of the shard (uint8 [n, H, W, C]); returns all of them.
+    ``images`` holds the first n images of the shard (uint8 [n, H, W, C]); returns all of them. ``autocast``:
+    the network's autocast dtype (:func:`ddpm.precision.autocast_dtype`; None: fp32).
     """
     start, stop = spec.start, spec.stop
     h, w, c = spec.image_shape
     done = [images]
     n = len(images)
     settings_json = np.array(json.dumps(spec.to_dict(), sort_keys=True))
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)  # the network only (DDPM.sample)
     batches = range(start + n, stop, s.batch_size)
     for b0 in tqdm(batches, desc=f"shard {spec.shard}", unit="batch", disable=not progress):
         b1 = min(b0 + s.batch_size, stop)
@@ -223,7 +223,7 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
         print(f"{ckpt}: no EMA weights in the checkpoint; using the raw model weights", flush=True)
         s = dataclasses.replace(s, use_ema=False)
     device = checkpoint_device(state, device)
-    autocast_dtype(s.precision, device, "sampling.precision")  # fp16 off CUDA, bf16 without it: one line, now
+    autocast = autocast_dtype(s.precision, device, "sampling.precision")  # fp16 off CUDA, bf16 without it: one line
     set_fp32_precision(state["config"].get("infrastructure", {}).get("tf32", True) if tf32 is None else tf32)
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt)
     mc = state["model_config"]
@@ -254,7 +254,7 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
         if s.compile:  # one graph for [batch_size, C, H, W]; a smaller last batch of the shard compiles another
             diffusion.model = compiled_for_sampling(model, device)
         with torch.no_grad():
-            images = _generate(diffusion, images, spec, s, files.partial, progress)
+            images = _generate(diffusion, images, spec, s, files.partial, autocast, progress)
         del model, diffusion
     elapsed = time.perf_counter() - t0
     rate = (len(images) - n_before) / max(elapsed, 1e-9)

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_CONFIG
-from test_dpm_solver import tiny_unet
+from helpers import TINY_CONFIG, tiny_unet
 
 import ddpm.samplers
 from ddpm import grid, shards
@@ -150,5 +149,5 @@ def test_the_grid_and_a_shard_pass_the_section_itself(monkeypatch: pytest.Monkey
     section = dataclasses.replace(cfg.sampling, batch_size=2)  # shard 0 of 3 holds 4 images: two batches
     spec = ShardSpec.of("0" * 64, (8, 8, 3), section, 0)
     images = shards._generate(DDPM(model, 50), np.zeros((0, 8, 8, 3), np.uint8), spec, section,
-                              tmp_path / "partial.npz", progress=False)
+                              tmp_path / "partial.npz", autocast=None, progress=False)
     assert images.shape == (4, 8, 8, 3) and len(seen) == 3 and seen[1] is section and seen[2] is section
