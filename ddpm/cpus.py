@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # not imported here: the assembly job computes its budget wit
     import torch
 
 SHARE_ENV = "DDPM_CPU_SHARE"  # local-executor tasks running at once on this machine (launch.py sets it per task)
-STAGES = ("train", "sample", "assemble", "fid", "bench")
+# the kinds of work a budget is made for (not the pipeline stages of launch.py: eval tasks budget as "sample")
+WORKLOADS = ("train", "sample", "assemble", "fid", "bench")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +111,8 @@ def cpu_budget(stage: str, device: torch.device | str | None = None, workers: in
     network keeps every CPU (the worker runs in the gaps, one thread); on a GPU the main process keeps what the
     workers leave (at least one thread).
     """
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
+    if stage not in WORKLOADS:
+        raise ValueError(f"unknown stage {stage!r} (expected one of {', '.join(WORKLOADS)})")
     env = os.environ if env is None else env
     cpus, source = allocated_cpus(env, affinity)
     omp = _positive_int(env, "OMP_NUM_THREADS")  # set by the user (slurm.setup): a cap, never raised
