@@ -19,6 +19,8 @@ Fixtures (use these instead of building your own):
 - ``reference`` (module): ``reference(*overrides) -> Reference``, an uninterrupted ``python -m ddpm.cluster
   train`` of tiny_cpu.yaml on ``images``, started in the background once per distinct overrides; ``.state()``
   waits for it and returns its last checkpoint (tests/slurm_helpers.py).
+- ``pace`` (session): how fast this machine runs the SLURM tests' training (tests/slurm_runs.py), measured once;
+  the bounds of their waits and the length of their runs follow from it.
 - ``slurm_cluster`` (session): the cluster of tests/slurm/cluster.sh (SLURM job helpers: tests/slurm_helpers.py).
 
 The SLURM fixture starts the cluster (installing the Debian packages first when slurmctld is missing), and
@@ -50,6 +52,7 @@ from slurm_helpers import (
     next_job_id,
     parse_scontrol_line,
 )
+from slurm_runs import Pace, measure_pace
 
 if TYPE_CHECKING:
     from ddpm.train import Trainer
@@ -232,6 +235,12 @@ def make_checkpoint(images: Path, tmp_path_factory: pytest.TempPathFactory) -> C
 def checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
     """The default trained checkpoint (``<run>/checkpoints/step_<CHECKPOINT_STEPS>.pt``); read-only."""
     return make_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def pace(images: Path) -> Pace:
+    """How fast this machine runs the SLURM tests' training (tests/slurm_runs.py): the bounds of their waits."""
+    return measure_pace(images)
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import ROOT, TINY_CONFIG
-from slurm_helpers import TERMINAL_STATES, SlurmError, job_state
+from helpers import ROOT, TINY_CONFIG, launch
+from slurm_helpers import TERMINAL_STATES, SlurmError, job_state, wait_for_job, wait_for_state
 
 SLACK = 4.0  # the job shares the CPUs with its reference run (nice 10) and whatever else the machine runs
 CLUSTER_S = 30.0
@@ -176,3 +176,26 @@ def rank_pids(job_id: str | int) -> dict[int, int]:
         if b"RANK" in env and b"torch.distributed.run" in proc_bytes(parent_pid(pid), "cmdline"):
             ranks[int(env[b"RANK"])] = pid
     return ranks
+
+
+def start_training(images: Path, root: Path, pace: Pace, *overrides: str) -> tuple[Path, str, Path]:
+    """``launch.py --stage train --only`` of tiny_cpu.yaml on the local SLURM; (run dir, job id, the log of node 0's
+    task) once the job runs."""
+    proc = launch("--stage", "train", "--only", f"data.path={images}", f"run.root={root}", *overrides)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = root / "tiny"
+    job = json.loads((run_dir / "jobs.json").read_text())["train"]
+    assert wait_for_state(job, {"RUNNING"}, timeout=pace.bound()) == "RUNNING"
+    return run_dir, job, run_dir / "logs" / job / f"{job}_0_log.out"
+
+
+def finish(job: str, log: Path, timeout: float, clean_from: str = "", release: bool = True) -> str:
+    """Wait until the (requeued) job completes; the log text of node 0's task, with no loader-worker error and no
+    traceback after the first ``clean_from`` (torchrun prints its ChildFailedError when a rank exits on a lost
+    peer). ``release``: start a requeued job at once, before SLURM's BeginTime delay (``release_requeued``)."""
+    state = wait_for_job(job, timeout=timeout, release=release)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-3000:]
+    rest = text[text.index(clean_from):]
+    assert "DataLoader worker" not in text and "Traceback" not in rest, rest[-3000:]
+    return text

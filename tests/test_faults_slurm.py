@@ -24,10 +24,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from helpers import ROOT, launch
+from helpers import ROOT
 from slurm_helpers import (
     CLUSTER_SH,
     assert_same_training_state,
@@ -38,9 +37,18 @@ from slurm_helpers import (
     show_job,
     wait_for_job,
     wait_for_restart,
-    wait_for_state,
 )
-from slurm_runs import CLUSTER_S, GRACE_S, Pace, job_pids, logged_step, measure_pace, rank_pids, wait_for_step
+from slurm_runs import (
+    CLUSTER_S,
+    GRACE_S,
+    Pace,
+    finish,
+    job_pids,
+    logged_step,
+    rank_pids,
+    start_training,
+    wait_for_step,
+)
 
 from ddpm.checkpoint import load_latest
 
@@ -51,33 +59,9 @@ WORKERS = ["data.num_workers=1", "slurm.cpus_per_task=2", "slurm.setup=[export O
 
 
 @pytest.fixture(scope="module")
-def pace(images: Path) -> Pace:
-    return measure_pace(images)
-
-
-@pytest.fixture(scope="module")
 def n(pace: Pace) -> int:
     """Steps of the short runs (300: ~10-15 s on one core): faults land after step 150, the rest resumes."""
     return pace.run_length(150, at_least=300)
-
-
-def start_training(images: Path, root: Path, pace: Pace, *overrides: str) -> tuple[Path, str, Path]:
-    """launch.py --stage train on the local SLURM; (run dir, job id, job log) once the job runs."""
-    proc = launch("--stage", "train", "--only", f"data.path={images}", f"run.root={root}", *overrides)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    run_dir = root / "tiny"
-    job = json.loads((run_dir / "jobs.json").read_text())["train"]
-    assert wait_for_state(job, {"RUNNING"}, timeout=pace.bound()) == "RUNNING"
-    return run_dir, job, run_dir / "logs" / job / f"{job}_0_log.out"
-
-
-def finish(job: str, log: Path, timeout: float) -> str:
-    """Let the requeued job start at once (no BeginTime wait) and wait until it ends; its log text."""
-    state = wait_for_job(job, timeout=timeout, release=True)
-    text = log.read_text()
-    assert state == "COMPLETED", text[-3000:]
-    assert "DataLoader worker" not in text and "Traceback" not in text, text[-3000:]
-    return text
 
 
 @pytest.mark.parametrize("partition", ["debug", "cancel"])

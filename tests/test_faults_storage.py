@@ -33,7 +33,7 @@ from slurm_helpers import (
     wait_for_restart,
     wait_for_state,
 )
-from slurm_runs import GRACE_S, Pace, measure_pace, wait_for_step
+from slurm_runs import GRACE_S, Pace, wait_for_step
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.runlog import write_status
@@ -48,12 +48,6 @@ def train_locally(images: Path, root: Path, *overrides: str) -> Path:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root / "tiny"
-
-
-@pytest.fixture(scope="module")
-def pace(images: Path) -> Pace:
-    """This machine's measured training pace: the bounds of the SLURM waits (tests/slurm_runs.py)."""
-    return measure_pace(images)
 
 
 @pytest.fixture(scope="module")

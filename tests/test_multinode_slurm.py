@@ -43,7 +43,7 @@ from slurm_helpers import (
     wait_for_restart,
     wait_for_state,
 )
-from slurm_runs import GRACE_S, Pace, measure_pace, wait_for_step
+from slurm_runs import GRACE_S, Pace, finish, start_training, wait_for_step
 
 from ddpm.checkpoint import load_latest
 from ddpm.cluster.rendezvous import rendezvous_port
@@ -75,36 +75,9 @@ def two_nodes(slurm_cluster) -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def pace(images: Path) -> Pace:
-    return measure_pace(images)
-
-
-@pytest.fixture(scope="module")
 def n(pace: Pace) -> int:
     """Steps of each run (200); the faults land after step 110 (step_100 durable)."""
     return pace.run_length(110, at_least=200)
-
-
-def start_training(images: Path, root: Path, pace: Pace, *overrides: str) -> tuple[Path, str, Path]:
-    """A 2-node training job from launch.py; (run dir, job id, log of node 0's task) once it runs."""
-    proc = launch("--stage", "train", "--only", f"data.path={images}", f"run.root={root}", *TWO_NODES, *overrides)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    run_dir = root / "tiny"
-    job = json.loads((run_dir / "jobs.json").read_text())["train"]
-    assert wait_for_state(job, {"RUNNING"}, timeout=pace.bound()) == "RUNNING"
-    return run_dir, job, run_dir / "logs" / job / f"{job}_0_log.out"
-
-
-def finish(job: str, log: Path, timeout: float, clean_from: str = "", release: bool = True) -> str:
-    """Wait until the (requeued) job completes; the log text of node 0's task, with no traceback after the
-    first ``clean_from`` (torchrun prints its ChildFailedError when a rank exits on a lost peer).
-    ``release``: start the requeued job before SLURM's BeginTime delay (see ``release_requeued``)."""
-    state = wait_for_job(job, timeout=timeout, release=release)
-    text = log.read_text()
-    assert state == "COMPLETED", text[-3000:]
-    rest = text[text.index(clean_from):]
-    assert "DataLoader worker" not in text and "Traceback" not in rest, rest[-3000:]
-    return text
 
 
 def hosts(run_dir: Path) -> list[list[str]]:
@@ -191,7 +164,7 @@ def test_preemption_of_a_two_node_job(two_nodes, images, tmp_path, reference, pa
     """A higher-priority job takes a whole node: SIGTERM to every process of the job on both nodes; every rank
     stops at the same step, rank 0 writes one checkpoint, the job is requeued once and resumes exactly."""
     ref = reference(*ONE_NODE, f"training.num_iterations={n}")
-    run_dir, job, log = start_training(images, tmp_path, pace, f"training.num_iterations={n}")
+    run_dir, job, log = start_training(images, tmp_path, pace, *TWO_NODES, f"training.num_iterations={n}")
     wait_for_step(log, 110, timeout=pace.bound(steps=110, ranks=2), job=job)
     preempt(cpus=2)  # all of one node's CPUs: SLURM must preempt the 2-node job (1 CPU on each node)
     wait_for_restart(job, 1, timeout=GRACE_S + pace.bound(steps=10, starts=0, ranks=2))
@@ -214,7 +187,7 @@ def test_node_lost_mid_run(two_nodes, images, tmp_path, reference, pace, n):
     resumes from the last durable checkpoint when node2 is back."""
     bound = 30  # training.watchdog_s: the bound when a node vanishes without resetting its connections
     ref = reference(*ONE_NODE, f"training.num_iterations={n}")
-    run_dir, job, log = start_training(images, tmp_path, pace, f"training.num_iterations={n}",
+    run_dir, job, log = start_training(images, tmp_path, pace, *TWO_NODES, f"training.num_iterations={n}",
                                        f"training.watchdog_s={bound}")
     wait_for_step(log, 110, timeout=pace.bound(steps=110, ranks=2), job=job)
     t0 = time.monotonic()
