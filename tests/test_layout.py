@@ -1,6 +1,6 @@
 """The package's shape (docs/design.md): no import cycle (ddpm/ and tools/), model/math/data code free of process
 and cluster code, a straight stage flow (no stage imports a later one; the job side imports nothing of the login
-side), files of at most 400 lines, a docstring under every config key."""
+side), files of at most 400 lines (a warning; 600 fails), a docstring under every config key."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import dataclasses
 import graphlib
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -122,10 +123,13 @@ def test_the_login_node_and_job_wrapper_paths_load_no_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_no_file_over_400_lines():
+def test_file_length():
+    """Over 400 lines is a warning (a file doing two jobs? split it by job, not in two halves); over 600 fails."""
     files = [*PKG.rglob("*.py"), *(ROOT / "tools").rglob("*.py"), ROOT / "launch.py"]
-    long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > 400}
-    assert not long
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in files}
+    if long := {f: n for f, n in lengths.items() if n > 400}:
+        warnings.warn(f"files over 400 lines: {long}", stacklevel=1)
+    assert not {f: n for f, n in lengths.items() if n > 600}
 
 
 def test_every_config_key_has_a_docstring():
