@@ -238,7 +238,7 @@ def status(run_dir: Path) -> int:
     """Stage, job states (squeue/scontrol, not sacct), last step and checkpoint, shard progress."""
     from ddpm.checkpoint import list_checkpoints
     from ddpm.cluster.squeue import job_state
-    from ddpm.runlog import RunState, read_status, stalled_for
+    from ddpm.status import RunState, read_status, stalled_for
 
     run = RunDir(run_dir)
     if not run.config.is_file():

@@ -8,7 +8,7 @@ The public API (docs/design.md, Contracts), imported on first use so that ``impo
     images = DDPM.from_config(cfg.ddpm, model).sample(4, (3, 16, 16), num_steps=10, sampler="ddim")
 
 Layout: model and math (``unet``, ``diffusion``, ``ema``), ``data/``, the run (``train``, ``sample``,
-``assemble``, ``checkpoint``, ``runlog``, ``dist``, ``fid``), ``cluster/`` (SLURM), and below them all
+``assemble``, ``checkpoint``, ``status``, ``runlog``, ``dist``, ``fid``), ``cluster/`` (SLURM), and below them all
 ``config``, ``configtools``, ``errors``, ``fsio``.
 """
 

@@ -342,7 +342,7 @@ def start_from(model: UNet, ema: EMA, cfg: Config, run_dir: Path | None) -> str:
     and the EMA shadow: a new run's starting weights, bitwise those of the file. ``run_dir`` (the main rank's;
     None elsewhere) gets the source in provenance.json. Returns the line to print; a mismatch is one ConfigError
     naming the first differing field, a missing or unreadable file one CheckpointError."""
-    from ddpm.runlog import add_to_provenance
+    from ddpm.provenance import add_to_provenance
 
     src = Path(str(cfg.training.init_from))
     folder = src / "unet" if (src / "unet" / "config.json").is_file() else src

@@ -2,7 +2,7 @@
 
 A file is written to a temporary file in the same directory, fsynced, renamed onto its name, and the
 directory is fsynced: a process killed at any moment leaves either the old file or the new one. This
-module sits below every other (config, checkpoint, sample, assemble, runlog) and imports none of them.
+module sits below every other (config, checkpoint, sample, assemble, status) and imports none of them.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
     <run.root>/<run.name>/
         config.yaml                    the resolved config (launch.py, the wrapper, the trainer: same text)
         jobs.json                      the SLURM job ids of each stage (launch.py; read by launch.py status)
-        status.json                    run state, step, heartbeat, error line (ddpm.runlog)
-        provenance.json                git, versions, hosts, job ids per start (ddpm.runlog)
+        status.json                    run state, step, heartbeat, error line (ddpm.status)
+        provenance.json                git, versions, hosts, job ids per start (ddpm.provenance)
         probe.json                     the doctor's node report (ddpm.cluster.probe)
         checkpoints/step_<N>.pt        checkpoints (ddpm.checkpoint); LATEST names the newest durable one
         grids/step_<N>.png             the periodic sample grids of training
@@ -124,7 +124,7 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.yaml", doc="the resolved config")
     jobs = property(lambda self: self.path / "jobs.json", doc="job ids of each stage (launch.py)")
-    status = property(lambda self: self.path / "status.json", doc="the run's state (ddpm.runlog)")
+    status = property(lambda self: self.path / "status.json", doc="the run's state (ddpm.status)")
     provenance = property(lambda self: self.path / "provenance.json", doc="git, versions, hosts per start")
     probe = property(lambda self: self.path / "probe.json", doc="the doctor's node report")
     checkpoints = property(lambda self: self.path / "checkpoints", doc="step_<N>.pt and LATEST")

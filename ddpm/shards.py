@@ -38,8 +38,8 @@ from ddpm.errors import CheckpointError, ConfigError, ShardError
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, file_sha256, file_sha256_once, new_dir
 from ddpm.outputs import ShardSpec
 from ddpm.precision import autocast_dtype, set_fp32_precision
+from ddpm.provenance import package_versions
 from ddpm.rundir import RunDir, ShardFiles, shard_files, stale_dir
-from ddpm.runlog import package_versions
 from ddpm.samplers import get_sampler
 from ddpm.unet import UNet
 

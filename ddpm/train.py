@@ -40,8 +40,10 @@ from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, CheckpointError, Co
 from ddpm.grid import draw_grid
 from ddpm.optim import build_optimizer, follow_fused_setting, step_unless
 from ddpm.precision import amp_dtype, autocast, configure_backends, describe_precision, memory_format, restore_scaler
+from ddpm.provenance import write_provenance
 from ddpm.rundir import RunDir
-from ddpm.runlog import RunLogger, RunState, as_failure, record_failure, write_provenance, write_status
+from ddpm.runlog import RunLogger
+from ddpm.status import RunState, as_failure, record_failure, write_status
 from ddpm.unet import UNet
 
 

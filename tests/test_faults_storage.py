@@ -36,7 +36,7 @@ from slurm_helpers import (
 from slurm_runs import GRACE_S, Pace, wait_for_step
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
-from ddpm.runlog import write_status
+from ddpm.status import write_status
 
 WORKERS = ["data.num_workers=1", "slurm.cpus_per_task=2", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 

@@ -82,7 +82,7 @@ def test_status_json_is_typed_and_refuses_what_it_does_not_know(tmp_path, capsys
 
     import launch
     from ddpm.config import dump_config, load_config
-    from ddpm.runlog import STATUS_SCHEMA, RunState, read_status, write_status
+    from ddpm.status import STATUS_SCHEMA, RunState, read_status, write_status
 
     write_status(tmp_path, RunState.STOPPED, 7, 0, error=None)
     status = read_status(tmp_path)

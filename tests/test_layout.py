@@ -116,7 +116,8 @@ def test_the_login_node_and_job_wrapper_paths_load_no_torch():
     """launch.py (preflight, status), the job wrapper of every train job and the assembly job do not import torch
     (about 10 s of start-up on a slow node, before any work): only the processes that compute load it."""
     code = ("import sys; import launch, ddpm.cluster.executors, ddpm.cluster.tasks, ddpm.cluster.squeue, "
-            "ddpm.cluster.wrapper, ddpm.cluster.preflight, ddpm.checkpoint, ddpm.runlog, ddpm.assemble, ddpm.rundir, "
+            "ddpm.cluster.wrapper, ddpm.cluster.preflight, ddpm.checkpoint, ddpm.runlog, ddpm.status, ddpm.provenance, "
+            "ddpm.assemble, ddpm.rundir, "
             "tools.digits; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

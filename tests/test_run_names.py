@@ -23,7 +23,7 @@ from ddpm.config import RunConfig, dump_config, load_config
 from ddpm.configtools import parse_override
 from ddpm.errors import ConfigError
 from ddpm.rundir import RunDir
-from ddpm.runlog import RunState, write_status
+from ddpm.status import RunState, write_status
 
 # roots a shell would split, expand or run if they were printed bare
 ODD_ROOTS = ["runs with spaces", "it's \"q\" $(touch pwned) ;echo hi", "a: b #c", "[x]"]

@@ -381,7 +381,7 @@ def test_a_crash_loop_is_counted_across_attempts(tmp_path):
     """Attempts that lose a rank without adding a checkpoint count up (the wrapper stops requeuing at CRASH_LOOP);
     a new checkpoint starts the count again; any other state starts from zero."""
     from ddpm.cluster.attempt import CRASH_LOOP, Attempt, lost_streak
-    from ddpm.runlog import write_status
+    from ddpm.status import write_status
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()

@@ -1,6 +1,6 @@
 """The run's state machine: how one training attempt ended, and what the job does next.
 
-The trainer writes its state to ``status.json`` (:class:`ddpm.runlog.RunState`); the wrapper adds how torchrun
+The trainer writes its state to ``status.json`` (:class:`ddpm.status.RunState`); the wrapper adds how torchrun
 ended (its exit code, or None when the watchdog killed it). :func:`judge` maps the two to one :class:`Verdict`:
 
 =======================================  ===========  ===========================================================
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ddpm.checkpoint import list_checkpoints
-from ddpm.runlog import RunState, read_status
+from ddpm.status import RunState, read_status
 
 CRASH_LOOP = 3  # attempts in a row that lose a rank or stall without a new durable checkpoint: stop requeuing
 

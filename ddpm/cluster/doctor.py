@@ -197,7 +197,7 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
 
     from ddpm.checkpoint import load_latest
     from ddpm.cluster.squeue import job_state
-    from ddpm.runlog import RunState, read_status
+    from ddpm.status import RunState, read_status
 
     job, run_dir = jobs["stopped"]
     report("ok", "submitted", f"job {job} (stop path) and {jobs['reference'][0]} (reference) to "

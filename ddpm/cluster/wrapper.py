@@ -44,7 +44,7 @@ from ddpm.configtools import parse_with_overrides
 from ddpm.envcheck import check_torch_floor
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, ConfigError, DDPMError, cli_entry
 from ddpm.rundir import RunDir
-from ddpm.runlog import RunState, read_status, stalled_for, write_status
+from ddpm.status import RunState, read_status, stalled_for, write_status
 
 
 def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None = None,
@@ -245,7 +245,7 @@ def run_training(run_dir: Path, cfg: Config) -> str:
         signal.signal(sig, forward)
     rc = supervise(proc, run_dir, cfg.training.watchdog_s, signals)
     status = read_status(run_dir) or {}
-    verdict = judge(rc, status, before, Attempt.read(run_dir), cfg.training.watchdog_s, run_dir / "logs")
+    verdict = judge(rc, status, before, Attempt.read(run_dir), cfg.training.watchdog_s, RunDir(run_dir).logs)
     if verdict.next == "done":
         # nothing is left to save: a stop signal now (the time limit's, just as training ended) must not kill
         # this process as it exits (Python restores default handlers at exit, but keeps SIG_IGN), or the job
