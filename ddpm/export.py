@@ -1,7 +1,9 @@
 """Share a model the way the field does: a run as a diffusers pipeline folder, and new runs from one.
 
     python -m ddpm.export RUN_DIR --out DIR [--checkpoint best|latest|step_N|PATH] [--no-ema] [--overwrite]
-    training.init_from: DIR     # ddpm.train: a new run starts from a diffusers UNet2DModel folder
+
+The way back, a new run from such a folder (``training.init_from``), is :mod:`ddpm.init_from`; the weight names
+of both ways are :mod:`ddpm.diffusers_keys`.
 
 DIR holds ``model_index.json`` (a ``DDPMPipeline``), ``scheduler/scheduler_config.json`` (a ``DDPMScheduler``
 with our schedule, variance, x0 clipping and timestep spacing), ``unet/config.json`` and
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import os
 import shutil
@@ -38,86 +39,16 @@ import yaml
 from ddpm.architecture import unet2d_config
 from ddpm.checkpoint import CheckpointRef, load_checkpoint, load_resolved
 from ddpm.config import Config, ModelConfig, config_from_dict
-from ddpm.errors import CheckpointError, ConfigError, DDPMError, cli_entry
-from ddpm.fsio import file_sha256
+from ddpm.diffusers_keys import ours_to_diffusers
+from ddpm.errors import CheckpointError, DDPMError, cli_entry
 from ddpm.rundir import RunDir
 from ddpm.unet import UNet
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ddpm.ema import EMA
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 CUSTOM_FILES = {"ddpm_unet.py": "diffusers_unet.py", "unet.py": "unet.py", "architecture.py": "architecture.py"}
-_RES = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
-        "skip": "conv_shortcut"}  # ResBlock: ours -> diffusers' ResnetBlock2D
-_CONFIG_KEYS = {"sample_size": "data.image_size", "in_channels": "model.in_channels",
-                "block_out_channels": "model.base_channels and channel_mult",
-                "layers_per_block": "model.num_res_blocks",
-                "down_block_types": "model.attention_resolutions", "up_block_types": "model.attention_resolutions",
-                "attention_head_dim": "model.num_heads or num_head_channels",
-                "resnet_time_scale_shift": "model.use_scale_shift_norm"}  # UNet2DModel key -> the key that sets it
-
-
-# ---- UNet2DModel <-> ours: the names of the same weights -------------------------------------------------
-def module_pairs(levels: int, blocks: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(plain, attention) pairs of module names (ours, diffusers' ``UNet2DModel``) for ``len(channel_mult)`` levels
-    of ``num_res_blocks`` blocks. A plain pair holds the same ``weight`` and ``bias``; an attention pair maps our
-    ``norm``, ``qkv`` (q, k, v stacked on dim 0) and ``proj`` to ``group_norm``, ``to_q/k/v`` and ``to_out.0``.
-    Pairs of modules a given shape lacks (a 1x1 skip, attention off) are listed too: the converters skip them."""
-    plain = [("time_mlp.0", "time_embedding.linear_1"), ("time_mlp.2", "time_embedding.linear_2"),
-             ("conv_in", "conv_in"), ("norm_out", "conv_norm_out"), ("conv_out", "conv_out")]
-    attn = [("mid_attn", "mid_block.attentions.0")]
-    res = [("mid_block1", "mid_block.resnets.0"), ("mid_block2", "mid_block.resnets.1")]
-    for i in range(levels):
-        for side, theirs, n in (("down", "down_blocks", blocks), ("up", "up_blocks", blocks + 1)):
-            res += [(f"{side}.{i}.res.{j}", f"{theirs}.{i}.resnets.{j}") for j in range(n)]
-            attn += [(f"{side}.{i}.attn.{j}", f"{theirs}.{i}.attentions.{j}") for j in range(n)]
-        if i < levels - 1:
-            plain += [(f"down.{i}.resample.conv", f"down_blocks.{i}.downsamplers.0.conv"),
-                      (f"up.{i}.resample.conv", f"up_blocks.{i}.upsamplers.0.conv")]
-    plain += [(f"{o}.{a}", f"{t}.{b}") for o, t in res for a, b in _RES.items()]
-    return plain, attn
-
-
-def _convert(sd: dict[str, torch.Tensor], levels: int, blocks: int, to_ours: bool) -> dict[str, torch.Tensor]:
-    """``sd`` renamed by :func:`module_pairs`, in either direction; weights without a pair are left out."""
-    out: dict[str, torch.Tensor] = {}
-    plain, attn = module_pairs(levels, blocks)
-    for ours, theirs in plain + [(f"{o}.norm", f"{t}.group_norm") for o, t in attn] + [
-            (f"{o}.proj", f"{t}.to_out.0") for o, t in attn]:
-        src, dst = (theirs, ours) if to_ours else (ours, theirs)
-        for p in ("weight", "bias"):
-            if f"{src}.{p}" in sd:
-                out[f"{dst}.{p}"] = sd[f"{src}.{p}"]
-    for ours, theirs in attn:
-        for p in ("weight", "bias"):
-            if to_ours and f"{theirs}.to_q.{p}" in sd:
-                out[f"{ours}.qkv.{p}"] = torch.cat([sd[f"{theirs}.to_{c}.{p}"] for c in "qkv"])
-            elif not to_ours and f"{ours}.qkv.{p}" in sd:
-                for c, part in zip("qkv", sd[f"{ours}.qkv.{p}"].chunk(3), strict=True):
-                    out[f"{theirs}.to_{c}.{p}"] = part.clone()
-    return out
-
-
-def diffusers_to_ours(sd: dict[str, torch.Tensor], levels: int, blocks: int) -> dict[str, torch.Tensor]:
-    """A ``UNet2DModel`` state dict under our names (q, k, v stacked into ``qkv``). Raises KeyError naming the
-    first weight of ``sd`` with no place in ours."""
-    out = _convert(sd, levels, blocks, to_ours=True)
-    used = set(_convert(out, levels, blocks, to_ours=False))
-    extra = [k for k in sd if k not in used]
-    if extra:
-        raise KeyError(f"{extra[0]} has no counterpart in our U-Net ({len(extra)} such weights)")
-    return out
-
-
-def ours_to_diffusers(sd: dict[str, torch.Tensor], levels: int, blocks: int) -> dict[str, torch.Tensor]:
-    """Our state dict under ``UNet2DModel``'s names (``qkv`` split into ``to_q``, ``to_k``, ``to_v``)."""
-    return _convert(sd, levels, blocks, to_ours=False)
-
-
-# ---- the pipeline's parts ---------------------------------------------------------------------------------
 def scheduler_config(cfg: Config) -> dict[str, Any]:
     """``DDPMScheduler`` settings of our ancestral sampler: linear betas, eps prediction, ``ddpm.variance``
     (fixed_small = beta~_t, fixed_large = beta_t), x0 clipped to [-1, 1] (``DDPM.sample``'s ``clip_denoised``),
@@ -296,83 +227,6 @@ def model_card(run_dir: Path, cfg: Config, path: Path, state: dict[str, Any], us
         *_fid_lines(run_dir, step), *grid, "## Use", "", *load,
         "## Training config", "", "```yaml", yaml.safe_dump(_shared_config(cfg), sort_keys=False).rstrip(), "```", ""]
     return f"---\n{header}---\n\n" + "\n".join(body)
-
-
-# ---- training.init_from -------------------------------------------------------------------------------
-def _first_difference(theirs: dict[str, Any], mc: ModelConfig, image_size: int) -> str | None:
-    """The first field of a diffusers model config (``UNet2DModel`` or our ``DDPMUNet``) that is not this run's
-    network, as "field=value, but ... gives value"; None when the weights fit. Dropout is the run's own choice."""
-    cls = theirs.get("_class_name")
-    if cls == "DDPMUNet":
-        ours = {"sample_size": image_size, **{f.name: list(v) if isinstance(v := getattr(mc, f.name), tuple) else v
-                                              for f in dataclasses.fields(mc)}}  # the json's lists
-        keys = {k: "data.image_size" if k == "sample_size" else f"model.{k}" for k in ours}
-        if mc.num_head_channels:  # the head count follows from the head size
-            keys.pop("num_heads")
-        full = {"num_head_channels": None, **theirs}  # exports from before the option have none
-    elif cls == "UNet2DModel":
-        from diffusers import UNet2DModel
-
-        mine, why = unet2d_config(mc, image_size)
-        if mine is None:
-            return f"a UNet2DModel, which this run's model section cannot be: {why}"
-        sig = inspect.signature(UNet2DModel.__init__).parameters
-        defaults = {k: list(p.default) if isinstance(p.default, tuple) else p.default for k, p in sig.items()}
-        ours = {**mine, **{k: v for k, v in defaults.items() if k not in mine}}  # in mine's order
-        full = {**defaults, **{k: list(v) if isinstance(v, tuple) else v for k, v in theirs.items()}}
-        chans = full.get("block_out_channels") or [0]
-        full["time_embedding_dim"] = full.get("time_embedding_dim") or 4 * chans[0]
-        if full.get("attn_norm_num_groups") is None and full.get("resnet_time_scale_shift") == "default":
-            full["attn_norm_num_groups"] = full.get("norm_num_groups")  # the middle attention's norm
-        widths = {c for c, b in zip(chans, full.get("down_block_types") or [], strict=False) if "Attn" in b}
-        if full.get("attention_head_dim") is None and widths | {chans[-1]} == {mine["attention_head_dim"]}:
-            full["attention_head_dim"] = mine["attention_head_dim"]  # None: one head as wide as its block
-        keys = {k: _CONFIG_KEYS.get(k, "") for k in [*ours, *full] if k != "self"}
-    else:
-        return f"_class_name={cls!r}: expected UNet2DModel (or DDPMUNet, an export of ours)"
-    for key, ours_key in keys.items():
-        if key != "dropout" and not key.startswith("_") and full.get(key) != ours.get(key):
-            given = f"this run's {ours_key} gives" if ours_key else "our U-Net has"
-            return f"{key}={full.get(key)!r}, but {given} {ours.get(key)!r}"
-    return None
-
-
-def start_from(model: UNet, ema: EMA, cfg: Config, run_dir: Path | None) -> str:
-    """Load ``training.init_from`` (a diffusers model folder, or a pipeline folder with ``unet/``) into ``model``
-    and the EMA shadow: a new run's starting weights, bitwise those of the file. ``run_dir`` (the main rank's;
-    None elsewhere) gets the source in provenance.json. Returns the line to print; a mismatch is one ConfigError
-    naming the first differing field, a missing or unreadable file one CheckpointError."""
-    from ddpm.provenance import add_to_provenance
-
-    src = Path(str(cfg.training.init_from))
-    folder = src / "unet" if (src / "unet" / "config.json").is_file() else src
-    try:
-        theirs = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"training.init_from: {folder / 'config.json'}: not a readable diffusers model "
-                              f"config ({type(err).__name__})") from None
-    problem = _first_difference(theirs, cfg.model, cfg.data.image_size)
-    if problem is not None:
-        raise ConfigError(f"training.init_from: {folder}: {problem}")
-    file = folder / WEIGHTS
-    try:
-        from safetensors.torch import load_file
-
-        weights = load_file(str(file))
-        if theirs["_class_name"] == "UNet2DModel":
-            weights = diffusers_to_ours(weights, len(cfg.model.channel_mult), cfg.model.num_res_blocks)
-        model.load_state_dict(weights)
-    except ImportError:
-        raise DDPMError("training.init_from needs safetensors and diffusers: pip install -e '.[export]'") from None
-    except (OSError, RuntimeError, KeyError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"training.init_from: {file}: {reason}") from None
-    for name, value in model.state_dict().items():
-        ema.shadow[name].copy_(value)
-    if run_dir is not None:
-        add_to_provenance(run_dir, init_from={"path": str(folder.resolve()), "class": theirs["_class_name"],
-                                              "weights_sha256": file_sha256(file)})
-    return f"started from {folder} ({theirs['_class_name']}, {file.name})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -128,7 +128,7 @@ class Trainer:
             raise CheckpointError(error)
         if path is None:
             if self.cfg.training.init_from:  # a new run from a diffusers model folder (ddpm.export)
-                from ddpm.export import start_from
+                from ddpm.init_from import start_from
                 self._print(start_from(self.model, self.ema, self.cfg, self.run_dir if self.env.is_main else None))
             return
         state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)

@@ -40,9 +40,10 @@ except ImportError as err:  # a hard failure, not a skip: diffusers is part of t
 from ddpm.architecture import unet2d_config
 from ddpm.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from ddpm.config import ModelConfig, load_config
+from ddpm.diffusers_keys import diffusers_to_ours, ours_to_diffusers
 from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError
-from ddpm.export import diffusers_to_ours, export, main, ours_to_diffusers
+from ddpm.export import export, main
 from ddpm.unet import UNet
 
 EXACT_TINY = ("model.base_channels=32", "model.num_head_channels=16")

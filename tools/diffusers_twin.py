@@ -15,8 +15,9 @@ from torch import nn
 
 from ddpm.architecture import heads_at, unet2d_config
 from ddpm.config import Config, ModelConfig
+from ddpm.diffusers_keys import diffusers_to_ours
 from ddpm.errors import ConfigError
-from ddpm.export import diffusers_to_ours, scheduler_config
+from ddpm.export import scheduler_config
 from ddpm.unet import UNet
 
 __all__ = ["build_pair", "diffusers_loop", "diffusers_to_ours", "diffusers_unet", "sample_of"]
