@@ -30,7 +30,8 @@ import numpy as np
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.errors import ShardError, cli_entry
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, new_dir
-from ddpm.outputs import SHARED_KEYS, ShardSpec, enlarge, first_difference, tile, write_png
+from ddpm.imagegrid import enlarge, tile, write_png
+from ddpm.outputs import SHARED_KEYS, ShardSpec, first_difference
 from ddpm.provenance import package_versions
 from ddpm.rundir import RunDir, SampleSet, shard_files, shard_index
 

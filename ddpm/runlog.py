@@ -74,7 +74,7 @@ class RunLogger:
         if self.writer is None:
             return
         from ddpm.data import make_grid
-        from ddpm.outputs import enlarge_factor
+        from ddpm.imagegrid import enlarge_factor
 
         k = enlarge_factor(max(images.shape[-2:]))
         images = images.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1) if k > 1 else images

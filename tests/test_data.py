@@ -34,7 +34,7 @@ from ddpm.data.base import preprocess
 from ddpm.data.pack import pack_dataset
 from ddpm.data.sources import build_source, preprocess_signature, sidecar_path
 from ddpm.errors import DataError
-from ddpm.outputs import enlarge_factor
+from ddpm.imagegrid import enlarge_factor
 from tools.digits import digit_images, export_digits
 from tools.digits import main as digits_main
 

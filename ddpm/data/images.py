@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm.outputs import enlarge, tile, write_png
+from ddpm.imagegrid import enlarge, tile, write_png
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
 
 def save_image(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """Write [C, H, W] or a batch [N, C, H, W] (as a grid) in [-1, 1] to a PNG, atomically; a batch of images
-    smaller than 32 pixels is enlarged by whole pixels first (:func:`ddpm.outputs.enlarge`)."""
+    smaller than 32 pixels is enlarged by whole pixels first (:func:`ddpm.imagegrid.enlarge`)."""
     pixels = to_uint8(images if images.dim() == 4 else images.unsqueeze(0))  # [N, H, W, C]
     pixels = enlarge(pixels) if len(pixels) > 1 else pixels
     return write_png(tile(pixels, nrow) if len(pixels) > 1 else pixels[0], path)  # pad 0 = -1 in [-1, 1]
