@@ -23,7 +23,7 @@ _EXPORTS = {
     "dump_config": "ddpm.config", "DDPMError": "ddpm.errors", "ConfigError": "ddpm.errors",
     "normalize": "ddpm.data", "unnormalize": "ddpm.data", "save_image": "ddpm.data", "make_grid": "ddpm.data",
     "create_dataloader": "ddpm.data", "create_dataloader_from_config": "ddpm.data",
-    "Trainer": "ddpm.train", "sample_shard": "ddpm.sample", "assemble": "ddpm.assemble",
+    "Trainer": "ddpm.train", "sample_shard": "ddpm.shards", "assemble": "ddpm.assemble",
 }
 __all__ = sorted(_EXPORTS)
 

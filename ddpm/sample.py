@@ -20,18 +20,7 @@ from ddpm.config import Config, Precision, Sampler, Spacing, choices
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.errors import ConfigError, cli_entry
 from ddpm.rundir import RunDir
-from ddpm.shards import (  # the stage's public API, drawn by ddpm.shards
-    build_from_checkpoint,
-    checkpoint_device,
-    checkpoint_sampling,
-    compiled_for_sampling,
-    default_out_dir,
-    sample_loaded,
-    sample_shard,
-)
-
-__all__ = ["build_from_checkpoint", "checkpoint_device", "checkpoint_sampling", "compiled_for_sampling",
-           "default_out_dir", "main", "sample_loaded", "sample_shard", "sample_stage"]
+from ddpm.shards import checkpoint_device, checkpoint_sampling, sample_loaded, sample_shard  # the sampling API
 
 
 def sample_stage(run_dir: str | Path, cfg: Config, shard: int, device: str, progress: bool = False) -> Path:

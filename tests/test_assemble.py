@@ -18,7 +18,7 @@ from ddpm import fid, inception
 from ddpm.checkpoint import load_checkpoint
 from ddpm.config import SamplingConfig
 from ddpm.errors import ShardError
-from ddpm.sample import checkpoint_sampling, sample_shard
+from ddpm.shards import checkpoint_sampling, sample_shard
 
 
 @pytest.fixture(scope="module")

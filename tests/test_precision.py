@@ -267,7 +267,7 @@ def tiny_sampling() -> SamplingConfig:
 
 @pytest.mark.parametrize("tf32", [True, False, None])
 def test_sample_sets_tf32_from_the_checkpoint(checkpoint, tmp_path, tf32):
-    from ddpm.sample import sample_loaded
+    from ddpm.shards import sample_loaded
 
     state = load_checkpoint(checkpoint)
     infra = state["config"]["infrastructure"]

@@ -32,7 +32,7 @@ from ddpm.errors import CheckpointError, ConfigError, DDPMError, ShardError
 from ddpm.fsio import file_sha256
 from ddpm.outputs import shard_range
 from ddpm.provenance import package_versions
-from ddpm.sample import build_from_checkpoint, checkpoint_sampling, sample_shard
+from ddpm.shards import build_from_checkpoint, checkpoint_sampling, sample_shard
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import torch
 from ddpm import sample as sample_mod
 from ddpm.checkpoint import load_checkpoint
 from ddpm.diffusion import autocast_call
-from ddpm.sample import build_from_checkpoint, checkpoint_sampling, sample_shard
+from ddpm.shards import build_from_checkpoint, checkpoint_sampling, sample_shard
 
 SMALL = ("model.channel_mult=[1]", "model.attention_resolutions=[]")  # fewer kernels for inductor to build
 

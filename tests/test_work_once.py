@@ -132,7 +132,7 @@ def test_an_eval_task_hashes_its_checkpoint_once_and_loads_inception_once(
     eval_dir, alone_dir = run_dir / "eval" / f"step_{CHECKPOINT_STEPS:08d}", run_dir / "alone"
     before = len(counts["inception"])
     for seed_set in range(NUM_SEEDS):
-        npz = ddpm.sample.sample_loaded(ckpt, state, alone_dir, seed_set, sampling, "cpu", progress=False,
+        npz = ddpm.shards.sample_loaded(ckpt, state, alone_dir, seed_set, sampling, "cpu", progress=False,
                                         choice=f"eval of step {CHECKPOINT_STEPS}, seed set {seed_set}",
                                         tf32=cfg.infrastructure.tf32)
         assert fid_of(npz, cfg) == row["fid"][seed_set]  # bit for bit: same images, same Inception
@@ -169,7 +169,7 @@ def test_best_then_sampling_hashes_the_checkpoint_once(run: tuple[Path, Config],
     path, why = CheckpointRef.parse(cfg.sampling.checkpoint).resolve(run_dir)
     assert path == ckpt and why.startswith("best: ")
     sampling = dataclasses.replace(cfg.sampling, num_samples=2, num_shards=1, num_steps=2, batch_size=2, fid=False)
-    ddpm.sample.sample_shard(path, tmp_path / "shards", 0, sampling, device="cpu", progress=False, choice=why)
+    ddpm.shards.sample_shard(path, tmp_path / "shards", 0, sampling, device="cpu", progress=False, choice=why)
     assert counts["sha"] == [ckpt.resolve()]
     assert shard_meta(tmp_path / "shards", 0)["checkpoint_sha256"] == sha
 

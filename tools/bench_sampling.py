@@ -35,7 +35,7 @@ from ddpm.config import Config
 from ddpm.configtools import apply_overrides, read_yaml
 from ddpm.diffusion import DDPM
 from ddpm.precision import autocast_dtype
-from ddpm.sample import compiled_for_sampling
+from ddpm.shards import compiled_for_sampling
 from tools.diffusers_twin import diffusers_loop
 
 DIFFUSERS_SAMPLERS = ("ddpm", "ddim")

@@ -26,8 +26,8 @@ from ddpm.config import Spacing, choices
 from ddpm.cpus import apply_cpu_budget, cpu_budget
 from ddpm.data import to_uint8
 from ddpm.errors import ConfigError, cli_entry
-from ddpm.sample import build_from_checkpoint
 from ddpm.samplers import SamplerSettings, SamplerSpec, sampler_names
+from ddpm.shards import build_from_checkpoint
 from tools.digit_score import load_scorer, noise_score, real_digits_score
 
 
