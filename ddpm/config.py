@@ -304,11 +304,17 @@ class Config:
 
     @property
     def task_gpus(self) -> tuple[int, str]:
-        """(GPUs of one sampling or eval task, the key that says so): slurm.sample_gpus, else one GPU when
-        training uses GPUs (infrastructure.num_gpus > 0)."""
-        if self.slurm.sample_gpus is not None:
-            return self.slurm.sample_gpus, "slurm.sample_gpus"
-        return int(self.infrastructure.num_gpus > 0), "infrastructure.num_gpus"
+        """(GPUs of one sampling or eval task, the key that says so): :func:`task_gpus`."""
+        return task_gpus(self.slurm.sample_gpus, self.infrastructure.num_gpus)
+
+
+def task_gpus(sample_gpus: int | None, num_gpus: int) -> tuple[int, str]:
+    """(GPUs of one sampling or eval task, the key that says so): ``slurm.sample_gpus``, else one GPU when training
+    uses GPUs (``infrastructure.num_gpus`` > 0). The rule of :attr:`Config.task_gpus`, also for a checkpoint's
+    plain config dict."""
+    if sample_gpus is not None:
+        return sample_gpus, "slurm.sample_gpus"
+    return int(num_gpus > 0), "infrastructure.num_gpus"
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ddpm.checkpoint import load_resolved
-from ddpm.config import SamplingConfig
+from ddpm.config import SamplingConfig, task_gpus
 from ddpm.data import to_uint8
 from ddpm.diffusion import DDPM
 from ddpm.envcheck import pick_device
@@ -284,9 +284,7 @@ def checkpoint_device(state: dict[str, Any], device: str | None) -> str:
     """``device`` (cpu or cuda), or the device the checkpoint's config asks for (:attr:`Config.task_gpus`);
     one line when it asks for a GPU this process does not see. Never cuda-when-available."""
     cfg = state["config"]
-    gpus, key = int(cfg.get("infrastructure", {}).get("num_gpus", 0) > 0), "infrastructure.num_gpus"
-    if cfg.get("slurm", {}).get("sample_gpus") is not None:  # as Config.task_gpus, on the checkpoint's plain dict
-        gpus, key = cfg["slurm"]["sample_gpus"], "slurm.sample_gpus"
+    gpus, key = task_gpus(cfg.get("slurm", {}).get("sample_gpus"), cfg.get("infrastructure", {}).get("num_gpus", 0))
     return pick_device(device, gpus, "sampling", f"{key} (the checkpoint's config; --device cpu to sample on the CPU)")
 
 
