@@ -264,7 +264,7 @@ def status(run_dir: Path) -> int:
     if train and train.get("state") != RunState.DONE and not alive:  # e.g. cancelled on preemption (PreemptMode=CANCEL)
         print(f"  resume: {resume_command(run_dir)}   (continues from the last checkpoint)")
     if cfg.eval.enabled:
-        results = [r for r in (read_result(run_dir, step) for step in eval_steps(cfg)) if r is not None]
+        results = [r for r in (read_result(run, step) for step in eval_steps(cfg)) if r is not None]
         best = min(results, key=lambda r: r["mean"], default=None)
         print(f"eval: {len(results)}/{len(eval_steps(cfg))} checkpoints evaluated" +
               (f"; best so far: step {best['step']} (FID {best['mean']:.3f})" if best else ""))

@@ -51,14 +51,6 @@ def eval_steps(cfg: Config) -> list[int]:
     return steps if steps and steps[-1] == last else [*steps, last]
 
 
-def checkpoint_of(run_dir: Path, step: int) -> Path:
-    return RunDir(run_dir).checkpoint(step)
-
-
-def result_path(run_dir: Path, step: int) -> Path:
-    return RunDir(run_dir).eval_result(step)
-
-
 def eval_sampling(cfg: Config) -> SamplingConfig:
     """``eval.sampling`` as the stage runs it: one shard per seed set, sampling's FID weights and reference."""
     e, s = cfg.eval, cfg.sampling
@@ -72,16 +64,16 @@ def _settings(cfg: Config, sha: str) -> dict[str, Any]:
             "fid_reference_sha256": file_sha256(reference) if reference and Path(reference).is_file() else None}
 
 
-def read_result(run_dir: Path, step: int) -> dict[str, Any] | None:
+def read_result(run: RunDir, step: int) -> dict[str, Any] | None:
     """The complete result of step ``step``, or None."""
     try:
-        row = json.loads(result_path(run_dir, step).read_text())
+        row = json.loads(run.eval_result(step).read_text())
     except (OSError, ValueError):
         return None
     return row if isinstance(row, dict) and row.get("complete") else None
 
 
-def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = None, progress: bool = True) -> dict:
+def evaluate_step(run: RunDir, cfg: Config, step: int, device: str | None = None, progress: bool = True) -> dict:
     """FID of the checkpoint of ``step`` for each seed set; its row (also written to ``eval/step_<N>.json``).
 
     The checkpoint is read and hashed once, and the FID Inception loaded once, for all the seed sets."""
@@ -90,13 +82,13 @@ def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = No
     from ddpm.inception import load_inception
     from ddpm.shards import sample_loaded
 
-    ckpt = checkpoint_of(run_dir, step)
+    ckpt = run.checkpoint(step)
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt}: checkpoint of step {step} not found (set training.milestone_every before "
                               "training: other checkpoints are deleted as newer ones are written)")
     sha = file_sha256_once(ckpt)  # the one hash of this task (the seed sets' shards record it too)
     settings = _settings(cfg, sha)
-    done = read_result(run_dir, step)
+    done = read_result(run, step)
     if done is not None and done.get("settings") == settings:
         print(f"eval: step {step} already evaluated (FID {done['mean']:.3f}); skipping", flush=True)
         return done
@@ -105,7 +97,7 @@ def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = No
                         "`python -m ddpm.fid ref`)")
     reference = FIDStats.load(cfg.sampling.fid_reference)  # one line when missing or unreadable
     state = load_checkpoint(ckpt)
-    sampling, out = eval_sampling(cfg), RunDir(run_dir).eval_shards(step)
+    sampling, out = eval_sampling(cfg), run.eval_shards(step)
     inception = functools.cache(load_inception)  # loaded by the first seed set, shared by the others
     fids = []
     for seed_set in range(cfg.eval.num_seeds):
@@ -119,18 +111,18 @@ def evaluate_step(run_dir: Path, cfg: Config, step: int, device: str | None = No
     row = {"step": step, "checkpoint": str(ckpt), "checkpoint_sha256": sha,
            "fid": fids, "mean": mean, "std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
            "num_samples": cfg.eval.sampling.num_samples, "settings": settings, "complete": True}
-    atomic_write_text(result_path(run_dir, step), json.dumps(row, indent=2) + "\n")  # last: marks completion
+    atomic_write_text(run.eval_result(step), json.dumps(row, indent=2) + "\n")  # last: marks completion
     print(f"eval: step {step}: FID {mean:.3f} ({', '.join(f'{f:.3f}' for f in fids)}) -> "
-          f"{result_path(run_dir, step)}", flush=True)
+          f"{run.eval_result(step)}", flush=True)
     return row
 
 
-def _write_tensorboard(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+def _write_tensorboard(run: RunDir, rows: list[dict[str, Any]]) -> None:
     """``eval/fid`` and ``eval/fid_std`` at each evaluated step in ``tb/eval`` (rewritten whole: no duplicate
     points when the selection runs again)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    tb = RunDir(run_dir).tb_eval
+    tb = run.tb_eval
     tb.mkdir(parents=True, exist_ok=True)
     for old in tb.glob("events.out.tfevents.*"):
         old.unlink()
@@ -141,29 +133,29 @@ def _write_tensorboard(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     writer.close()
 
 
-def select(run_dir: Path, cfg: Config) -> dict[str, Any]:
+def select(run: RunDir, cfg: Config) -> dict[str, Any]:
     """Collect every task's result into ``eval/fid.json`` and pick the lowest mean FID; returns the summary."""
     steps = eval_steps(cfg)
-    found = {step: read_result(run_dir, step) for step in steps}
+    found = {step: read_result(run, step) for step in steps}
     rows = [{k: r[k] for k in ("step", "checkpoint", "checkpoint_sha256", "fid", "mean", "std")}
             for r in found.values() if r is not None]
     missing = [step for step, r in found.items() if r is None]
     if missing:
         tasks = ", ".join(f"{steps.index(s)} (step {s})" for s in missing)
         print(f"eval: no result for task {tasks}: failed or not run (see its log); re-run one alone with "
-              f"`{shlex.join(['python', '-m', 'ddpm.evaluate', 'task', str(run_dir)])} --index K`", flush=True)
+              f"`{shlex.join(['python', '-m', 'ddpm.evaluate', 'task', str(run.path)])} --index K`", flush=True)
     if not rows:
         raise DDPMError(f"eval: none of the {len(steps)} checkpoints was evaluated; see the eval tasks' logs in "
-                        f"{RunDir(run_dir).logs}")
+                        f"{run.logs}")
     best = min(rows, key=lambda r: (r["mean"], -r["step"]))  # a tie goes to the later checkpoint
     e = cfg.eval.sampling
     summary = {"rows": rows, "best": best, "missing_steps": missing, "num_samples": e.num_samples,
                "num_seeds": cfg.eval.num_seeds, "sampler": e.sampler, "num_steps": e.num_steps,
                "fid_reference": cfg.sampling.fid_reference}
-    atomic_write_text(RunDir(run_dir).fid, json.dumps(summary, indent=2) + "\n")
-    _write_tensorboard(run_dir, rows)
+    atomic_write_text(run.fid, json.dumps(summary, indent=2) + "\n")
+    _write_tensorboard(run, rows)
     print(f"eval: best checkpoint: step {best['step']} (mean FID {best['mean']:.3f} over {cfg.eval.num_seeds} "
-          f"seed set(s) of {e.num_samples}) among {len(rows)} -> {RunDir(run_dir).fid}", flush=True)
+          f"seed set(s) of {e.num_samples}) among {len(rows)} -> {run.fid}", flush=True)
     return summary
 
 
@@ -187,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "steps":
         print("\n".join(map(str, steps)))
     elif args.command == "select":
-        select(args.run_dir, cfg)
+        select(run, cfg)
     elif args.command == "best":
         print(CheckpointRef("best").resolve(run.path)[0])
     else:
@@ -200,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus, key = cfg.task_gpus
         device = pick_device(args.device, gpus, f"eval task {index}", key)
         print(f"eval: {apply_cpu_budget(cpu_budget('sample', device))}", flush=True)
-        evaluate_step(args.run_dir, cfg, steps[index], device)
+        evaluate_step(run, cfg, steps[index], device)
     return 0
 
 

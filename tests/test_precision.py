@@ -285,6 +285,7 @@ def test_evaluate_sets_tf32_from_the_run_config(checkpoint, tmp_path, monkeypatc
     """evaluate_step samples with the run's infrastructure.tf32 (the checkpoint's config says true)."""
     import ddpm.shards
     from ddpm.evaluate import evaluate_step
+    from ddpm.rundir import RunDir
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -305,7 +306,7 @@ def test_evaluate_sets_tf32_from_the_run_config(checkpoint, tmp_path, monkeypatc
     monkeypatch.setattr(ddpm.shards, "sample_loaded", sample_without_fid)  # evaluate_step's own import
     set_fp32_precision(not tf32)
     with pytest.raises(Sampled):
-        evaluate_step(run, cfg, 5, device="cpu", progress=False)
+        evaluate_step(RunDir(run), cfg, 5, device="cpu", progress=False)
     assert seen == [(("tf32",) if tf32 else ("ieee",)) * 2]
 
 

@@ -27,6 +27,7 @@ import ddpm.sample
 import ddpm.shards
 from ddpm.checkpoint import CheckpointRef
 from ddpm.config import Config, load_config
+from ddpm.rundir import RunDir
 
 NUM_SEEDS = 2
 
@@ -50,7 +51,7 @@ def run(tmp_path: Path, images: Path, checkpoint: Path, fid_files: tuple[Path, P
     directory stays read-only) and an eval section of ``NUM_SEEDS`` tiny seed sets with FID on."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copy(checkpoint, ddpm.evaluate.checkpoint_of(run_dir, CHECKPOINT_STEPS))
+    shutil.copy(checkpoint, RunDir(run_dir).checkpoint(CHECKPOINT_STEPS))
     weights, ref = fid_files
     cfg = load_config(TINY_CONFIG, [f"data.path={images}", f"training.num_iterations={CHECKPOINT_STEPS}",
                                     "eval.enabled=true", f"eval.num_seeds={NUM_SEEDS}", "eval.sampling.num_samples=2",
@@ -118,8 +119,8 @@ def test_an_eval_task_hashes_its_checkpoint_once_and_loads_inception_once(
     """``eval.num_seeds`` 2 with FID: 1 hash, 1 Inception load; shards and FIDs equal to two independent
     ``sample_loaded`` calls (each hashing and loading for itself, as every seed set did before)."""
     run_dir, cfg = run
-    ckpt = ddpm.evaluate.checkpoint_of(run_dir, CHECKPOINT_STEPS)
-    row = ddpm.evaluate.evaluate_step(run_dir, cfg, CHECKPOINT_STEPS, device="cpu", progress=False)
+    ckpt = RunDir(run_dir).checkpoint(CHECKPOINT_STEPS)
+    row = ddpm.evaluate.evaluate_step(RunDir(run_dir), cfg, CHECKPOINT_STEPS, device="cpu", progress=False)
     assert counts["sha"].count(ckpt.resolve()) == 1, counts["sha"]
     assert len(counts["inception"]) == 1
     assert len(row["fid"]) == NUM_SEEDS and all(np.isfinite(row["fid"]))
@@ -149,7 +150,7 @@ def test_an_eval_task_hashes_its_checkpoint_once_and_loads_inception_once(
     counts["sha"].clear()
     counts["inception"].clear()
     ddpm.fsio._SHA256_SEEN.clear()
-    again = ddpm.evaluate.evaluate_step(run_dir, cfg, CHECKPOINT_STEPS, device="cpu", progress=False)
+    again = ddpm.evaluate.evaluate_step(RunDir(run_dir), cfg, CHECKPOINT_STEPS, device="cpu", progress=False)
     assert again == json.loads(json.dumps(row)) and counts["inception"] == []
     assert sorted(counts["sha"]) == sorted([ckpt.resolve(), Path(cfg.sampling.fid_reference).resolve()])
 
@@ -159,7 +160,7 @@ def test_best_then_sampling_hashes_the_checkpoint_once(run: tuple[Path, Config],
     """SampleTask's path: resolve ``sampling.checkpoint: best`` (checks the file's sha256), then sample a shard
     from it (records its sha256): one read of the file."""
     run_dir, cfg = run
-    ckpt = ddpm.evaluate.checkpoint_of(run_dir, CHECKPOINT_STEPS)
+    ckpt = RunDir(run_dir).checkpoint(CHECKPOINT_STEPS)
     sha = ddpm.fsio.file_sha256(ckpt)
     counts["sha"].clear()
     best = {"step": CHECKPOINT_STEPS, "checkpoint": str(ckpt), "checkpoint_sha256": sha, "mean": 1.0}

@@ -114,7 +114,7 @@ class EvalTask:
         print(f"eval task {index} (step {step}): {_budget('sample', self.cpu_share)}", flush=True)
         try:
             return _stoppable(f"eval task {index}", self.cfg, lambda: evaluate_step(
-                self.run_dir, self.cfg, step, device=device)["mean"])
+                RunDir(self.run_dir), self.cfg, step, device=device)["mean"])
         except DDPMError as err:  # one line in the task's log; the selection names the task
             print(f"error: eval task {index} (step {step}): {err}", flush=True)
             raise
@@ -129,7 +129,7 @@ class SelectTask:
     def __call__(self) -> str:
         from ddpm.evaluate import select
 
-        return str(select(self.run_dir, self.cfg)["best"]["checkpoint"])
+        return str(select(RunDir(self.run_dir), self.cfg)["best"]["checkpoint"])
 
 
 class AssembleTask:
