@@ -95,12 +95,12 @@ def check_same_eps(ours: UNet, theirs: nn.Module, num_timesteps: int) -> float:
 
 
 # ---- export --------------------------------------------------------------------------------------------
-def resolve(run_dir: Path, choice: str | None) -> tuple[Path, dict[str, Any]]:
+def resolve(run: RunDir, choice: str | None) -> tuple[Path, dict[str, Any]]:
     """(path, state) of ``--checkpoint``: best (eval/fid.json), latest, step_<N> or a file; default best when
     the eval stage ran, else latest. One CheckpointError line when missing or unreadable."""
-    choice = choice or ("best" if RunDir(run_dir).fid.is_file() else "latest")
+    choice = choice or ("best" if run.fid.is_file() else "latest")
     try:
-        path, _ = CheckpointRef.parse(choice).resolve(run_dir)
+        path, _ = CheckpointRef.parse(choice).resolve(run.path)
     except ValueError:  # any other file name
         return Path(choice), load_checkpoint(choice)
     return load_resolved(path)
@@ -116,7 +116,8 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, use_ema: boo
         raise DDPMError(f"--out {out}: inside the run directory {run_dir}, which export never changes")
     if out.exists() and not overwrite:
         raise DDPMError(f"--out {out}: exists (pass --overwrite to replace it)")
-    path, state = resolve(run_dir, checkpoint)
+    run = RunDir(run_dir)
+    path, state = resolve(run, checkpoint)
     if use_ema and "shadow" not in (state.get("ema") or {}):
         raise CheckpointError(f"{path}: has no EMA weights (export the raw weights with --no-ema)")
     weights = state["ema"]["shadow"] if use_ema else state["model"]
@@ -146,10 +147,10 @@ def export(run_dir: Path, out: Path, checkpoint: str | None = None, use_ema: boo
         (tmp / "model_index.json").write_text(json.dumps({
             "_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
             "scheduler": ["diffusers", "DDPMScheduler"], "unet": unet_entry}, indent=2) + "\n")
-        grid = RunDir(run_dir).samples.grid
+        grid = run.samples.grid
         if grid.is_file():
             shutil.copyfile(grid, tmp / "samples.png")
-        (tmp / "README.md").write_text(model_card(run_dir, cfg, path, state, use_ema, plain, license_id))
+        (tmp / "README.md").write_text(model_card(run, cfg, path, state, use_ema, plain, license_id))
         if out.exists():  # --overwrite: the old folder goes only once the new one is complete
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -171,10 +172,10 @@ def _shared_config(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def _fid_lines(run_dir: Path, step: int) -> list[str]:
+def _fid_lines(run: RunDir, step: int) -> list[str]:
     """The model card's FID paragraph from eval/fid.json, when the eval stage ran."""
     try:
-        fid = json.loads(RunDir(run_dir).fid.read_text())
+        fid = json.loads(run.fid.read_text())
         best, rows = fid["best"], {int(r["step"]): r for r in fid["rows"]}
     except (OSError, ValueError, KeyError, TypeError):
         return []
@@ -187,7 +188,7 @@ def _fid_lines(run_dir: Path, step: int) -> list[str]:
             f"Each FID is the mean over {how} (`python -m ddpm.evaluate`, Inception pt_inception-2015-12-05).", ""]
 
 
-def model_card(run_dir: Path, cfg: Config, path: Path, state: dict[str, Any], use_ema: bool, plain: bool,
+def model_card(run: RunDir, cfg: Config, path: Path, state: dict[str, Any], use_ema: bool, plain: bool,
                license_id: str) -> str:
     """README.md of the export: the Hub's YAML header, what was trained how, FID, samples, how to load."""
     step, d, s = int(state["step"]), cfg.ddpm, cfg.data.image_size
@@ -200,9 +201,9 @@ def model_card(run_dir: Path, cfg: Config, path: Path, state: dict[str, Any], us
              "the code it was trained with): `UNet2DModel` has one attention head size and one GroupNorm group count "
              "for the whole network, this one does not, so loading needs `trust_remote_code=True`")
     grid = []
-    if RunDir(run_dir).samples.grid.is_file():
+    if run.samples.grid.is_file():
         try:
-            m = json.loads(RunDir(run_dir).samples.metrics.read_text())
+            m = json.loads(run.samples.metrics.read_text())
             what = f" (step {m.get('step')}, {m['sampler']['sampler']} sampler, {m['sampler']['num_steps']} steps)"
         except (OSError, ValueError, KeyError, TypeError):
             what = ""
@@ -224,7 +225,7 @@ def model_card(run_dir: Path, cfg: Config, path: Path, state: dict[str, Any], us
         f"{d.variance}, x0 clipped to [-1, 1], timestep spacing {cfg.sampling.timestep_spacing}: the `DDPMScheduler` "
         "in `scheduler/` takes the ancestral step our sampler takes. (diffusers adds noise at a last step t > 0, "
         "which trailing spacing has; Ho et al.'s Algorithm 2 does not.)", "",
-        *_fid_lines(run_dir, step), *grid, "## Use", "", *load,
+        *_fid_lines(run, step), *grid, "## Use", "", *load,
         "## Training config", "", "```yaml", yaml.safe_dump(_shared_config(cfg), sort_keys=False).rstrip(), "```", ""]
     return f"---\n{header}---\n\n" + "\n".join(body)
 

@@ -122,6 +122,13 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
+    @staticmethod
+    def of_checkpoint(checkpoint: Path) -> RunDir | None:
+        """The run directory that holds ``checkpoint`` (``<run>/checkpoints/step_N.pt``), or None when the file is
+        not inside a run's checkpoints/ directory."""
+        run = RunDir(Path(checkpoint).parent.parent)
+        return run if Path(checkpoint).parent == run.checkpoints else None
+
     config = property(lambda self: self.path / "config.yaml", doc="the resolved config")
     jobs = property(lambda self: self.path / "jobs.json", doc="job ids of each stage (launch.py)")
     status = property(lambda self: self.path / "status.json", doc="the run's state (ddpm.status)")

@@ -147,8 +147,8 @@ def _check(ok: bool, message: str) -> None:
 
 def default_out_dir(checkpoint: Path) -> Path:
     """``<run>/samples/shards`` for ``<run>/checkpoints/step_N.pt``."""
-    run = RunDir(checkpoint.parent.parent)
-    if checkpoint.parent != run.checkpoints:
+    run = RunDir.of_checkpoint(checkpoint)
+    if run is None:
         raise ShardError(f"--out is required: {checkpoint} is not inside a run's checkpoints/ directory")
     return run.samples.shards
 

@@ -62,6 +62,7 @@ class Trainer:
                  loader: Any = None):
         """``loader`` (an iterable of [B, C, S, S] batches in [-1, 1] with ``close()``): None = ``cfg.data``'s."""
         self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
+        self.run = RunDir(run_dir)  # every path in it
         tc, infra = cfg.training, cfg.infrastructure
         if tc.batch_size % env.world_size:
             raise ConfigError(f"training.batch_size: {tc.batch_size} is not divisible by world size {env.world_size}")
@@ -246,7 +247,7 @@ class Trainer:
         """Train to ``num_iterations`` or until a stop signal; returns "done" or "stopped"."""
         tc = self.cfg.training
         if self.env.is_main:
-            dump_config(self.cfg, RunDir(self.run_dir).config)
+            dump_config(self.cfg, self.run.config)
             write_status(self.run_dir, RunState.RUNNING, self.step, self.skipped_steps)  # a crash leaves this
         self._print(f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on "
                     f"{self.env.world_size} x {self.device.type}, global batch {tc.batch_size}, "
@@ -327,7 +328,7 @@ class Trainer:
         if not self.env.is_main:
             return
         images = draw_grid(self.cfg, self.model, self.ema, self.ddpm.state_dict(), self.amp_dtype, self.heartbeat)
-        path = RunDir(self.run_dir).grid(self.step)
+        path = self.run.grid(self.step)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(images, path)
         self.logger.image(self.step, images)

@@ -241,7 +241,8 @@ def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
                                         30, math.ceil((sc.signal_delay_s + 60) / 60) + 1))))  # short, yet valid
     run_dir = probe_cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(probe_cfg, RunDir(run_dir).config)
+    run = RunDir(run_dir)
+    dump_config(probe_cfg, run.config)
     try:
         job = make_executor(probe_cfg, run_dir, "train", "slurm").submit(ProbeTask(run_dir)).job_id
     except Exception as err:  # sbatch refused the training resources
@@ -250,11 +251,11 @@ def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
     report("ok", "node job", f"job {job} with the training resources (partition "
            f"{sc.partition or 'default'}, {cfg.infrastructure.num_nodes} node(s), gres {sc.gres or 'none'}, "
            f"{sc.cpus_per_task} CPUs, {sc.mem_gb} GB)")
-    log = RunDir(run_dir).job_log(job)
+    log = run.job_log(job)
     if not _wait(lambda: job_state(job).ended, timeout):
         subprocess.run(["scancel", job], capture_output=True, timeout=60)
         return report("FAIL", "node job", f"job {job} did not finish in {timeout:.0f} s ({job_state(job)}); see {log}")
-    probe_file = RunDir(run_dir).probe
+    probe_file = run.probe
     if not probe_file.is_file():
         return report("FAIL", "node job", f"job {job} ended {job_state(job)} without a report; see {log}")
     result = json.loads(probe_file.read_text())

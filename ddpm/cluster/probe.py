@@ -303,13 +303,14 @@ def run_probe(run_dir: Path, cfg: Config) -> str:
     from ddpm.cluster.wrapper import torchrun_command
 
     check_torch_floor()
-    RunDir(run_dir).probe.unlink(missing_ok=True)
+    report = RunDir(run_dir).probe
+    report.unlink(missing_ok=True)
     cmd = torchrun_command(cfg, run_dir, module="ddpm.cluster.probe")
     print("running:", " ".join(cmd), flush=True)
     code = subprocess.run(cmd).returncode
     if code != 0:
         raise RuntimeError(f"the doctor's probe failed: torchrun exited with {code}; see the log above")
-    return str(RunDir(run_dir).probe)
+    return str(report)
 
 
 @cli_entry
