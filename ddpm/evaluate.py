@@ -76,12 +76,8 @@ def read_result(run: RunDir, step: int) -> dict[str, Any] | None:
 def evaluate_step(run: RunDir, cfg: Config, step: int, device: str | None = None, progress: bool = True) -> dict:
     """FID of the checkpoint of ``step`` for each seed set; its row (also written to ``eval/step_<N>.json``).
 
-    The checkpoint is read and hashed once, and the FID Inception loaded once, for all the seed sets."""
-    from ddpm.checkpoint import load_checkpoint
-    from ddpm.fid import FIDStats, fid_from_stats
-    from ddpm.inception import load_inception
-    from ddpm.shards import sample_loaded
-
+    The checkpoint is read and hashed once, and the FID Inception loaded once, for all the seed sets. A step
+    already evaluated with the same settings is skipped before torch's network code is imported."""
     ckpt = run.checkpoint(step)
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt}: checkpoint of step {step} not found (set training.milestone_every before "
@@ -95,6 +91,11 @@ def evaluate_step(run: RunDir, cfg: Config, step: int, device: str | None = None
     if cfg.sampling.fid_reference is None:
         raise DDPMError("sampling.fid_reference: not set (the eval stage compares with it; make one with "
                         "`python -m ddpm.fid ref`)")
+    from ddpm.checkpoint import load_checkpoint
+    from ddpm.fid import FIDStats, fid_from_stats
+    from ddpm.inception import load_inception
+    from ddpm.shards import sample_loaded
+
     reference = FIDStats.load(cfg.sampling.fid_reference)  # one line when missing or unreadable
     state = load_checkpoint(ckpt)
     sampling, out = eval_sampling(cfg), run.eval_shards(step)
