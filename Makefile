@@ -52,9 +52,17 @@ quickstart: venv
 	$(PY) -m tools.digits --out data/digits --size 8
 	$(PY) launch.py --config configs/quickstart_digits.yaml --cluster local
 
+# The suite in two parts: the tests that need no cluster on TEST_WORKERS pytest-xdist workers (one torch thread
+# each: threads x processes <= cores), then the SLURM tests one at a time (one local cluster; their jobs use both
+# cores). Both parts always run; the slowest tests are listed, for keeping the suite short.
+TEST_WORKERS ?= 2
+
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests --durations=20   # the slowest tests, for keeping the suite short
+	@rc=0; set -x; \
+	$(PY) -m pytest -q tests -m "not slurm" -n $(TEST_WORKERS) --durations=10 || rc=1; \
+	$(PY) -m pytest -q tests -m slurm --durations=10 || rc=1; \
+	{ set +x; } 2>/dev/null; exit $$rc
 
 bench: venv
 	$(PY) -m tools.bench
