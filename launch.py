@@ -4,7 +4,9 @@ to look.
     python launch.py --config configs/ddpm_babel.yaml [section.key=value ...]
                      [--cluster auto|slurm|local] [--stage all|train|eval|select|sample|assemble] [--only]
                      [--dry-run]
-    python launch.py status RUN_DIR
+    python launch.py sweep --config configs/tiny_cpu.yaml --grid 'training.learning_rate=[1e-3,2e-3]' [--seeds N]
+                     [section.key=value ...] [--cluster ...] [--dry-run]
+    python launch.py status RUN_DIR | SWEEP_DIR
     python launch.py doctor --config configs/ddpm_babel.yaml [section.key=value ...] [--no-job] [--save-test]
 
 With ``eval.enabled`` an eval array (one task per milestone checkpoint) and a
@@ -19,38 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ddpm.cluster.executors import (
-    AssembleTask,
-    EvalTask,
-    SampleTask,
-    SelectTask,
-    TrainTask,
-    local_slots,
-    make_executor,
-    sbatch_script,
-)
 from ddpm.cluster.preflight import detect_cluster, preflight
+from ddpm.cluster.submit import ARRAYS, STAGES, plan_stages, submit
 from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
 from ddpm.envcheck import check_torch_floor
-from ddpm.errors import EXIT_OK, EXIT_REQUEUE, ConfigError, DDPMError, cli_entry
+from ddpm.errors import EXIT_OK, EXIT_REQUEUE, DDPMError, cli_entry
 from ddpm.evaluate import eval_steps, read_result
 from ddpm.fsio import atomic_write_text
 from ddpm.plan import disk_plan
-from ddpm.rundir import RunDir
-
-STAGES = ("train", "eval", "select", "sample", "assemble")
-ARRAYS = {"eval": "eval_tasks", "sample": "sample_tasks"}  # jobs.json: the task ids of each array stage
+from ddpm.rundir import RunDir, SweepDir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,127 +72,56 @@ def doctor_main(argv: list[str]) -> int:
                   save_test=args.save_test)
 
 
-def _follow(job: Any, label: str) -> Any:
-    """Wait for a local job, echoing its log as it grows; return its result (raises on failure)."""
-    offset = 0
-    while True:
-        done = job.done()
-        path = Path(job.paths.stdout)
-        if path.is_file():
-            with path.open("rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-            offset += len(chunk)
-            sys.stdout.write(chunk.decode(errors="replace"))
-            sys.stdout.flush()
-        if done:
-            break
-        time.sleep(1.0)
+def sweep_main(argv: list[str]) -> int:
+    """``launch.py sweep``: every point of the grid preflighted, then one training array and a chain per point."""
+    from ddpm.cluster import sweep as sw
+
+    p = argparse.ArgumentParser(prog="python launch.py sweep", description=sw.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=sw.__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", required=True, help="YAML config of every point, e.g. configs/ddpm_babel.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of every point, parsed as YAML")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,...]",
+                   help="a swept key and its values (YAML list); repeat for more keys: the points are the product")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per point: training.seed, +1, ... (results show the FID's spread over them)")
+    p.add_argument("--cluster", choices=("auto", "slurm", "local"), default="auto",
+                   help="auto: SLURM when sbatch and sinfo work here, else submitit's local executor")
+    p.add_argument("--dry-run", action="store_true", help="check every point, print the jobs; submit nothing")
+    args = parse_with_overrides(p, argv)
+    check_torch_floor()
+    grid = sw.parse_grid(args.grid, args.overrides)
+    base = load_config(args.config, args.overrides)  # the sweep's name and root
+    cluster = detect_cluster(args.cluster)
+    stages = plan_stages(base, "all", only=False)
+    sweep_dir = base.run_dir.resolve()
+    points = sw.expand(grid, args.seeds, base.training.seed, sweep_dir)
+    cfgs = sw.configs(args.config, args.overrides, points, cluster, stages, args.dry_run)
+    grid = sw.typed_grid(grid, points)
+    disk = sw.check_sweep_space(sweep_dir, cfgs)
+    print(f"preflight ok: {len(points)} points, cluster {cluster}, stages {' -> '.join(stages)}, sweep dir "
+          f"{sweep_dir}", flush=True)
+    for point in points:
+        print(f"  point {point.index}: {point.shown()} -> {point.name}")
+    print(disk, flush=True)
+    record = {"schema": sw.SWEEP_SCHEMA, "name": base.run.name, "config": str(Path(args.config).resolve()),
+              "overrides": args.overrides, "grid": grid, "seeds": args.seeds, "cluster": cluster, "stages": stages}
+    if not args.dry_run:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return job.result()
-    except Exception as err:  # the job's own traceback is in its log; one line here
-        raise DDPMError(f"{label} job {job.job_id} failed: {_failure_line(str(err))} (log: {job.paths.stderr})") \
-            from None
-
-
-def _failure_line(text: str) -> str:
-    """The exception line of a failed local job: the last line of the traceback submitit quotes between two
-    dashed lines (``ddpm.errors.DDPMError: ...``), without the exception's class; else the last line."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    rules = [i for i, line in enumerate(lines) if set(line) == {"-"}]
-    last = lines[rules[-1] - 1] if len(rules) >= 2 else (lines[-1] if lines else text)
-    return re.sub(r"^[\w.]*(Error|Exception|Interrupt)\w*: ", "", last)
-
-
-def plan_stages(cfg: Config, stage: str, only: bool) -> list[str]:
-    """The stages to run: from ``stage`` on (just it with ``only``); eval and select only with eval.enabled."""
-    if stage in ("eval", "select") and not cfg.eval.enabled:
-        raise ConfigError(f"--stage {stage}: eval.enabled is false (set eval.enabled=true)")
-    stages = list(STAGES) if stage == "all" else list(STAGES[STAGES.index(stage):])
-    stages = [s for s in stages if cfg.eval.enabled or s not in ("eval", "select")]
-    return stages[:1] if only and stage != "all" else stages
-
-
-def _task(cfg: Config, run_dir: Path, stage: str, cpu_share: int = 1) -> Any:
-    """The submitit callable of ``stage`` (an array stage's takes the task index)."""
-    if stage in ARRAYS:
-        return (SampleTask if stage == "sample" else EvalTask)(run_dir, cfg, cpu_share=cpu_share)
-    return {"train": TrainTask(run_dir), "select": SelectTask(run_dir, cfg),
-            "assemble": AssembleTask(run_dir, cfg.sampling.num_shards)}[stage]
-
-
-def _shown(devices: tuple[int, ...]) -> str:
-    """The devices of a local job, as its log line shows them (nothing without GPUs)."""
-    return f" (CUDA_VISIBLE_DEVICES={','.join(map(str, devices))})" if devices else ""
-
-
-def run_local(cfg: Config, run_dir: Path, stage: str, size: int, jobs: dict[str, Any]) -> Any:
-    """Run ``stage`` on submitit's local executor, echoing its logs; the job ids go into ``jobs``.
-
-    An array runs in waves of one task per set of GPUs (:func:`local_slots`): each task has devices of its
-    own, and a wave ends before the next starts; without GPUs every task runs at once. A failed task fails the
-    stage when its wave has ended (an eval task fails alone: the selection names it). Returns a single job's
-    result.
-    """
-    if stage not in ARRAYS:
-        devices = local_slots(cfg, stage)[0]
-        job = make_executor(cfg, run_dir, stage, "local", gpus=devices).submit(_task(cfg, run_dir, stage))
-        jobs[stage] = job.job_id
-        print(f"{stage}: job {job.job_id}{_shown(devices)}", flush=True)
-        return _follow(job, stage)
-    slots = local_slots(cfg, stage, size) or [()]
-    executors = [make_executor(cfg, run_dir, stage, "local", gpus=devices) for devices in slots]
-    task, ids = _task(cfg, run_dir, stage, cpu_share=len(slots)), []
-    jobs[ARRAYS[stage]] = ids
-    for start in range(0, size, len(slots)):
-        wave = []
-        for n in range(min(len(slots), size - start)):
-            wave.append(job := executors[n].submit(task, start + n))
-            ids.append(job.job_id)
-            jobs.setdefault(stage, job.job_id)
-            print(f"{stage}: task {start + n}: job {job.job_id}{_shown(slots[n])}", flush=True)
-        failed = []
-        for job in wave:
-            try:
-                _follow(job, stage)
-            except DDPMError as err:
-                if stage != "eval":
-                    failed.append(err)
-                    continue
-                print(f"warning: {err}", flush=True)  # fails alone; the selection names it
-        if failed:
-            raise failed[0]
-    return None
-
-
-def submit(cfg: Config, run_dir: Path, cluster: str, stages: list[str], dry_run: bool) -> dict[str, Any]:
-    """Submit (or, locally, run) the requested stages; returns the job ids."""
-    jobs: dict[str, Any] = {"cluster": cluster, "run_dir": str(run_dir)}
-    dependency = None
-    sizes = {"sample": cfg.sampling.num_shards, "eval": len(eval_steps(cfg))}
-    for stage in stages:
-        after = "afterany" if stage == "eval" else "afterok"  # the selection names a failed eval task
-        if dry_run:  # the scripts SLURM would get, also when this machine has no SLURM
-            ex = make_executor(cfg, run_dir, stage, "slurm", dependency)
-            print(f"# ---- {stage} job ----\n{sbatch_script(ex, sizes.get(stage))}")
-            dependency = f"{after}:<{stage} job id>"
-            continue
-        if cluster == "local":
-            if run_local(cfg, run_dir, stage, sizes.get(stage, 1), jobs) == "stopped" and stage == "train":
-                print(f"training stopped early; run the same command to resume from {run_dir}/checkpoints")
-                jobs["stopped"] = True
-                return jobs
-            continue
-        ex = make_executor(cfg, run_dir, stage, cluster, dependency)
-        if stage in ARRAYS:
-            job = ex.map_array(_task(cfg, run_dir, stage), list(range(sizes[stage])))
-            jobs[stage] = job[0].job_id.split("_")[0]
-            jobs[ARRAYS[stage]] = [j.job_id for j in job]
-        else:
-            jobs[stage] = ex.submit(_task(cfg, run_dir, stage)).job_id
-        dependency = f"{after}:{jobs[stage]}"
-        print(f"{stage}: job {jobs[stage]}", flush=True)
-    return jobs
+        sw.submit_sweep(sweep_dir, points, cfgs, cluster, stages, record, args.dry_run)
+    finally:  # submitit's local executor leaves its folder pattern behind as an empty directory
+        for folder in [SweepDir(sweep_dir).submitit_folder, *(RunDir(p.run_dir).submitit_folder for p in points)]:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    if args.dry_run:
+        return EXIT_OK
+    print(f"\nsweep dir:    {sweep_dir}")
+    print(f"tensorboard:  {shlex.join(['tensorboard', '--logdir', str(sweep_dir)])}   (HParams: the points compared)")
+    print(f"status:       {shlex.join(['python', 'launch.py', 'status', str(sweep_dir)])}")
+    print(f"results:      {SweepDir(sweep_dir).results_csv}, {SweepDir(sweep_dir).results_png.name}"
+          + (" (when every point has ended)" if cluster == "slurm" else ""))
+    return EXIT_OK
 
 
 def print_summary(cfg: Config, run_dir: Path, jobs: dict[str, Any]) -> None:
@@ -284,9 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["doctor"]:
         return doctor_main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
     if argv[:1] == ["status"]:
         if len(argv) != 2:
-            raise DDPMError("usage: python launch.py status RUN_DIR")
+            raise DDPMError("usage: python launch.py status RUN_DIR | SWEEP_DIR")
+        if SweepDir(Path(argv[1])).sweep.is_file():
+            from ddpm.cluster.sweep import sweep_status
+
+            return sweep_status(Path(argv[1]))
         return status(Path(argv[1]))
     check_torch_floor()  # before the config: a job would die in torchrun's option parsing
     args = parse_with_overrides(build_parser(), argv)

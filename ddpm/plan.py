@@ -23,7 +23,7 @@ from ddpm.evaluate import eval_steps
 GiB = 2**30
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
@@ -46,10 +46,10 @@ class DiskPlan:
         return self.checkpoints + self.samples + self.eval
 
     def lines(self) -> list[str]:
-        return [f"disk: checkpoints {_size(self.checkpoint)} x {self.kept} kept"
+        return [f"disk: checkpoints {human_size(self.checkpoint)} x {self.kept} kept"
                 + (f" + {self.milestones} milestones" if self.milestones else "")
-                + f" = {_size(self.checkpoints)}; samples {_size(self.samples)}"
-                + (f"; eval {_size(self.eval)}" if self.eval else "") + f"; in all about {_size(self.total)}"]
+                + f" = {human_size(self.checkpoints)}; samples {human_size(self.samples)}"
+                + (f"; eval {human_size(self.eval)}" if self.eval else "") + f"; in all about {human_size(self.total)}"]
 
 
 def disk_plan(cfg: Config) -> DiskPlan:
@@ -78,9 +78,9 @@ def check_free_space(cfg: Config) -> DiskPlan:
     need = max(plan.total - _used_bytes(cfg.run_dir), 0)
     free = shutil.disk_usage(root).free
     if free < need:
-        raise DDPMError(f"run.root: {root.resolve()} has {_size(free)} free, the run needs about {_size(need)} "
-                        f"({plan.lines()[0].removeprefix('disk: ')}): free space, move run.root, or lower "
-                        "training.keep_last / training.milestone_every / sampling.num_samples")
+        raise DDPMError(f"run.root: {root.resolve()} has {human_size(free)} free, the run needs about "
+                        f"{human_size(need)} ({plan.lines()[0].removeprefix('disk: ')}): free space, move run.root, "
+                        "or lower training.keep_last / training.milestone_every / sampling.num_samples")
     return plan
 
 

@@ -90,3 +90,16 @@ def add_to_provenance(run_dir: Path, **fields: Any) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
+
+
+def add_attempt_seconds(run_dir: Path, seconds: float) -> None:
+    """``train_s``, this attempt's seconds from torchrun's start to its end, on the start the trainer recorded
+    (a sweep's results sum them). Nothing when this attempt's trainer never wrote its start (the last one already
+    has its seconds) or the file cannot be read."""
+    path = RunDir(run_dir).provenance
+    try:
+        last = json.loads(path.read_text())["starts"][-1]
+    except (OSError, ValueError, KeyError, IndexError):
+        return
+    if "train_s" not in last:
+        add_to_provenance(run_dir, train_s=round(seconds, 1))

@@ -139,6 +139,7 @@ class RunDir:
     grids = property(lambda self: self.path / "grids", doc="training's periodic sample grids")
     tb = property(lambda self: self.path / "tb", doc="TensorBoard events of training")
     tb_eval = property(lambda self: self.tb / "eval", doc="TensorBoard events of the eval selection")
+    tb_hparams = property(lambda self: self.tb / "hparams", doc="a sweep point's hparams and score (TensorBoard)")
     logs = property(lambda self: self.path / "logs", doc="submitit's folder, one per job")
     eval = property(lambda self: self.path / "eval", doc="the eval stage's results")
     fid = property(lambda self: self.eval / "fid.json", doc="the eval selection (every row, the best)")
@@ -176,7 +177,7 @@ class RunDir:
     DECLARED = (
         "config.yaml", "jobs.json", "status.json", "provenance.json", "probe.json",
         "checkpoints/step_*.pt", "checkpoints/LATEST", "grids/step_*.png", "tb/events.out.tfevents.*",
-        "tb/eval/events.out.tfevents.*", "logs/*",
+        "tb/eval/events.out.tfevents.*", "tb/hparams/events.out.tfevents.*", "logs/*",
         "eval/fid.json", "eval/step_*.json", "eval/step_*/shard_*", "eval/step_*/stale/*",
         "samples/shards/shard_*", "samples/shards/stale/*", "samples/samples_*.npz", "samples/grid.png",
         "samples/metrics.json", "samples/previous/*",
@@ -191,3 +192,29 @@ class RunDir:
                     and not any(fnmatch.fnmatch(p.name, t) for t in _TRANSIENT):
                 out.append(p)
         return out
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    """A sweep's directory ``<run.root>/<run.name>`` (``launch.py sweep``): one run directory per point in it."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    sweep = property(lambda self: self.path / "sweep.json", doc="the grid, the points, their run dirs and jobs")
+    results_csv = property(lambda self: self.path / "results.csv", doc="one row per point: values, FID, time")
+    results_png = property(lambda self: self.path / "results.png", doc="FID per swept value; each point's grid")
+    tb = property(lambda self: self.path / "tb", doc="the HParams experiment (points' sessions: <point>/tb/hparams)")
+    logs = property(lambda self: self.path / "logs", doc="submitit's folder of the training array and results job")
+
+    def point(self, name: str) -> RunDir:
+        return RunDir(self.path / name)
+
+    @property
+    def submitit_folder(self) -> Path:
+        return self.logs / "%j"

@@ -292,3 +292,17 @@ def digit_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     digit_score.load_scorer(16, path)
     assert path.is_file(), f"the classifier was not cached at {path}"
     return path
+
+
+@pytest.fixture(scope="session")
+def fid_inputs(images: Path, fid_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Overrides naming the session's test-written Inception weights and the reference statistics of the tiny
+    images (what ``python -m ddpm.fid ref`` computes, here in this process: no second torch start-up)."""
+    from ddpm.config import load_config
+    from ddpm.fid import reference_stats
+    from ddpm.inception import load_inception
+
+    ref = tmp_path_factory.mktemp("fid") / "ref.npz"
+    reference_stats(load_config(TINY_CONFIG, [f"data.path={images}"]).data, load_inception(fid_weights, "cpu"),
+                    progress=False).save(ref)
+    return [f"sampling.fid_weights={fid_weights}", f"sampling.fid_reference={ref}"]

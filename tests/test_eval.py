@@ -31,20 +31,6 @@ EVAL = ["eval.enabled=true", "training.num_iterations=35", "training.milestone_e
         "slurm.sample_cpus_per_task=1", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 
 
-@pytest.fixture(scope="module")
-def fid_inputs(images: Path, fid_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Overrides naming the session's test-written Inception weights and the reference statistics of the tiny
-    images (what ``python -m ddpm.fid ref`` computes, here in this process: no second torch start-up)."""
-    from ddpm.config import load_config
-    from ddpm.fid import reference_stats
-    from ddpm.inception import load_inception
-
-    ref = tmp_path_factory.mktemp("fid") / "ref.npz"
-    reference_stats(load_config(TINY_CONFIG, [f"data.path={images}"]).data, load_inception(fid_weights, "cpu"),
-                    progress=False).save(ref)
-    return [f"sampling.fid_weights={fid_weights}", f"sampling.fid_reference={ref}"]
-
-
 def launch_eval(cluster: str, *args: str) -> subprocess.CompletedProcess[str]:
     """launch.py on ``cluster`` (tiny config), one torch thread per process, 10 minutes at most."""
     return launch(*args, cluster=cluster, timeout=600, env={"OMP_NUM_THREADS": "1"})

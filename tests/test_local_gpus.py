@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 from helpers import ROOT, TINY_CONFIG
 
-import launch
-from ddpm.cluster import executors, preflight
+from ddpm.cluster import executors, preflight, submit
 from ddpm.cluster.executors import local_gpus, local_slots, make_executor
 from ddpm.cluster.preflight import Partition, check_gres, gres_gpus, gres_kind
 from ddpm.config import Config, load_config
@@ -94,7 +93,7 @@ def test_local_executor_gets_the_devices(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 class FakeJob:
-    """A finished local job as launch._follow sees it; records when its result was collected."""
+    """A finished local job as submit.follow sees it; records when its result was collected."""
 
     def __init__(self, record: list[tuple[int, tuple[int, ...]]], index: int, devices: tuple[int, ...],
                  folder: Path):
@@ -125,9 +124,9 @@ def test_array_tasks_run_in_waves_on_their_own_devices(monkeypatch: pytest.Monke
             started.append((index, self.devices))
             return FakeJob(running, index, self.devices, tmp_path)
 
-    monkeypatch.setattr(launch, "make_executor", lambda cfg, run_dir, stage, cluster, gpus: FakeExecutor(gpus))
+    monkeypatch.setattr(submit, "make_executor", lambda cfg, run_dir, stage, cluster, gpus: FakeExecutor(gpus))
     jobs: dict[str, Any] = {}
-    launch.run_local(tiny("infrastructure.num_gpus=1", "sampling.num_shards=5"), tmp_path, "sample", 5, jobs)
+    submit.run_local(tiny("infrastructure.num_gpus=1", "sampling.num_shards=5"), tmp_path, "sample", 5, jobs)
     assert started == [(0, (5,)), (1, (6,)), (2, (7,)), (3, (5,)), (4, (6,))] and not running
     assert jobs["sample_tasks"] == [f"job{i}" for i in range(5)] and jobs["sample"] == "job0"
 

@@ -123,8 +123,9 @@ def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependen
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=sc.max_restarts)
     additional: dict[str, Any] = dict(sc.additional)
-    if dependency:
+    if dependency:  # a job whose dependency can never be met (a failed training) is cancelled, not left pending
         additional["dependency"] = dependency
+        additional["kill-on-invalid-dep"] = "yes"
     params: dict[str, Any] = dict(
         job_name=f"{cfg.run.name}-{stage}", partition=sc.partition, time=res["time_min"], nodes=1,
         ntasks_per_node=1, cpus_per_task=res["cpus_per_task"], mem=f"{res['mem_gb']}GB",

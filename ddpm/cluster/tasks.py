@@ -1,6 +1,7 @@
 """The stage tasks that submitit runs on the cluster's nodes: one callable per job or array task, each calling
 its stage's function (training's wrapper, :func:`ddpm.evaluate.evaluate_step` and ``select``,
-:func:`ddpm.sample.sample_stage`, :func:`ddpm.assemble.assemble_stage`).
+:func:`ddpm.sample.sample_stage`, :func:`ddpm.assemble.assemble_stage`; a sweep's training array and results,
+:func:`ddpm.sweepresults.write_results`).
 
 Job side: nothing here imports the login side (``ddpm.cluster.preflight``, ``ddpm.cluster.executors``,
 ``launch.py``); tests/test_layout.py checks it. :mod:`ddpm.cluster.executors` submits these.
@@ -27,6 +28,28 @@ class TrainTask:
 
     def __call__(self) -> str:
         return run_training(self.run_dir, load_config(RunDir(self.run_dir).config))
+
+
+class SweepTrainTask:
+    """submitit callable for a sweep's training array: task k trains point k in its own run directory."""
+
+    def __init__(self, run_dirs: list[str]):
+        self.run_dirs = list(run_dirs)
+
+    def __call__(self, index: int) -> str:
+        return TrainTask(self.run_dirs[index])()
+
+
+class SweepResultsTask:
+    """submitit callable for a sweep's results job: results.csv, results.png and the HParams view."""
+
+    def __init__(self, sweep_dir: str | Path):
+        self.sweep_dir = Path(sweep_dir)
+
+    def __call__(self) -> str:
+        from ddpm.sweepresults import write_results
+
+        return str(write_results(self.sweep_dir))
 
 
 class ProbeTask:

@@ -43,6 +43,7 @@ from ddpm.config import Config, dump_config, load_config
 from ddpm.configtools import parse_with_overrides
 from ddpm.envcheck import check_torch_floor
 from ddpm.errors import EXIT_FAILURE, EXIT_OK, EXIT_REQUEUE, ConfigError, DDPMError, cli_entry
+from ddpm.provenance import add_attempt_seconds
 from ddpm.rundir import RunDir
 from ddpm.status import RunState, read_status, stalled_for, write_status
 
@@ -229,6 +230,7 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     if node == 0:  # a crash before the trainer's first write must not read as an earlier attempt's "stopped"
         write_status(run_dir, RunState.STARTING, -1, 0, lost_streak=before.lost_streak)
     print("running:", " ".join(cmd), flush=True)
+    started = time.monotonic()
     proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
     signals: list[tuple[str, float]] = []
 
@@ -244,6 +246,8 @@ def run_training(run_dir: Path, cfg: Config) -> str:
     for sig in {stop_sig, signal.SIGTERM}:
         signal.signal(sig, forward)
     rc = supervise(proc, run_dir, cfg.training.watchdog_s, signals)
+    if node == 0:
+        add_attempt_seconds(run_dir, time.monotonic() - started)
     status = read_status(run_dir) or {}
     verdict = judge(rc, status, before, Attempt.read(run_dir), cfg.training.watchdog_s, RunDir(run_dir).logs)
     if verdict.next == "done":
