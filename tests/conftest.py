@@ -261,25 +261,12 @@ def reference(images, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fid_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """FID Inception weights whose features depend on the image: random weights give near-constant features
-    (FIDs of 1e-13: float noise); BatchNorm statistics taken in train mode from one batch keep every layer at
-    unit scale. The right keys and shapes for ``ddpm.inception.load_inception``."""
-    import torch
-
+    """FID Inception weights whose features depend on the image (tools/fid_test_weights.py): the right keys and
+    shapes for ``ddpm.inception.load_inception``."""
     from ddpm import inception
+    from tools.fid_test_weights import write_test_weights
 
-    weights = tmp_path_factory.mktemp("fid_weights") / inception.WEIGHTS_NAME
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = inception.FIDInceptionV3()
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None  # the plain average of what it sees
-        with torch.no_grad():
-            inception.FIDFeatures(net).train()(torch.rand(16, 3, 8, 8))
-    torch.save(net.state_dict(), weights)
-    return weights
+    return write_test_weights(tmp_path_factory.mktemp("fid_weights") / inception.WEIGHTS_NAME)
 
 
 @pytest.fixture(scope="session")

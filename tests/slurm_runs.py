@@ -37,7 +37,9 @@ GRACE_S = float(os.environ.get("DDPM_SLURM_GRACE_TIME", "30"))
 # from a test's read of the step it waited for to its fault reaching the job (an sbatch the scheduler answers at
 # once and slurmd's signal, a scancel, an os.kill): 0.4 s measured here for a preemption, times ~SLACK
 FAULT_S = 3.0
-# what the tests' jobs run (tests/test_faults_slurm.py WORKERS): one thread, one loader worker
+# what the tests' training jobs run: one thread, one loader worker (the default a user runs with is workers on),
+# the whole node's two CPUs
+WORKERS = ["data.num_workers=1", "slurm.cpus_per_task=2", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 PACE_OVERRIDES = ("data.num_workers=1", "training.log_every=1000")
 
 _MEASURE = """

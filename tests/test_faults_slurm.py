@@ -49,13 +49,13 @@ from slurm_runs import (
     start_training,
     wait_for_step,
 )
+from slurm_runs import WORKERS as RUN_WORKERS
 
 from ddpm.checkpoint import load_latest
 
 pytestmark = pytest.mark.slurm
 N2 = 200  # steps of the 2-rank runs; faults land after step 110 (step_100 durable) on ranks that cannot go on
-WORKERS = ["data.num_workers=1", "slurm.cpus_per_task=2", "slurm.setup=[export OMP_NUM_THREADS=1]",
-           "training.log_every=10", "training.save_every=100"]
+WORKERS = [*RUN_WORKERS, "training.log_every=10", "training.save_every=100"]
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,10 @@ from slurm_helpers import (
     wait_for_restart,
     wait_for_state,
 )
-from slurm_runs import GRACE_S, Pace, wait_for_step
+from slurm_runs import GRACE_S, WORKERS, Pace, wait_for_step
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.status import write_status
-
-WORKERS = ["data.num_workers=1", "slurm.cpus_per_task=2", "slurm.setup=[export OMP_NUM_THREADS=1]"]
 
 
 def train_locally(images: Path, root: Path, *overrides: str) -> Path:

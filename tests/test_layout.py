@@ -80,11 +80,12 @@ def test_model_math_and_data_never_import_process_or_cluster_code(pure):
         assert not bad, f"{pure} reaches {mod}, which imports {sorted(bad)}"
 
 
-# train -> eval -> sample -> assemble: each stage a function its task calls (ddpm.cluster.tasks)
-STAGES = ("ddpm.train", "ddpm.evaluate", "ddpm.sample", "ddpm.assemble")
+# train -> eval -> sample -> assemble (-> a sweep's results): each stage a function its task calls (ddpm.cluster.tasks)
+STAGES = ("ddpm.train", "ddpm.evaluate", "ddpm.sample", "ddpm.assemble", "ddpm.sweepresults")
 # what runs on the cluster's nodes, and what runs on the login node (launch.py is not a module of ddpm/)
 JOB_SIDE = (*STAGES, "ddpm.shards", "ddpm.cluster.tasks", "ddpm.cluster.wrapper", "ddpm.cluster.probe")
-LOGIN_SIDE = ("ddpm.cluster.preflight", "ddpm.cluster.executors", "ddpm.cluster.doctor")
+LOGIN_SIDE = ("ddpm.cluster.preflight", "ddpm.cluster.executors", "ddpm.cluster.submit", "ddpm.cluster.sweep",
+              "ddpm.cluster.doctor")
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -117,7 +118,7 @@ def test_the_login_node_and_job_wrapper_paths_load_no_torch():
     (about 10 s of start-up on a slow node, before any work): only the processes that compute load it."""
     code = ("import sys; import launch, ddpm.cluster.executors, ddpm.cluster.tasks, ddpm.cluster.squeue, "
             "ddpm.cluster.wrapper, ddpm.cluster.preflight, ddpm.checkpoint, ddpm.runlog, ddpm.status, ddpm.provenance, "
-            "ddpm.assemble, ddpm.rundir, "
+            "ddpm.assemble, ddpm.rundir, ddpm.cluster.submit, ddpm.cluster.sweep, ddpm.sweepresults, "
             "tools.digits; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sklearn')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
