@@ -122,3 +122,23 @@ def test_the_third_stall_or_loss_without_a_checkpoint_is_a_crash_loop() -> None:
     assert (lost.next, lost.streak) == ("error", 3) and "3 attempts in a row lost a rank" in lost.line
     saved = judge(137, {"state": "lost", "step": 9}, Attempt(100, 2), Attempt(150, 2), 10, "L")  # a new checkpoint
     assert (saved.next, saved.streak) == ("requeue", 1)
+
+
+def test_the_sbatch_templates_requeue_through_the_tasks_requeue(tmp_path: Path):
+    """slurm/*_array.sbatch trap the stop signal with ``python -m ddpm.cluster requeue`` (requeue_self: within
+    slurm.max_restarts, never undoing a scancel), not a ``scontrol requeue`` of their own; outside SLURM it says
+    so and exits 1; at the run's max_restarts it declines."""
+    for name in ("sample_array.sbatch", "eval_array.sbatch"):
+        text = (ROOT / "slurm" / name).read_text()
+        assert 'python -u -m ddpm.cluster requeue --run-dir "$RUN_DIR"' in text and "scontrol" not in text, name
+    from ddpm.config import dump_config
+
+    dump_config(load_config(TINY_CONFIG, ["slurm.max_restarts=2"]), tmp_path / "config.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    out = subprocess.run([sys.executable, "-m", "ddpm.cluster", "requeue", "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == 1 and "stopped outside SLURM" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-m", "ddpm.cluster", "requeue", "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**env, "SLURM_JOB_ID": "99999", "SLURM_RESTART_COUNT": "2"})
+    assert out.returncode == 1 and "not requeuing job 99999: it has restarted 2 times" in out.stdout, out.stdout

@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config; written to RUN_DIR/config.yaml (default: the run's own)")
     t.add_argument("overrides", nargs="*", help="section.key=value")
     t.add_argument("--run-dir", help="run directory (default: <run.root>/<run.name> of the config)")
+    r = sub.add_parser("requeue", help="requeue this job or array task (the sbatch templates' stop-signal trap), "
+                       "within the run's slurm.max_restarts; exit 0 when it will run again")
+    r.add_argument("--run-dir", required=True, help="the run directory (its config.yaml gives slurm.max_restarts)")
     return p
 
 
@@ -288,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     check_torch_floor()
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
+    if args.command == "requeue":
+        return EXIT_OK if requeue_self(load_config(RunDir(args.run_dir).config).slurm.max_restarts) else EXIT_FAILURE
     if args.config is None and args.run_dir is None:
         parser.error("train needs --config or --run-dir")
     cfg = load_config(args.config if args.config else RunDir(args.run_dir).config, args.overrides)
