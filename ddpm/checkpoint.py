@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ddpm.errors import CheckpointError, DDPMError
 from ddpm.fsio import atomic_write_bytes, atomic_write_text, file_sha256_once
+from ddpm.jobconfig import read_checkpoint_ref
 from ddpm.rundir import RunDir
 
 # torch is imported where tensors are read or written: listing checkpoints (launch.py's preflight and status)
@@ -182,14 +183,10 @@ class CheckpointRef:
 
     @classmethod
     def parse(cls, text: str) -> CheckpointRef:
-        """The reference ``text`` names; ValueError when it is none of the four forms."""
-        if text in ("latest", "best"):
-            return cls(text)  # type: ignore[arg-type]
-        if text.startswith("step_") and text[5:].isdigit():
-            return cls("step", step=int(text[5:]))
-        if text.endswith(".pt") or "/" in text:
-            return cls("path", path=text)
-        raise ValueError(text)
+        """The reference ``text`` names (:func:`ddpm.jobconfig.read_checkpoint_ref`); ValueError when it is none
+        of the four forms."""
+        kind, step, path = read_checkpoint_ref(text)
+        return cls(kind, step=step, path=path)
 
     def resolve(self, run_dir: str | Path) -> tuple[Path, str]:
         """(checkpoint file, or the run directory for ``latest``: its newest valid one, why) in run ``run_dir``.

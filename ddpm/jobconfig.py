@@ -20,12 +20,22 @@ Precision = Literal["fp32", "bf16", "fp16"]
 PATH = {"path": True}  # field metadata: "~" and "$VAR" are expanded on the machine that loads the config
 
 
-def _is_reference(text: str) -> bool:
-    """Whether ``text`` is a checkpoint reference :class:`ddpm.checkpoint.CheckpointRef` reads."""
-    from ddpm.checkpoint import CheckpointRef
+def read_checkpoint_ref(text: str) -> tuple[Literal["latest", "best", "step", "path"], int | None, str | None]:
+    """The grammar of ``sampling.checkpoint``: (kind, step, path) of ``latest``, ``best``, ``step_<N>`` or a path
+    to a checkpoint file; ValueError when ``text`` is none of the four. :class:`ddpm.checkpoint.CheckpointRef`
+    resolves it in a run."""
+    if text in ("latest", "best"):
+        return text, None, None  # type: ignore[return-value]
+    if text.startswith("step_") and text[5:].isdigit():
+        return "step", int(text[5:]), None
+    if text.endswith(".pt") or "/" in text:
+        return "path", None, text
+    raise ValueError(text)
 
+
+def _is_reference(text: str) -> bool:
     try:
-        CheckpointRef.parse(text)
+        read_checkpoint_ref(text)
     except ValueError:
         return False
     return True
