@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import functools
 import os
-import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -145,8 +144,8 @@ def _join(name: str, key: str) -> str:
 def build_section(cls: type[T], name: str, raw: Any, base: T | None = None, from_yaml: bool = False) -> T:
     """The section ``cls`` at dotted ``name`` from a mapping: ``base`` (else the defaults) with ``raw``'s keys.
 
-    An unknown key is an error, a key in ``cls.MOVED`` one line naming its new home. Nested sections recurse; the
-    errors of a section nested under another name (``eval.sampling``) name that key."""
+    An unknown key is an error, a key in ``cls.MOVED`` one line naming its new home, a key in ``cls.FIXED`` (one
+    the section leaves to its stage) one line saying why. Nested sections recurse."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -158,6 +157,8 @@ def build_section(cls: type[T], name: str, raw: Any, base: T | None = None, from
         full = _join(name, str(key))
         if key in moved:
             raise ConfigError(f"{full} moved: use {moved[key]}")
+        if key in getattr(cls, "FIXED", {}):
+            raise ConfigError(f"{full}: not a key of {name}: {cls.FIXED[key]}")
         if key not in fields:
             what = "unknown key" if name else "unknown section"
             raise ConfigError(f"{full}: {what}{did_you_mean(str(key), list(fields), f'{name}.' if name else '')}")
@@ -167,13 +168,7 @@ def build_section(cls: type[T], name: str, raw: Any, base: T | None = None, from
             kwargs[key] = build_section(tp, full, value, inner, from_yaml)
         else:
             kwargs[key] = conform(value, tp, full, from_yaml)
-    own = name.rpartition(".")[2]
-    try:
-        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
-    except ConfigError as err:  # a section nested under a longer key: its own messages say "sampling."
-        if own == name:
-            raise
-        raise ConfigError(re.sub(rf"(?<![\w.]){re.escape(own)}\.", f"{name}.", str(err))) from None
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -283,16 +278,15 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None
     return args
 
 
-def _describe_section(section: Any, indent: str, notes: Mapping[str, str]) -> list[str]:
-    """``section``'s keys with their values (as its parent's default holds them), types and docstrings (or the
-    parent's ``NESTED_DOCS`` ``notes`` for a nested section)."""
+def _describe_section(section: Any, indent: str) -> list[str]:
+    """``section``'s keys with their values (as its parent's default holds them), types and docstrings."""
     cls, lines = type(section), []
-    hints, docs = _hints(cls), {**field_docs(cls), **notes}
+    hints, docs = _hints(cls), field_docs(cls)
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if is_section(hints[f.name]):
             lines.append(f"{indent}{f.name}:  # {docs.get(f.name, '')}")
-            lines += _describe_section(value, indent + "  ", getattr(cls, "NESTED_DOCS", {}))
+            lines += _describe_section(value, indent + "  ")
             continue
         text = yaml.safe_dump(plain(value), default_flow_style=True).strip().removesuffix("...").strip()
         lines.append(f"{indent}{f.name}: {text}  # {type_name(hints[f.name])}. {docs.get(f.name, '')}")
@@ -305,5 +299,5 @@ def describe(cls: type) -> str:
     for section in dataclasses.fields(cls):
         default = _default(section)
         lines.append(f"{section.name}:  # {(type(default).__doc__ or '').strip()}")
-        lines += _describe_section(default, "  ", {})
+        lines += _describe_section(default, "  ")
     return "\n".join(lines)

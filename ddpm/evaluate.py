@@ -52,10 +52,12 @@ def eval_steps(cfg: Config) -> list[int]:
 
 
 def eval_sampling(cfg: Config) -> SamplingConfig:
-    """``eval.sampling`` as the stage runs it: one shard per seed set, sampling's FID weights and reference."""
+    """``eval.sampling`` as the stage runs it: its sampler, one shard per seed set, FID with sampling's weights and
+    reference."""
     e, s = cfg.eval, cfg.sampling
-    return dataclasses.replace(e.sampling, num_samples=e.sampling.num_samples * e.num_seeds, num_shards=e.num_seeds,
-                               fid_weights=s.fid_weights, fid_reference=s.fid_reference)
+    own = {f.name: getattr(e.sampling, f.name) for f in dataclasses.fields(e.sampling)}
+    return SamplingConfig(**{**own, "num_samples": e.sampling.num_samples * e.num_seeds}, num_shards=e.num_seeds,
+                          fid=True, fid_weights=s.fid_weights, fid_reference=s.fid_reference)
 
 
 def _settings(cfg: Config, sha: str) -> dict[str, Any]:

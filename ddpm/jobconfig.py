@@ -97,11 +97,48 @@ class SamplingConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("pixels")}
 
 
-def eval_sampling_defaults() -> SamplingConfig:
-    """``eval.sampling``'s defaults: a cheap sampler (DDIM, 50 trailing steps), 1000 images per seed set drawn from
-    seeds far from the final set's, one shard per seed set, Inception statistics on."""
-    return SamplingConfig(num_steps=50, sampler="ddim", timestep_spacing="trailing", num_samples=1000, num_shards=1,
-                          batch_size=250, seed_base=1_000_000, fid=True)
+@dataclass(frozen=True)
+class EvalSamplingConfig:
+    """The eval stage's sampler: the keys of a sampling section it reads, with cheap defaults (DDIM, 50 trailing
+    steps, 1000 images per seed set from seeds far from the final set's). The stage draws one shard per seed set,
+    always scores FID, with sampling.fid_weights and sampling.fid_reference, from every milestone checkpoint
+    (:func:`ddpm.evaluate.eval_sampling` makes the SamplingConfig it runs)."""
+
+    FIXED: ClassVar[Mapping[str, str]] = MappingProxyType({  # sampling keys the eval stage decides itself
+        "num_shards": "the eval stage draws one shard per seed set (eval.num_seeds)",
+        "fid": "the eval stage always scores FID",
+        "fid_weights": "the eval stage uses sampling.fid_weights",
+        "fid_reference": "the eval stage uses sampling.fid_reference",
+        "checkpoint": "the eval stage scores every milestone checkpoint"})
+
+    num_steps: int = 50
+    """Denoising steps (<= ddpm.num_timesteps)."""
+    sampler: Sampler = "ddim"
+    """A sampler of ddpm.samplers (as sampling.sampler)."""
+    eta: float = 0.0
+    """DDIM stochasticity: 0 deterministic, 1 matches DDPM's variance."""
+    timestep_spacing: Spacing = "trailing"
+    """Which timesteps the sampler visits (as sampling.timestep_spacing)."""
+    num_samples: int = 1000
+    """Images per seed set and checkpoint (FID is biased upwards at small n: compare only at equal n)."""
+    batch_size: int = 250
+    """Images per forward pass (any value gives the same images)."""
+    seed_base: int = 1_000_000
+    """Image i of seed set s is drawn with seed seed_base + s * num_samples + i (away from the final set's)."""
+    use_ema: bool = True
+    """Sample with the EMA weights (else the raw weights)."""
+    precision: Precision = "fp32"
+    """The network's autocast (as sampling.precision)."""
+    compile: bool = False
+    """torch.compile the network for the fixed sampling shape."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "eval.sampling")
+        require(self.num_steps >= 1, "eval.sampling.num_steps", self.num_steps, "an integer >= 1")
+        require(0.0 <= self.eta <= 1.0, "eval.sampling.eta", self.eta, "a float in [0, 1]")
+        require(self.num_samples >= 2, "eval.sampling.num_samples", self.num_samples, "an integer >= 2 (a covariance)")
+        require(self.batch_size >= 1, "eval.sampling.batch_size", self.batch_size, "an integer >= 1")
+        require(self.seed_base >= 0, "eval.sampling.seed_base", self.seed_base, "an integer >= 0")
 
 
 @dataclass(frozen=True)
@@ -111,38 +148,17 @@ class EvalConfig:
     MOVED: ClassVar[Mapping[str, str]] = MappingProxyType(
         {k: f"eval.sampling.{k}" for k in ("sampler", "num_steps", "timestep_spacing", "batch_size", "seed_base",
                                             "num_samples")})
-    NESTED_DOCS: ClassVar[Mapping[str, str]] = MappingProxyType({  # what eval.sampling's keys mean here
-        "num_samples": "Images per seed set and checkpoint (FID is biased upwards at small n: compare only at "
-                       "equal n).",
-        "num_shards": "1: the stage draws one shard per seed set (eval.num_seeds).",
-        "seed_base": "Image i of seed set s is drawn with seed seed_base + s * num_samples + i (away from the "
-                     "final set's).",
-        "fid": "true: the stage scores FID.",
-        "fid_weights": "null: the stage uses sampling.fid_weights.",
-        "fid_reference": "null: the stage uses sampling.fid_reference.",
-        "checkpoint": "null: the stage scores every milestone checkpoint."})
 
     enabled: bool = False
     """Run the eval array (a task per milestone checkpoint) and the selection job before sampling."""
     num_seeds: int = 1
     """Independent sample sets per checkpoint; fid.json reports each, their mean and spread."""
-    sampling: SamplingConfig = field(default_factory=eval_sampling_defaults)
-    """The eval sampler: a sampling section of its own, with cheap defaults (ddim, 50 trailing steps); the stage
-    fixes num_shards, fid, fid_weights, fid_reference and checkpoint."""
+    sampling: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    """The eval sampler (cheap defaults: ddim, 50 trailing steps, 1000 images per seed set)."""
 
     def __post_init__(self) -> None:
         check_fields(self, "eval")
         require(self.num_seeds >= 1, "eval.num_seeds", self.num_seeds, "an integer >= 1")
-        s = self.sampling
-        require(s.num_samples >= 2, "eval.sampling.num_samples", s.num_samples, "an integer >= 2 (a covariance)")
-        require(s.num_shards == 1, "eval.sampling.num_shards", s.num_shards,
-                "1: the eval stage draws one shard per seed set (eval.num_seeds)")
-        require(s.fid, "eval.sampling.fid", s.fid, "true: the eval stage scores FID")
-        for key in ("fid_weights", "fid_reference"):
-            require(getattr(s, key) is None, f"eval.sampling.{key}", getattr(s, key),
-                    f"null: the eval stage uses sampling.{key}")
-        require(s.checkpoint is None, "eval.sampling.checkpoint", s.checkpoint,
-                "null: the eval stage scores every milestone checkpoint")
 
 
 @dataclass(frozen=True)
