@@ -401,7 +401,8 @@ def test_eval_has_a_sampling_section_of_its_own():
     assert (s.num_steps, s.sampler, s.timestep_spacing, s.num_samples, s.batch_size, s.seed_base) == \
         (20, "ddim", "trailing", 1000, 250, 1_000_000)
     assert (run.num_samples, run.num_shards, run.num_steps, run.fid_reference, run.fid) == (3000, 3, 20, "r.npz", True)
-    assert not {"num_shards", "fid", "fid_weights", "fid_reference", "checkpoint"} & set(cfg.to_dict()["eval"]["sampling"])
+    fixed = {"num_shards", "fid", "fid_weights", "fid_reference", "checkpoint"}
+    assert not fixed & set(cfg.to_dict()["eval"]["sampling"])
 
 
 @pytest.mark.parametrize(("text", "kind", "step", "path"), [
