@@ -77,7 +77,8 @@ def point_row(point: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     gpus = int(infra.get("num_gpus", 0)) * int(infra.get("num_nodes", 1))
     return {"point": point["index"], "name": point["name"], **{k: json.dumps(point["values"][k]) for k in keys},
             "seed": "" if point.get("seed") is None else point["seed"], "state": "done" if done else "failed",
-            "step": max(int(status.get("step", 0)), 0), "fid": "" if fid is None else f"{fid:.4f}", "fid_source": source,
+            "step": max(int(status.get("step", 0)), 0), "fid": "" if fid is None else f"{fid:.4f}",
+            "fid_source": source,
             "fid_spread": f"{statistics.pstdev(sets):.4f}" if len(sets) > 1 else "", "wall_s": f"{wall:.1f}",
             "gpu_hours": f"{wall / 3600 * gpus:.3f}", "error": error}
 
