@@ -111,7 +111,7 @@ def sweep_main(argv: list[str]) -> int:
     try:
         sw.submit_sweep(sweep_dir, points, cfgs, cluster, stages, record, args.dry_run)
     finally:  # submitit's local executor leaves its folder pattern behind as an empty directory
-        for folder in [SweepDir(sweep_dir).submitit_folder, *(RunDir(p.run_dir).submitit_folder for p in points)]:
+        for folder in [SweepDir(sweep_dir).submitit_folder, *(p.run.submitit_folder for p in points)]:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
     if args.dry_run:

@@ -45,6 +45,11 @@ def read_sweep(sweep_dir: Path) -> dict[str, Any]:
     return record
 
 
+def point_run(point: dict[str, Any]) -> RunDir:
+    """The run directory of a point of sweep.json."""
+    return RunDir(point["run_dir"])
+
+
 def point_fid(run: RunDir) -> tuple[float | None, list[float], str]:
     """(FID, the eval seed sets' FIDs, where it comes from) of a run: the eval selection's best mean, else the
     final samples' FID; (None, [], "") when neither was written."""
@@ -65,7 +70,7 @@ def wall_seconds(run: RunDir) -> float:
 
 def point_row(point: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     """One results.csv row of a sweep point (its entry in sweep.json)."""
-    run = RunDir(point["run_dir"])
+    run = point_run(point)
     status = json.loads(run.status.read_text()) if run.status.is_file() else {}
     cfg = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
     fid, sets, source = point_fid(run)
@@ -139,7 +144,7 @@ def plot(record: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> list
             ax.legend(fontsize=7)
         titles.append(key)
     for ax, r in zip(bottom.subplots(1, len(rows), squeeze=False)[0], rows, strict=True):
-        grid = RunDir(record["points"][int(r["point"])]["run_dir"]).samples.grid
+        grid = point_run(record["points"][int(r["point"])]).samples.grid
         if grid.is_file():
             ax.imshow(plt.imread(grid), cmap="gray")
         else:
@@ -183,7 +188,7 @@ def write_hparams(record: dict[str, Any], rows: list[dict[str, Any]], sweep_dir:
         out = [(hp.hparams_pb(values, trial_id=point["name"]), 0)]
         if r["fid"] != "":
             out.append((Summary(value=[Summary.Value(tag=METRIC, simple_value=float(r["fid"]))]), int(r["step"])))
-        write(RunDir(point["run_dir"]).tb_hparams, *out)
+        write(point_run(point).tb_hparams, *out)
 
 
 def write_results(sweep_dir: Path) -> Path:

@@ -41,7 +41,7 @@ from ddpm.errors import ConfigError, DDPMError
 from ddpm.fsio import atomic_write_text
 from ddpm.plan import disk_plan, human_size
 from ddpm.rundir import RunDir, SweepDir
-from ddpm.sweepresults import SWEEP_SCHEMA, read_sweep  # noqa: F401 (this module's API too)
+from ddpm.sweepresults import SWEEP_SCHEMA, point_run, read_sweep  # noqa: F401 (SWEEP_SCHEMA: this module's API too)
 
 NAMED_BY_THE_SWEEP = ("run.name", "run.root")  # the sweep names each point's run directory
 # what a training array task's sbatch request is made of: every point must ask the same
@@ -58,6 +58,10 @@ class Point:
     values: dict[str, Any]
     seed: int | None
     run_dir: str
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     def overrides(self) -> list[str]:
         """The ``key=value`` overrides that make this point (the values as YAML flow text)."""
@@ -209,7 +213,7 @@ def submit_sweep(sweep_dir: Path, points: list[Point], cfgs: list[Config], clust
         return record
     for p, cfg in zip(points, cfgs, strict=True):
         Path(p.run_dir).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, RunDir(p.run_dir).config)
+        dump_config(cfg, p.run.config)
     record["points"] = [{**asdict(p), "jobs": {}} for p in points]
     _write(sweep, record)
     if cluster == "local":
@@ -228,7 +232,7 @@ def submit_sweep(sweep_dir: Path, points: list[Point], cfgs: list[Config], clust
         jobs.update(submit(cfg, Path(p.run_dir), cluster, _chain(stages), False, dependency=f"afterok:{task.job_id}"))
         jobs["cluster"] = cluster
         entry["jobs"] = jobs
-        atomic_write_text(RunDir(p.run_dir).jobs, json.dumps(jobs, indent=2) + "\n")
+        atomic_write_text(p.run.jobs, json.dumps(jobs, indent=2) + "\n")
         ends += [jobs[s] for s in _chain(stages)]
     ex = make_executor(cfg0, sweep_dir, "assemble", cluster, dependency="afterany:" + ":".join(ends))
     ex.update_parameters(job_name=f"{record['name']}-results")
@@ -262,7 +266,7 @@ def _run_local(sweep: SweepDir, points: list[Point], cfgs: list[Config], stages:
             except DDPMError as err:
                 print(f"sweep: point {p.index} failed: {err}", flush=True)
                 entry["failed"] = str(err)
-            atomic_write_text(RunDir(p.run_dir).jobs, json.dumps(entry["jobs"], indent=2) + "\n")
+            atomic_write_text(p.run.jobs, json.dumps(entry["jobs"], indent=2) + "\n")
             _write(sweep, record)
     SweepResultsTask(sweep.path)()
 
@@ -273,7 +277,7 @@ def _point_state(point: dict[str, Any], slurm: bool) -> tuple[str, bool]:
     from ddpm.cluster.squeue import job_state
     from ddpm.status import read_status
 
-    run, jobs = RunDir(point["run_dir"]), point.get("jobs", {})
+    run, jobs = point_run(point), point.get("jobs", {})
     if run.samples.metrics.is_file():
         return "done", True
     status = read_status(run.path) or {}
@@ -303,7 +307,7 @@ def sweep_status(sweep_dir: Path) -> int:
     for p in points:
         state, over = _point_state(p, slurm)
         ended += over
-        run = RunDir(p["run_dir"])
+        run = point_run(p)
         step = json.loads(run.status.read_text()).get("step", 0) if run.status.is_file() else 0
         total = yaml.safe_load(run.config.read_text())["training"]["num_iterations"]
         fid = point_fid(run)[0]
