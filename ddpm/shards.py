@@ -206,19 +206,8 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
     device)`` gives the FID Inception (None: :func:`ddpm.inception.load_inception`; a memoised one loads it
     once for all the shards, still here: before any sampling, and never when FID is off).
     """
-    if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
-        shard = int(os.environ["SLURM_ARRAY_TASK_ID"])
-    if shard is None:
-        _check(s.num_shards == 1, "--shard not given and SLURM_ARRAY_TASK_ID is not set")
-        shard = 0
-    _check(0 <= shard < s.num_shards,
-           f"shard {shard} out of range: sampling.num_shards is {s.num_shards} (shards 0..{s.num_shards - 1})")
-    T = state["ddpm"]["num_timesteps"]
-    most, why = get_sampler(s.sampler).most_steps(T, s.timestep_spacing)  # the sampler's own limit
-    if s.num_steps > most:
-        limit = f", {T}" if why is None else f" - {T - most}, {most}, for {s.sampler} {why}"
-        raise ConfigError(f"sampling.num_steps: invalid value {s.num_steps} (expected at most the checkpoint's "
-                          f"ddpm.num_timesteps{limit})")
+    shard = _shard_index(shard, s)
+    _check_steps(state, s)
     if s.use_ema and not state.get("ema"):
         print(f"{ckpt}: no EMA weights in the checkpoint; using the raw model weights", flush=True)
         s = dataclasses.replace(s, use_ema=False)
@@ -230,14 +219,11 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
     size = mc.get("image_size", state["config"]["data"]["image_size"])
     sha = checkpoint_sha256 if checkpoint_sha256 is not None else file_sha256_once(ckpt)
     spec = ShardSpec.of(sha, (size, size, mc["in_channels"]), s, shard)
-    start, stop = spec.start, spec.stop
-    inception, fid_signature = None, None
+    inception = None
     if s.fid:  # fail on missing/mismatched Inception weights before any sampling
-        from ddpm import fid as fidlib
-        from ddpm.inception import inception_features, load_inception
+        from ddpm.inception import load_inception
 
         inception = (inception_loader or load_inception)(s.fid_weights, device)
-        fid_signature = fidlib.stats_signature(state["config"]["data"])
 
     files = shard_files(out, shard)
     meta, images = _existing_complete(files, spec, s.fid)
@@ -249,7 +235,7 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
     if images is None:
         images = np.zeros((0, size, size, mc["in_channels"]), dtype=np.uint8)
     n_before, t0 = len(images), time.perf_counter()
-    if n_before < stop - start:
+    if n_before < spec.stop - spec.start:
         model, diffusion = build_from_checkpoint(state, use_ema=s.use_ema, device=device)
         if s.compile:  # one graph for [batch_size, C, H, W]; a smaller last batch of the shard compiles another
             diffusion.model = compiled_for_sampling(model, device)
@@ -257,27 +243,60 @@ def sample_loaded(ckpt: Path, state: dict[str, Any], out_dir: str | Path | None,
             images = _generate(diffusion, images, spec, s, files.partial, autocast, progress)
         del model, diffusion
     elapsed = time.perf_counter() - t0
-    rate = (len(images) - n_before) / max(elapsed, 1e-9)
+    rate = (len(images) - n_before) / max(elapsed, 1e-9) if len(images) > n_before else None
+    _write_shard(files, images, spec, s, inception, state, {
+        "checkpoint_choice": choice or "the checkpoint given", "checkpoint": str(ckpt.resolve()),
+        "step": int(state["step"]), "device": str(device), "images_per_second": rate})
+    if rate is not None:
+        print(f"shard {shard}: {len(images) - n_before} images in {elapsed:.1f}s ({rate:.2f} images/s) "
+              f"-> {files.npz}", flush=True)
+    return files.npz
+
+
+def _shard_index(shard: int | None, s: SamplingConfig) -> int:
+    """The shard to draw: ``shard``, else the SLURM array task's index, else 0 when there is one shard."""
+    if shard is None and os.environ.get("SLURM_ARRAY_TASK_ID", "").isdigit():
+        shard = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    if shard is None:
+        _check(s.num_shards == 1, "--shard not given and SLURM_ARRAY_TASK_ID is not set")
+        shard = 0
+    _check(0 <= shard < s.num_shards,
+           f"shard {shard} out of range: sampling.num_shards is {s.num_shards} (shards 0..{s.num_shards - 1})")
+    return shard
+
+
+def _check_steps(state: dict[str, Any], s: SamplingConfig) -> None:
+    """``s.num_steps`` within the sampler's own limit for the checkpoint's ``ddpm.num_timesteps``; one line."""
+    T = state["ddpm"]["num_timesteps"]
+    most, why = get_sampler(s.sampler).most_steps(T, s.timestep_spacing)
+    if s.num_steps > most:
+        limit = f", {T}" if why is None else f" - {T - most}, {most}, for {s.sampler} {why}"
+        raise ConfigError(f"sampling.num_steps: invalid value {s.num_steps} (expected at most the checkpoint's "
+                          f"ddpm.num_timesteps{limit})")
+
+
+def _write_shard(files: ShardFiles, images: np.ndarray, spec: ShardSpec, s: SamplingConfig,
+                 inception: FIDFeatures | None, state: dict[str, Any], extra: dict[str, Any]) -> None:
+    """The shard's npz (uint8 [N, H, W, C] and, with ``inception``, its Inception statistics), then its json,
+    which marks it complete; the partial file goes."""
     arrays: dict[str, np.ndarray] = {"arr_0": images}
+    fid_signature = None
     if inception is not None:
         from ddpm import fid as fidlib
-        stats = fidlib.FIDStats(signature=fid_signature, device=torch.device(device).type)
+        from ddpm.inception import inception_features
+
+        fid_signature = fidlib.stats_signature(state["config"]["data"])
+        stats = fidlib.FIDStats(signature=fid_signature, device=torch.device(extra["device"]).type)
         stats.update(inception_features(inception, images))
         arrays.update(stats.to_arrays())
     payload = _npz_bytes(**arrays)
     atomic_write_bytes(files.npz, lambda f: f.write(payload))
-    meta = {**dataclasses.asdict(s), **spec.to_dict(), "complete": True, "count": spec.count,
-            "checkpoint_choice": choice or "the checkpoint given",
-            "seeds": {"seed_base": s.seed_base, "first": s.seed_base + start, "last": s.seed_base + stop - 1},
-            "checkpoint": str(ckpt.resolve()), "step": int(state["step"]), "device": str(device),
+    meta = {**dataclasses.asdict(s), **spec.to_dict(), "complete": True, "count": spec.count, **extra,
+            "seeds": {"seed_base": s.seed_base, "first": s.seed_base + spec.start, "last": s.seed_base + spec.stop - 1},
             "fid_signature": fid_signature, "npz_sha256": hashlib.sha256(payload).hexdigest(),
-            "images_per_second": rate if len(images) > n_before else None, "versions": package_versions()}
+            "versions": package_versions()}
     atomic_write_text(files.json, json.dumps(meta, indent=2) + "\n")  # the json marks completion: last
     files.partial.unlink(missing_ok=True)
-    if len(images) > n_before:
-        print(f"shard {shard}: {len(images) - n_before} images in {elapsed:.1f}s ({rate:.2f} images/s) "
-              f"-> {files.npz}", flush=True)
-    return files.npz
 
 
 def checkpoint_device(state: dict[str, Any], device: str | None) -> str:

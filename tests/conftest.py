@@ -76,7 +76,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slurm: runs jobs on a real local SLURM cluster (tests/slurm/cluster.sh)")
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `make test` runs `-m slurm` and `-m "not slurm"` at once
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `make test` runs `-m "not slurm"`, then `-m slurm`
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that uses the cluster is a SLURM test, marked or not."""
     for item in items:

@@ -58,13 +58,15 @@ def test_the_floor_reads_versions():
         torch.__version__
 
 
-def test_training_that_asks_for_a_gpu_stops_within_15_s(tmp_path):
+def test_training_that_asks_for_a_gpu_stops_before_any_work(tmp_path):
+    """The GPU line comes before the data is opened (its path does not exist here) and before anything is written:
+    no work is done, however fast the machine (the time it took is printed, not asserted)."""
     t0 = time.monotonic()
-    proc = _run(["-m", "ddpm.train", "--config", str(BABEL), "infrastructure.num_gpus=1", f"run.root={tmp_path}"])
-    took = time.monotonic() - t0
+    proc = _run(["-m", "ddpm.train", "--config", str(BABEL), "infrastructure.num_gpus=1", f"run.root={tmp_path}",
+                 f"data.path={tmp_path / 'no_such_images'}"])
+    print(f"the GPU check stopped training in {time.monotonic() - t0:.1f} s")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
-    assert took < 15, f"{took:.1f} s"
     line = lines[0]
     assert line.startswith("error: infrastructure.num_gpus: training") and "asks for 1 GPU(s)" in line
     assert "this process sees 0" in line and "CUDA_VISIBLE_DEVICES=" in line and "job gres: not a SLURM job" in line

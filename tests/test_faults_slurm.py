@@ -64,9 +64,11 @@ def n(pace: Pace) -> int:
     return pace.run_length(150, at_least=300)
 
 
-@pytest.mark.parametrize("partition", ["debug", "cancel"])
+@pytest.mark.parametrize("partition", ["cancel"])
 def test_preemption_by_higher_priority_job(slurm_cluster, images, tmp_path, reference, pace, n, partition):
-    """A job of the urgent partition takes the CPUs: SIGTERM to every process, GraceTime, requeue, exact resume."""
+    """A job of the urgent partition takes the CPUs: SIGTERM to every process, GraceTime, requeue, exact resume.
+    PreemptMode=CANCEL here (SLURM would cancel it: the wrapper requeues it first); PreemptMode=REQUEUE (partition
+    debug) is the sweep's array task in test_sweep_slurm.py, and a two-node job's in test_multinode_slurm.py."""
     common = [*WORKERS, f"training.num_iterations={n}"]
     ref = reference(*common)
     run_dir, job, log = start_training(images, tmp_path, pace, *common, f"slurm.partition={partition}")

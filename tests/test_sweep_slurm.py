@@ -1,8 +1,9 @@
 """``launch.py sweep`` on the real local SLURM: a 2 x 2 grid of tiny runs as one training array (one task at a time)
 plus a chain per point (one sampling shard with Inception statistics, the assembly's FID), then the results job.
 
-- point 0's training task is preempted by a job of the urgent partition (SIGTERM, GraceTime, requeue) and resumes
-  to the same training state as an uninterrupted run of its settings;
+- point 0's training task is preempted by a job of the urgent partition (PreemptMode=REQUEUE: SIGTERM, GraceTime,
+  requeue exactly once) and resumes from the checkpoint it saved to the same training state as an uninterrupted
+  run of its settings (the plain job's PreemptMode=CANCEL case: test_faults_slurm.py);
 - point 3's run directory holds only an unreadable checkpoint when its task starts (a file corrupted on shared
   storage): the task ends FAILED with the trainer's one line, SLURM cancels its chain (``--kill-on-invalid-dep``),
   the other points complete;
@@ -23,6 +24,7 @@ from PIL import Image
 from slurm_helpers import (
     assert_same_training_state,
     job_state,
+    next_job_id,
     preempt,
     restarts,
     wait_for_job,
@@ -46,9 +48,13 @@ def test_a_sweep_survives_a_preemption_and_a_failed_point(slurm_cluster, images,
     n = pace.run_length(150, at_least=300)
     common = [*WORKERS, f"training.num_iterations={n}", "training.log_every=10", "training.save_every=100"]
     ref = reference(*common, "training.learning_rate=0.001", "training.ema_decay=0.9")
-    proc = subprocess.run([sys.executable, "launch.py", "sweep", "--config", str(TINY_CONFIG), "--cluster", "slurm",
-                           *GRID, f"data.path={images}", f"run.root={tmp_path}", *common, *SAMPLING, *fid_inputs],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    argv = [sys.executable, "launch.py", "sweep", "--config", str(TINY_CONFIG), "--cluster", "slurm", *GRID,
+            f"data.path={images}", f"run.root={tmp_path}", *common, *SAMPLING, *fid_inputs]
+    before = next_job_id()
+    dry = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert dry.returncode == 0 and "#SBATCH --array=0-3%1" in dry.stdout, dry.stdout + dry.stderr
+    assert next_job_id() == before and list(tmp_path.iterdir()) == []  # the dry run submits and writes nothing
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep = SweepDir(tmp_path / "tiny")
     record = read_sweep(sweep.path)
@@ -65,9 +71,11 @@ def test_a_sweep_survives_a_preemption_and_a_failed_point(slurm_cluster, images,
 
     log0 = sweep.logs / tasks[0] / f"{tasks[0]}_0_log.out"
     assert wait_for_state(tasks[0], {"RUNNING"}, timeout=pace.bound()) == "RUNNING"
-    wait_for_step(log0, 150, timeout=pace.bound(steps=150), job=tasks[0])
+    at = wait_for_step(log0, 150, timeout=pace.bound(steps=150), job=tasks[0])
     preempt()
     wait_for_restart(tasks[0], 1, timeout=GRACE_S + pace.bound(steps=10, starts=0))
+    stopped = load_latest(Path(points[0]["run_dir"]))[1]["step"]  # the task waits for its BeginTime: no newer one
+    assert at <= stopped < n
     assert wait_for_job(tasks[0], timeout=pace.bound(steps=n), release=True) == "COMPLETED"
     # every task: n steps each, one start each, two for point 0; each chain an Inception start-up or two
     state = wait_for_job(record["results_job"], timeout=pace.bound(steps=4 * n, starts=13) + 240, release=True)
@@ -75,7 +83,10 @@ def test_a_sweep_survives_a_preemption_and_a_failed_point(slurm_cluster, images,
     assert state == "COMPLETED", logs[-4000:]
 
     text0 = log0.read_text()
-    assert restarts(tasks[0]) == 1 and "received SIGTERM" in text0 and "resumed from" in text0, text0[-3000:]
+    assert restarts(tasks[0]) == 1, text0[-3000:]  # requeued exactly once, by SLURM or by the wrapper, never both
+    assert "received SIGTERM" in text0 and f"step_{stopped:08d}.pt in" in text0, text0[-3000:]
+    assert "stop: checkpoint durable" in text0 and \
+        f"resumed from {points[0]['run_dir']}/checkpoints/step_{stopped:08d}.pt" in text0, text0[-3000:]
     assert_same_training_state(ref.state(), load_latest(Path(points[0]["run_dir"]))[1])
     assert [job_state(t) for t in tasks] == ["COMPLETED"] * 3 + ["FAILED"]
     assert {job_state(points[3]["jobs"][s]) for s in ("sample", "assemble")} == {"CANCELLED"}
