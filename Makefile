@@ -52,6 +52,21 @@ quickstart: venv
 	$(PY) -m tools.digits --out data/digits --size 8
 	$(PY) launch.py --config configs/quickstart_digits.yaml --cluster local
 
+# A 2 x 2 sweep on the digits (learning rate x EMA decay, 600 steps each), scored by FID with test-written
+# Inception weights (tools/fid_test_weights.py: no download; they rank the points, they are not published FIDs)
+FID_TEST = data/fid_test
+QUICK_SWEEP = sampling.fid=true sampling.fid_weights=$(FID_TEST)/pt_inception-2015-12-05-6726825d.pth \
+	sampling.fid_reference=$(FID_TEST)/digits_ref.npz training.num_iterations=600 training.cooldown_steps=100 \
+	training.save_every=600 training.sample_every=600 run.name=quickstart_sweep
+
+quickstart-sweep: venv
+	$(PY) -m tools.digits --out data/digits --size 8
+	$(PY) -m tools.fid_test_weights --out $(FID_TEST)/pt_inception-2015-12-05-6726825d.pth
+	$(PY) -m ddpm.fid ref --config configs/quickstart_digits.yaml --max-images 512 \
+	  --weights $(FID_TEST)/pt_inception-2015-12-05-6726825d.pth --out $(FID_TEST)/digits_ref.npz
+	$(PY) launch.py sweep --config configs/quickstart_digits.yaml --cluster local \
+	  --grid 'training.learning_rate=[5e-4,2e-3]' --grid 'training.ema_decay=[0.99,0.999]' $(QUICK_SWEEP)
+
 # The suite in two parts: the tests that need no cluster on TEST_WORKERS pytest-xdist workers (one torch thread
 # each: threads x processes <= cores), then the SLURM tests one at a time (one local cluster; their jobs use both
 # cores). Both parts always run; the slowest tests are listed, for keeping the suite short. (Both at once, the
