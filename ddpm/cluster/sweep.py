@@ -34,7 +34,7 @@ import yaml
 
 from ddpm.cluster.executors import local_slots, make_executor, sbatch_script, stage_resources
 from ddpm.cluster.preflight import preflight
-from ddpm.cluster.submit import follow, submit
+from ddpm.cluster.submit import STAGES, follow, submit
 from ddpm.cluster.tasks import SweepResultsTask, SweepTrainTask
 from ddpm.config import Config, dump_config, load_config
 from ddpm.errors import ConfigError, DDPMError
@@ -195,20 +195,27 @@ def _chain(stages: list[str]) -> list[str]:
     return [s for s in stages if s != "train"]
 
 
+def _sweep_executor(cfg: Config, sweep_dir: Path, name: str, job: str, cluster: str,
+                    dependency: str | None = None) -> Any:
+    """The executor of the sweep ``name``'s own jobs (``job``: train, the array; results, after every job, sized as
+    an assembly job), logging to the sweep's logs/ and named ``<name>-<job>``."""
+    ex = make_executor(cfg, sweep_dir, "train" if job == "train" else "assemble", cluster, dependency)
+    ex.update_parameters(job_name=f"{name}-{job}")
+    return ex
+
+
 def submit_sweep(sweep_dir: Path, points: list[Point], cfgs: list[Config], cluster: str, stages: list[str],
                  record: dict[str, Any], dry_run: bool) -> dict[str, Any]:
     """Submit (locally: run) every point; returns ``sweep.json``'s record with the job ids."""
     sweep, cfg0 = SweepDir(sweep_dir), cfgs[0]
     run_dirs = [p.run_dir for p in points]
     if dry_run:
-        ex = make_executor(cfg0, sweep_dir, "train", "slurm")
-        ex.update_parameters(job_name=f"{record['name']}-train")
+        ex = _sweep_executor(cfg0, sweep_dir, record["name"], "train", "slurm")
         print(f"# ---- training array: {len(points)} tasks ----\n{sbatch_script(ex, len(points))}")
         for p in points:
             print(f"# point {p.index}: {' -> '.join(_chain(stages))} after task {p.index} (afterok); "
                   f"run dir {p.run_dir}")
-        ex = make_executor(cfg0, sweep_dir, "assemble", "slurm", dependency="afterany:<every job above>")
-        ex.update_parameters(job_name=f"{record['name']}-results")
+        ex = _sweep_executor(cfg0, sweep_dir, record["name"], "results", "slurm", "afterany:<every job above>")
         print(f"# ---- results job ----\n{sbatch_script(ex)}")
         return record
     for p, cfg in zip(points, cfgs, strict=True):
@@ -219,8 +226,7 @@ def submit_sweep(sweep_dir: Path, points: list[Point], cfgs: list[Config], clust
     if cluster == "local":
         _run_local(sweep, points, cfgs, stages, record)
         return record
-    ex = make_executor(cfg0, sweep_dir, "train", cluster)
-    ex.update_parameters(job_name=f"{record['name']}-train")
+    ex = _sweep_executor(cfg0, sweep_dir, record["name"], "train", cluster)
     tasks = ex.map_array(SweepTrainTask(run_dirs), list(range(len(points))))
     record["train_array"] = tasks[0].job_id.split("_")[0]
     print(f"training array: job {record['train_array']} ({len(points)} tasks, "
@@ -234,8 +240,7 @@ def submit_sweep(sweep_dir: Path, points: list[Point], cfgs: list[Config], clust
         entry["jobs"] = jobs
         atomic_write_text(p.run.jobs, json.dumps(jobs, indent=2) + "\n")
         ends += [jobs[s] for s in _chain(stages)]
-    ex = make_executor(cfg0, sweep_dir, "assemble", cluster, dependency="afterany:" + ":".join(ends))
-    ex.update_parameters(job_name=f"{record['name']}-results")
+    ex = _sweep_executor(cfg0, sweep_dir, record["name"], "results", cluster, "afterany:" + ":".join(ends))
     record["results_job"] = ex.submit(SweepResultsTask(sweep_dir)).job_id
     print(f"results: job {record['results_job']} (after every job above)", flush=True)
     _write(sweep, record)
@@ -271,19 +276,17 @@ def _run_local(sweep: SweepDir, points: list[Point], cfgs: list[Config], stages:
     SweepResultsTask(sweep.path)()
 
 
-def _point_state(point: dict[str, Any], slurm: bool) -> tuple[str, bool]:
+def _point_state(point: dict[str, Any], status: dict[str, Any], slurm: bool) -> tuple[str, bool]:
     """(what a point is doing, whether it has ended): done, failed (with the one line), or its training's
-    state / the job it waits in."""
+    state (``status``: its status.json) / the job it waits in."""
     from ddpm.cluster.squeue import job_state
-    from ddpm.status import read_status
 
     run, jobs = point_run(point), point.get("jobs", {})
     if run.samples.metrics.is_file():
         return "done", True
-    status = read_status(run.path) or {}
     if point.get("failed") or status.get("state") == "failed":
         return f"failed: {point.get('failed') or status.get('error')}", True
-    ids = [jobs[s] for s in ("train", "eval", "select", "sample", "assemble") if s in jobs]
+    ids = [jobs[s] for s in STAGES if s in jobs]
     if slurm:
         alive = [(i, st) for i in ids if (st := job_state(i)).alive]
         if alive:
@@ -297,6 +300,7 @@ def _point_state(point: dict[str, Any], slurm: bool) -> tuple[str, bool]:
 def sweep_status(sweep_dir: Path) -> int:
     """``launch.py status SWEEP_DIR``: a line per point (state, step, FID, its training job), the best point;
     once every point has ended, results.csv and results.png (written now if the results job has not)."""
+    from ddpm.status import read_status
     from ddpm.sweepresults import point_fid, write_results
 
     sweep = SweepDir(sweep_dir)
@@ -305,10 +309,11 @@ def sweep_status(sweep_dir: Path) -> int:
     print(f"sweep: {sweep_dir} ({len(points)} points of {', '.join(record['grid'])}; cluster {record['cluster']})")
     ended, best = 0, None
     for p in points:
-        state, over = _point_state(p, slurm)
-        ended += over
         run = point_run(p)
-        step = json.loads(run.status.read_text()).get("step", 0) if run.status.is_file() else 0
+        status = read_status(run.path) or {}
+        state, over = _point_state(p, status, slurm)
+        ended += over
+        step = int(status.get("step") or 0)
         total = yaml.safe_load(run.config.read_text())["training"]["num_iterations"]
         fid = point_fid(run)[0]
         if fid is not None and (best is None or fid < best[1]):
