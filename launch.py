@@ -94,7 +94,7 @@ def sweep_main(argv: list[str]) -> int:
     base = load_config(args.config, args.overrides)  # the sweep's name and root
     cluster = detect_cluster(args.cluster)
     stages = plan_stages(base, "all", only=False)
-    sweep_dir = base.run_dir.resolve()
+    sweep_dir = base.run_dir.resolve()  # a sweep's directory, not a run's
     points = sw.expand(grid, args.seeds, base.training.seed, sweep_dir)
     cfgs = sw.configs(args.config, args.overrides, points, cluster, stages, args.dry_run)
     grid = sw.typed_grid(grid, points)
@@ -124,52 +124,52 @@ def sweep_main(argv: list[str]) -> int:
     return EXIT_OK
 
 
-def print_summary(cfg: Config, run_dir: Path, jobs: dict[str, Any]) -> None:
-    print(f"\nrun dir:      {run_dir}")
+def print_summary(cfg: Config, run: RunDir, jobs: dict[str, Any]) -> None:
+    """Where ``run``'s jobs, logs, TensorBoard events, status and outputs are."""
+    print(f"\nrun dir:      {run}")
     for stage in STAGES:
         if stage in jobs:
             print(f"{stage + ' job:':<13} {jobs[stage]}")
-    run = RunDir(run_dir)
     print(f"logs:         {run.logs}/<job id>/")
     print(f"tensorboard:  {shlex.join(['tensorboard', '--logdir', str(run.tb)])}")
-    print(f"status:       {shlex.join(['python', 'launch.py', 'status', str(run_dir)])}")
+    print(f"status:       {shlex.join(['python', 'launch.py', 'status', str(run)])}")
     n, s, c = cfg.sampling.num_samples, cfg.data.image_size, cfg.model.in_channels
     if "eval" in jobs:
         print(f"eval:         {run.fid} (tensorboard: eval/fid)")
     print(f"outputs:      {run.samples.npz((n, s, s, c))}, {run.samples.grid.name}, {run.samples.metrics.name}")
 
 
-def resume_command(run_dir: Path) -> str:
-    """The shell-quoted command that continues the run in ``run_dir`` (its config.yaml names the run; run.root is
-    given as an override, as YAML reads it: a root YAML would read as something else goes in double quotes)."""
-    root = str(run_dir.resolve().parent)
+def resume_command(run: RunDir) -> str:
+    """The shell-quoted command that continues ``run`` (its config.yaml names the run; run.root is given as an
+    override, as YAML reads it: a root YAML would read as something else goes in double quotes)."""
+    root = str(run.resolve().root)
     try:
         as_is = yaml.safe_load(root) == root
     except yaml.YAMLError:
         as_is = False
     value = root if as_is else json.dumps(root)  # a JSON string is a YAML double-quoted scalar
-    return shlex.join(["python", "launch.py", "--config", str(RunDir(run_dir).config), f"run.root={value}"])
+    return shlex.join(["python", "launch.py", "--config", str(run.config), f"run.root={value}"])
 
 
-def status(run_dir: Path) -> int:
-    """Stage, job states (squeue/scontrol, not sacct), last step and checkpoint, shard progress."""
+def status(run: RunDir) -> int:
+    """``launch.py status RUN_DIR``: stage, job states (squeue/scontrol, not sacct), last step and checkpoint,
+    shard progress."""
     from ddpm.checkpoint import list_checkpoints
     from ddpm.cluster.squeue import job_state
     from ddpm.status import RunState, read_status, stalled_for
 
-    run = RunDir(run_dir)
     if not run.config.is_file():
-        raise DDPMError(f"{run_dir}: not a run directory (no {run.config.name})")
+        raise DDPMError(f"{run}: not a run directory (no {run.config.name})")
     cfg = load_config(run.config)
     jobs = json.loads(run.jobs.read_text()) if run.jobs.is_file() else {}
-    print(f"run dir: {run_dir}")
+    print(f"run dir: {run}")
     for stage in STAGES:
         if stage in jobs:
             ids = jobs.get(ARRAYS.get(stage, ""), [jobs[stage]])
             states = ", ".join(f"{i}={job_state(i)}" for i in ids) if jobs.get("cluster") == "slurm" else "local"
             print(f"{stage:<9} job {jobs[stage]}: {states}")
-    train = read_status(run_dir) or {}
-    ckpts = list_checkpoints(run_dir)
+    train = read_status(run) or {}
+    ckpts = list_checkpoints(run)
     state, bound = train.get("state", "not started"), cfg.training.watchdog_s
     if (age := stalled_for(train, bound)) is not None:
         state = f"stalled (no heartbeat for {age:.0f} s, more than training.watchdog_s={bound})"
@@ -179,7 +179,7 @@ def status(run_dir: Path) -> int:
         print(f"  error: {train['error']}")
     alive = jobs.get("cluster") == "slurm" and "train" in jobs and job_state(jobs["train"]).alive
     if train and train.get("state") != RunState.DONE and not alive:  # e.g. cancelled on preemption (PreemptMode=CANCEL)
-        print(f"  resume: {resume_command(run_dir)}   (continues from the last checkpoint)")
+        print(f"  resume: {resume_command(run)}   (continues from the last checkpoint)")
     if cfg.eval.enabled:
         results = [r for r in (read_result(run, step) for step in eval_steps(cfg)) if r is not None]
         best = min(results, key=lambda r: r["mean"], default=None)
@@ -210,23 +210,22 @@ def main(argv: list[str] | None = None) -> int:
             from ddpm.cluster.sweep import sweep_status
 
             return sweep_status(Path(argv[1]))
-        return status(Path(argv[1]))
+        return status(RunDir(argv[1]))  # the edge: the path given
     check_torch_floor()  # before the config: a job would die in torchrun's option parsing
     args = parse_with_overrides(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)
     cluster = detect_cluster(args.cluster)
     stages = plan_stages(cfg, args.stage, args.only)
-    run_dir = cfg.run_dir.resolve()
-    run = RunDir(run_dir)
+    run = cfg.rundir.resolve()
     preflight(cfg, cluster, stages, dry_run=args.dry_run)
-    print(f"preflight ok: cluster {cluster}, stages {' -> '.join(stages)}, run dir {run_dir}", flush=True)
+    print(f"preflight ok: cluster {cluster}, stages {' -> '.join(stages)}, run dir {run}", flush=True)
     if args.dry_run:
         print(*disk_plan(cfg).lines(), f"(run.root has {shutil.disk_usage(cfg.run.root).free / 2**30:.1f} GiB free)")
     if not args.dry_run:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run.config)
     try:
-        jobs = submit(cfg, run_dir, cluster, stages, args.dry_run)
+        jobs = submit(cfg, run, cluster, stages, args.dry_run)
     finally:  # submitit's local executor leaves its folder pattern behind as an empty directory
         if (placeholder := run.submitit_folder).is_dir() and not any(placeholder.iterdir()):
             placeholder.rmdir()
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     earlier = json.loads(run.jobs.read_text()) if run.jobs.is_file() else {}
     jobs = {**earlier, **jobs}
     atomic_write_text(run.jobs, json.dumps(jobs, indent=2) + "\n")
-    print_summary(cfg, run_dir, jobs)
+    print_summary(cfg, run, jobs)
     if cluster == "local" and not jobs.get("stopped"):
         grid = run.samples.grid
         print(f"done: {grid}" if grid.is_file() else "done")

@@ -221,10 +221,10 @@ def assemble(path: str | Path, expect_shards: int | None = None, fid_reference: 
     return npz_path
 
 
-def assemble_stage(run_dir: str | Path, num_shards: int) -> Path:
-    """The assembly job of run ``run_dir``: its ``num_shards`` shards -> ``samples/``; returns the npz path."""
+def assemble_stage(run: RunDir, num_shards: int) -> Path:
+    """The assembly job of ``run``: its ``num_shards`` shards -> ``samples/``; returns the npz path."""
     apply_cpu_budget(cpu_budget("assemble"))
-    return assemble(RunDir(Path(run_dir)).samples.path, num_shards)
+    return assemble(run.samples.path, num_shards)
 
 
 def build_parser() -> argparse.ArgumentParser:

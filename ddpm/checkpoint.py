@@ -39,13 +39,14 @@ FORMAT = "ddpm-slurm/1"
 REQUIRED_KEYS = ("format", "step", "model", "model_config", "ddpm", "config")
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return RunDir(Path(run_dir)).checkpoints
+def checkpoint_dir(run: RunDir) -> Path:
+    """The checkpoints directory of ``run`` (``step_<N>.pt`` and LATEST)."""
+    return run.checkpoints
 
 
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """All ``step_<N>.pt`` files of a run, sorted by step (oldest first)."""
-    ckpt_dir = checkpoint_dir(run_dir)
+def list_checkpoints(run: RunDir) -> list[tuple[int, Path]]:
+    """All ``step_<N>.pt`` files of ``run``, sorted by step (oldest first)."""
+    ckpt_dir = checkpoint_dir(run)
     if not ckpt_dir.is_dir():
         return []
     found = [(step, p) for p in ckpt_dir.iterdir() if (step := RunDir.checkpoint_step(p)) is not None]
@@ -65,21 +66,20 @@ def _estimated_bytes(state: Any) -> int:
     return 0
 
 
-def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int = 2,
-                    milestone_every: int = 0) -> Path:
-    """Write ``state`` as ``step_<N>.pt`` atomically, point LATEST at it, prune old ones.
+def save_checkpoint(run: RunDir, state: dict[str, Any], keep_last: int = 2, milestone_every: int = 0) -> Path:
+    """Write ``state`` as ``step_<N>.pt`` of ``run`` atomically, point LATEST at it, prune old ones.
 
     The newest ``keep_last`` checkpoints up to this step are kept, plus every step that is a
     multiple of ``milestone_every`` (when > 0). Returns the checkpoint path. A full disk raises
     CheckpointError before or while writing; the checkpoints already there stay as they were.
     """
-    step, run = int(state["step"]), RunDir(Path(run_dir))
+    step = int(state["step"])
     ckpt_dir = run.checkpoints
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = run.checkpoint(step)
     need, free = _estimated_bytes(state), shutil.disk_usage(ckpt_dir).free
     if need > free:
-        raise CheckpointError(_no_space(ckpt_dir, path, need, free))
+        raise CheckpointError(_no_space(run, path, need, free))
     import torch
 
     try:
@@ -88,8 +88,8 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int =
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise CheckpointError(_no_space(ckpt_dir, path, need, shutil.disk_usage(ckpt_dir).free)) from None
-    older = [(s, p) for s, p in list_checkpoints(run_dir) if s < step]
+        raise CheckpointError(_no_space(run, path, need, shutil.disk_usage(ckpt_dir).free)) from None
+    older = [(s, p) for s, p in list_checkpoints(run) if s < step]
     for old_step, old_path in older[:max(len(older) - (max(keep_last, 1) - 1), 0)]:
         if milestone_every > 0 and old_step % milestone_every == 0:
             continue
@@ -97,8 +97,8 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], keep_last: int =
     return path
 
 
-def _no_space(ckpt_dir: Path, path: Path, need: int, free: int) -> str:
-    kept = list_checkpoints(ckpt_dir.parent)
+def _no_space(run: RunDir, path: Path, need: int, free: int) -> str:
+    kept, ckpt_dir = list_checkpoints(run), run.checkpoints
     prev = f"the previous checkpoint {kept[-1][1].name} is intact" if kept else "no earlier checkpoint exists"
     return (f"{ckpt_dir}: no space left on the device for {path.name} (needs about {need / 2**20:.1f} MiB, "
             f"{free / 2**20:.1f} MiB free); {prev} and nothing was deleted: free space or move run.root")
@@ -124,18 +124,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu",
+def load_latest(run: RunDir, map_location: str | torch.device = "cpu",
                 warn: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
-    """Newest checkpoint of a run that loads, or None when the run has none.
+    """Newest checkpoint of ``run`` that loads, or None when the run has none.
 
     LATEST is tried first, then every ``step_<N>.pt`` from the newest down; a
     corrupt or truncated one is reported through ``warn`` and skipped. When
     checkpoints exist (or LATEST names one) but none loads, CheckpointError:
     the caller must not start over on its own.
     """
-    ckpt_dir = checkpoint_dir(run_dir)
-    candidates = [p for _, p in reversed(list_checkpoints(run_dir))]
-    latest = RunDir(Path(run_dir)).latest
+    ckpt_dir = checkpoint_dir(run)
+    candidates = [p for _, p in reversed(list_checkpoints(run))]
+    latest = run.latest
     named = ckpt_dir / latest.read_text().strip() if latest.is_file() else None
     if named in candidates:
         candidates.remove(named)
@@ -155,19 +155,22 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu",
         "over explicitly with a new run.name")
 
 
-def load_resolved(path_or_run_dir: str | Path,
+def load_resolved(checkpoint: str | Path | RunDir,
                   map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]]:
-    """(path, state) of a checkpoint file as given, or of the newest valid checkpoint of a run directory.
+    """(path, state) of a checkpoint file as given, or of the newest valid checkpoint of a run directory (a
+    :class:`RunDir`, or a path to one: what a user names, ``--checkpoint``).
 
     Each file is read once: the state that proved the checkpoint valid is the one returned.
     """
-    p = Path(path_or_run_dir)
-    if p.is_file():
+    run = checkpoint if isinstance(checkpoint, RunDir) else None
+    p = run.path if run is not None else Path(checkpoint)
+    if run is None and p.is_file():
         return p, load_checkpoint(p, map_location)
     if p.is_dir():
-        found = load_latest(p, map_location, warn=lambda msg: print(msg, flush=True))
+        run = run or RunDir(p)  # the edge: a run directory named by a path
+        found = load_latest(run, map_location, warn=lambda msg: print(msg, flush=True))
         if found is None:
-            raise CheckpointError(f"{p}: no loadable checkpoint in {checkpoint_dir(p)}")
+            raise CheckpointError(f"{p}: no loadable checkpoint in {checkpoint_dir(run)}")
         return found
     raise CheckpointError(f"{p}: no such checkpoint file or run directory")
 
@@ -188,13 +191,13 @@ class CheckpointRef:
         kind, step, path = read_checkpoint_ref(text)
         return cls(kind, step=step, path=path)
 
-    def resolve(self, run_dir: str | Path) -> tuple[Path, str]:
-        """(checkpoint file, or the run directory for ``latest``: its newest valid one, why) in run ``run_dir``.
+    def resolve(self, run: RunDir) -> tuple[Path | RunDir, str]:
+        """(checkpoint file, or ``run`` itself for ``latest``: its newest valid one, why) in ``run``; either goes
+        to :func:`load_resolved`.
 
         One line when the file is missing, eval/fid.json is unreadable, or the file it scored has changed."""
-        run = RunDir(Path(run_dir))
         if self.kind == "latest":
-            return run.path, "latest: the newest valid checkpoint"
+            return run, "latest: the newest valid checkpoint"
         if self.kind in ("step", "path"):
             path = run.checkpoint(self.step) if self.kind == "step" else Path(self.path).expanduser()
             name = f"step_{self.step}" if self.kind == "step" else self.path

@@ -30,6 +30,7 @@ from ddpm.architecture import architecture_problem
 from ddpm.configtools import apply_overrides, check_fields, describe, plain, read_yaml, require, tree_from_dict
 from ddpm.fsio import atomic_write_text
 from ddpm.jobconfig import PATH, EvalConfig, Precision, RunConfig, Sampler, SamplingConfig, SlurmConfig, Spacing
+from ddpm.rundir import RunDir
 from ddpm.samplers import get_sampler, sampler_names
 
 __all__ = ["Config", "EvalConfig", "Precision", "RunConfig", "Sampler", "SamplingConfig", "SlurmConfig", "Spacing",
@@ -300,7 +301,13 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
+        """``<run.root>/<run.name>``; :attr:`rundir` is the same directory as a :class:`~ddpm.rundir.RunDir`."""
         return Path(self.run.root) / self.run.name
+
+    @property
+    def rundir(self) -> RunDir:
+        """The run directory this config names, with every path in it (code holding a config asks here)."""
+        return RunDir(self.run_dir)
 
     @property
     def task_gpus(self) -> tuple[int, str]:

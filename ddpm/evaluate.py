@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "select":
         select(run, cfg)
     elif args.command == "best":
-        print(CheckpointRef("best").resolve(run.path)[0])
+        print(CheckpointRef("best").resolve(run)[0])
     else:
         from ddpm.cpus import apply_cpu_budget, cpu_budget
         from ddpm.envcheck import pick_device

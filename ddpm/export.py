@@ -100,23 +100,22 @@ def resolve(run: RunDir, choice: str | None) -> tuple[Path, dict[str, Any]]:
     the eval stage ran, else latest. One CheckpointError line when missing or unreadable."""
     choice = choice or ("best" if run.fid.is_file() else "latest")
     try:
-        path, _ = CheckpointRef.parse(choice).resolve(run.path)
+        found, _ = CheckpointRef.parse(choice).resolve(run)
     except ValueError:  # any other file name
         return Path(choice), load_checkpoint(choice)
-    return load_resolved(path)
+    return load_resolved(found)
 
 
-def export(run_dir: Path, out: Path, checkpoint: str | None = None, use_ema: bool = True, overwrite: bool = False,
+def export(run: RunDir, out: Path, checkpoint: str | None = None, use_ema: bool = True, overwrite: bool = False,
            license_id: str = "other") -> Path:
-    """Write the pipeline folder of one checkpoint of ``run_dir`` at ``out`` (see the module docstring)."""
-    run_dir, out = Path(run_dir), Path(out)
-    if not run_dir.is_dir():
-        raise DDPMError(f"{run_dir}: no such run directory")
-    if out.resolve().is_relative_to(run_dir.resolve()):
-        raise DDPMError(f"--out {out}: inside the run directory {run_dir}, which export never changes")
+    """Write the pipeline folder of one checkpoint of ``run`` at ``out`` (see the module docstring)."""
+    out = Path(out)
+    if not run.path.is_dir():
+        raise DDPMError(f"{run}: no such run directory")
+    if out.resolve().is_relative_to(run.path.resolve()):
+        raise DDPMError(f"--out {out}: inside the run directory {run}, which export never changes")
     if out.exists() and not overwrite:
         raise DDPMError(f"--out {out}: exists (pass --overwrite to replace it)")
-    run = RunDir(run_dir)
     path, state = resolve(run, checkpoint)
     if use_ema and "shadow" not in (state.get("ema") or {}):
         raise CheckpointError(f"{path}: has no EMA weights (export the raw weights with --no-ema)")
@@ -245,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = export(args.run_dir, args.out, args.checkpoint, not args.no_ema, args.overwrite, args.license)
+    out = export(RunDir(args.run_dir), args.out, args.checkpoint, not args.no_ema, args.overwrite, args.license)
     print(f"exported {args.run_dir} -> {out}", flush=True)
     return 0
 

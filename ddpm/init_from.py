@@ -20,6 +20,7 @@ from ddpm.fsio import file_sha256
 
 if TYPE_CHECKING:
     from ddpm.ema import EMA
+    from ddpm.rundir import RunDir
     from ddpm.unet import UNet
 
 
@@ -61,9 +62,9 @@ def _first_difference(theirs: dict[str, Any], mc: ModelConfig, image_size: int) 
     return None
 
 
-def start_from(model: UNet, ema: EMA, cfg: Config, run_dir: Path | None) -> str:
+def start_from(model: UNet, ema: EMA, cfg: Config, run: RunDir | None) -> str:
     """Load ``training.init_from`` (a diffusers model folder, or a pipeline folder with ``unet/``) into ``model``
-    and the EMA shadow: a new run's starting weights, bitwise those of the file. ``run_dir`` (the main rank's;
+    and the EMA shadow: a new run's starting weights, bitwise those of the file. ``run`` (the main rank's;
     None elsewhere) gets the source in provenance.json. Returns the line to print; a mismatch is one ConfigError
     naming the first differing field, a missing or unreadable file one CheckpointError."""
     from ddpm.provenance import add_to_provenance
@@ -93,7 +94,7 @@ def start_from(model: UNet, ema: EMA, cfg: Config, run_dir: Path | None) -> str:
         raise CheckpointError(f"training.init_from: {file}: {reason}") from None
     for name, value in model.state_dict().items():
         ema.shadow[name].copy_(value)
-    if run_dir is not None:
-        add_to_provenance(run_dir, init_from={"path": str(folder.resolve()), "class": theirs["_class_name"],
+    if run is not None:
+        add_to_provenance(run, init_from={"path": str(folder.resolve()), "class": theirs["_class_name"],
                                               "weights_sha256": file_sha256(file)})
     return f"started from {folder} ({theirs['_class_name']}, {file.name})"

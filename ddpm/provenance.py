@@ -1,7 +1,7 @@
 """Where a run came from: ``provenance.json``, one entry per start (git commit and dirty flag, package versions,
 hosts, SLURM job ids), and the package versions that outputs record.
 
-    <run_dir>/provenance.json   {"config_sha256": ..., "starts": [{"time", "git", "versions", "hosts", "slurm"}]}
+    <run>/provenance.json       {"config_sha256": ..., "starts": [{"time", "git", "versions", "hosts", "slurm"}]}
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def write_provenance(run_dir: Path, cfg: Config, env: dist.DistEnv) -> None:
-    """Append this start (hosts of every rank, SLURM ids, versions, git) to provenance.json.
+def write_provenance(run: RunDir, cfg: Config, env: dist.DistEnv) -> None:
+    """Append this start (hosts of every rank, SLURM ids, versions, git) to ``run``'s provenance.json.
 
     Collective: every rank calls it; rank 0 writes.
     """
@@ -65,8 +65,8 @@ def write_provenance(run_dir: Path, cfg: Config, env: dist.DistEnv) -> None:
     hosts = dist.gather_objects(socket.gethostname())
     if not env.is_main:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = RunDir(run_dir).provenance
+    run.path.mkdir(parents=True, exist_ok=True)
+    path = run.provenance
     record = json.loads(path.read_text()) if path.is_file() else {"starts": []}
     record["starts"].append({
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -81,10 +81,10 @@ def write_provenance(run_dir: Path, cfg: Config, env: dist.DistEnv) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
-def add_to_provenance(run_dir: Path, **fields: Any) -> None:
-    """Add ``fields`` (plain types) to this start's record of provenance.json, e.g. the weights a new run started
-    from (``training.init_from``). Rank 0 only, after :func:`write_provenance`."""
-    path = RunDir(run_dir).provenance
+def add_to_provenance(run: RunDir, **fields: Any) -> None:
+    """Add ``fields`` (plain types) to this start's record of ``run``'s provenance.json, e.g. the weights a new run
+    started from (``training.init_from``). Rank 0 only, after :func:`write_provenance`."""
+    path = run.provenance
     record = json.loads(path.read_text()) if path.is_file() else {"starts": [{}]}
     record["starts"][-1].update(fields)
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
@@ -92,14 +92,14 @@ def add_to_provenance(run_dir: Path, **fields: Any) -> None:
 
 
 
-def add_attempt_seconds(run_dir: Path, seconds: float) -> None:
+def add_attempt_seconds(run: RunDir, seconds: float) -> None:
     """``train_s``, this attempt's seconds from torchrun's start to its end, on the start the trainer recorded
     (a sweep's results sum them). Nothing when this attempt's trainer never wrote its start (the last one already
     has its seconds) or the file cannot be read."""
-    path = RunDir(run_dir).provenance
+    path = run.provenance
     try:
         last = json.loads(path.read_text())["starts"][-1]
     except (OSError, ValueError, KeyError, IndexError):
         return
     if "train_s" not in last:
-        add_to_provenance(run_dir, train_s=round(seconds, 1))
+        add_to_provenance(run, train_s=round(seconds, 1))

@@ -111,8 +111,8 @@ class SampleSet:
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """The run directory ``<run.root>/<run.name>`` (``Config.run_dir``) and every path in it."""
+class _JobDir:
+    """A directory that submitit's jobs log into (``logs/<job id>/``): a run's or a sweep's. ``str()`` is its path."""
 
     path: Path
 
@@ -121,6 +121,30 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.path)
+
+    logs = property(lambda self: self.path / "logs", doc="submitit's folder, one per job")
+
+    @property
+    def submitit_folder(self) -> Path:
+        """submitit's folder pattern: ``%j`` becomes the job id."""
+        return self.logs / "%j"
+
+
+@dataclass(frozen=True)
+class RunDir(_JobDir):
+    """The run directory ``<run.root>/<run.name>`` (``Config.rundir``) and every path in it.
+
+    Made once where a path comes in (a command line, a submitit task's arguments, a config): the stages, the
+    checkpoints, the status, the provenance and the run log take it as it is."""
+
+    @property
+    def root(self) -> Path:
+        """``run.root``: the directory that holds this run directory."""
+        return self.path.parent
+
+    def resolve(self) -> RunDir:
+        """The same run directory by its absolute path (symlinks resolved)."""
+        return RunDir(self.path.resolve())
 
     @staticmethod
     def of_checkpoint(checkpoint: Path) -> RunDir | None:
@@ -140,7 +164,6 @@ class RunDir:
     tb = property(lambda self: self.path / "tb", doc="TensorBoard events of training")
     tb_eval = property(lambda self: self.tb / "eval", doc="TensorBoard events of the eval selection")
     tb_hparams = property(lambda self: self.tb / "hparams", doc="a sweep point's hparams and score (TensorBoard)")
-    logs = property(lambda self: self.path / "logs", doc="submitit's folder, one per job")
     eval = property(lambda self: self.path / "eval", doc="the eval stage's results")
     fid = property(lambda self: self.eval / "fid.json", doc="the eval selection (every row, the best)")
     samples = property(lambda self: SampleSet(self.path / "samples"), doc="the final sample set")
@@ -163,11 +186,6 @@ class RunDir:
     def eval_shards(self, step: int) -> Path:
         """The shards directory of step N's eval task: shard s of ``eval/step_<N>/`` is seed set s."""
         return self.eval / _STEP.format(step)
-
-    @property
-    def submitit_folder(self) -> Path:
-        """submitit's folder pattern: ``%j`` becomes the job id."""
-        return self.logs / "%j"
 
     def job_log(self, job: str, task: int = 0, stream: str = "out") -> Path:
         """Task ``task``'s stdout (``out``) or stderr (``err``) of job ``job``."""
@@ -195,16 +213,8 @@ class RunDir:
 
 
 @dataclass(frozen=True)
-class SweepDir:
+class SweepDir(_JobDir):
     """A sweep's directory ``<run.root>/<run.name>`` (``launch.py sweep``): one run directory per point in it."""
-
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    def __str__(self) -> str:
-        return str(self.path)
 
     sweep = property(lambda self: self.path / "sweep.json", doc="the grid, the points, their run dirs and jobs")
     results_csv = property(lambda self: self.path / "results.csv", doc="one row per point: values, FID, time")
@@ -214,7 +224,3 @@ class SweepDir:
 
     def point(self, name: str) -> RunDir:
         return RunDir(self.path / name)
-
-    @property
-    def submitit_folder(self) -> Path:
-        return self.logs / "%j"

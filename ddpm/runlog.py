@@ -1,6 +1,6 @@
 """What a training run logs as it goes: TensorBoard events (rank 0) and the console's progress line.
 
-    <run_dir>/tb/               TensorBoard events (purge_step on resume: no duplicate points)
+    <run>/tb/                   TensorBoard events (purge_step on resume: no duplicate points)
 
 The run's state is :mod:`ddpm.status` (status.json), where it came from :mod:`ddpm.provenance`.
 """
@@ -8,7 +8,6 @@ The run's state is :mod:`ddpm.status` (status.json), where it came from :mod:`dd
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ddpm.config import TrainingConfig
@@ -32,15 +31,16 @@ class RunLogger:
     step behind it prints ``- img/s eta -``, never a rate of 0 and an ETA of centuries.
     """
 
-    def __init__(self, run_dir: Path, tc: TrainingConfig, env: dist.DistEnv, start_step: int = 0):
-        """``start_step``: the step the run starts or resumes at (TensorBoard drops points after it)."""
+    def __init__(self, run: RunDir, tc: TrainingConfig, env: dist.DistEnv, start_step: int = 0):
+        """Events go to ``run``'s tb/; ``start_step``: the step the run starts or resumes at (TensorBoard drops
+        points after it)."""
         self.env, self.total, self.global_batch = env, tc.num_iterations, tc.batch_size
         self.writer = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: events at steps > start_step (written after that checkpoint) are dropped.
-            self.writer = SummaryWriter(str(RunDir(run_dir).tb), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(str(run.tb), purge_step=start_step + 1 if start_step else None)
         self._last_time, self._last_step = time.perf_counter(), start_step
 
     def mark_start(self, step: int, started: float | None = None) -> None:

@@ -23,11 +23,10 @@ from ddpm.rundir import RunDir
 from ddpm.shards import checkpoint_device, checkpoint_sampling, sample_loaded, sample_shard  # the sampling API
 
 
-def sample_stage(run_dir: str | Path, cfg: Config, shard: int, device: str, progress: bool = False) -> Path:
-    """Shard ``shard`` of the final set of run ``run_dir``: the checkpoint ``sampling.checkpoint`` names
+def sample_stage(run: RunDir, cfg: Config, shard: int, device: str, progress: bool = False) -> Path:
+    """Shard ``shard`` of the final set of ``run``: the checkpoint ``sampling.checkpoint`` names
     (:class:`ddpm.checkpoint.CheckpointRef`), the run's sampling section, ``<run>/samples/shards``."""
-    run = RunDir(Path(run_dir))
-    ckpt, why = final_reference(cfg.sampling.checkpoint, cfg.eval.enabled).resolve(run.path)
+    ckpt, why = final_reference(cfg.sampling.checkpoint, cfg.eval.enabled).resolve(run)
     return sample_shard(ckpt, run.samples.shards, shard, cfg.sampling, device=device, progress=progress,
                         choice=why)
 

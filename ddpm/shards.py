@@ -178,15 +178,15 @@ def checkpoint_sampling(state: dict[str, Any]) -> SamplingConfig:
     return SamplingConfig(**{k: v for k, v in state["config"]["sampling"].items() if k in known})
 
 
-def sample_shard(checkpoint: str | Path, out_dir: str | Path | None, shard: int | None,
+def sample_shard(checkpoint: str | Path | RunDir, out_dir: str | Path | None, shard: int | None,
                  sampling: SamplingConfig, device: str | None = None, progress: bool = True,
                  choice: str | None = None) -> Path:
     """Generate (or finish, or skip) shard ``shard`` of ``sampling.num_shards``; returns ``shard_<k>.npz``.
 
-    ``checkpoint`` is a file or a run directory (its newest valid checkpoint); ``out_dir`` None is
-    ``<run>/samples/shards``; ``shard`` None is ``$SLURM_ARRAY_TASK_ID`` (or 0 when there is one shard).
-    ``sampling`` is valid by construction; what depends on the checkpoint (its T) is checked here. Bad input
-    raises ShardError, ConfigError, CheckpointError or FIDError before any sampling. ``choice`` says why this
+    ``checkpoint`` is a file or a run directory (its newest valid checkpoint; a :class:`RunDir` or its path);
+    ``out_dir`` None is ``<run>/samples/shards``; ``shard`` None is ``$SLURM_ARRAY_TASK_ID`` (or 0 when there is
+    one shard). ``sampling`` is valid by construction; what depends on the checkpoint (its T) is checked here. Bad
+    input raises ShardError, ConfigError, CheckpointError or FIDError before any sampling. ``choice`` says why this
     checkpoint (``sampling.checkpoint``'s reading, for metrics.json).
     """
     ckpt, state = load_resolved(checkpoint, map_location="cpu")

@@ -1,7 +1,7 @@
 """A run's state: ``status.json``, written by the trainer and the wrapper, read by the wrapper, the doctor and
 ``launch.py status``; and the one line a failure leaves there.
 
-    <run_dir>/status.json       {"schema": 1, "state": RunState, "step": N, "heartbeat": t, "error": line, ...}
+    <run>/status.json           {"schema": 1, "state": RunState, "step": N, "heartbeat": t, "error": line, ...}
 
 No torch at import: launch.py and the job wrapper read it (seconds of start-up on every job).
 """
@@ -13,7 +13,6 @@ import json
 import os
 import time
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpm.config import Config
@@ -44,10 +43,10 @@ class RunState(str, Enum):
 STATUS_SCHEMA = 1  # the layout of status.json; a reader refuses a newer one in one line
 
 
-def write_status(run_dir: Path, state: RunState, step: int, skipped_steps: int, **extra: Any) -> None:
-    """What the wrapper and ``launch.py status`` read: ``state``, ``step``, the heartbeat, and ``extra`` (``error``,
-    ``last_save_s``, ``lost_streak``)."""
-    atomic_write_text(RunDir(run_dir).status, json.dumps(
+def write_status(run: RunDir, state: RunState, step: int, skipped_steps: int, **extra: Any) -> None:
+    """``run``'s status.json, what the wrapper and ``launch.py status`` read: ``state``, ``step``, the heartbeat,
+    and ``extra`` (``error``, ``last_save_s``, ``lost_streak``)."""
+    atomic_write_text(run.status, json.dumps(
         {"schema": STATUS_SCHEMA, "state": RunState(state).value, "step": step, "skipped_steps": skipped_steps,
          "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "heartbeat": time.time(),
          "slurm_job_id": os.environ.get("SLURM_JOB_ID"), **extra}) + "\n")
@@ -62,10 +61,10 @@ def stalled_for(status: dict[str, Any], watchdog_s: int) -> float | None:
     return age if watchdog_s and status.get("state") == RunState.RUNNING and age > watchdog_s else None
 
 
-def read_status(run_dir: Path) -> dict[str, Any] | None:
-    """``status.json`` with ``state`` as a :class:`RunState`; None when there is none (or it is being replaced).
-    A newer schema or an unknown state is one DDPMError line, not a guess."""
-    path = RunDir(run_dir).status
+def read_status(run: RunDir) -> dict[str, Any] | None:
+    """``run``'s status.json with ``state`` as a :class:`RunState`; None when there is none (or it is being
+    replaced). A newer schema or an unknown state is one DDPMError line, not a guess."""
+    path = run.status
     try:
         status = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -78,9 +77,9 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
     return {**status, "state": RunState(state)}
 
 
-def record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception,
+def record_failure(run: RunDir, env: dist.DistEnv, step: int, err: Exception,
                    state: RunState = RunState.FAILED) -> None:
-    """``status.json`` says ``state`` (failed; lost: a peer died), with the one-line error, for the wrapper and
+    """``run``'s status.json says ``state`` (failed; lost: a peer died), with the one-line error, for the wrapper and
     ``launch.py status`` (best effort: on a full disk even this small file may not fit).
 
     Any rank records a failure (a node without its GPUs, an out-of-memory on one rank): rank 0 may be blocked
@@ -90,8 +89,8 @@ def record_failure(run_dir: Path, env: dist.DistEnv, step: int, err: Exception,
     if state == RunState.LOST:
         print(f"[rank {env.rank}] lost a peer after step {step}: {line}", flush=True)
     with contextlib.suppress(OSError):
-        if (env.is_main or state == RunState.FAILED) and run_dir.is_dir():
-            write_status(run_dir, state, step, 0, error=line)
+        if (env.is_main or state == RunState.FAILED) and run.path.is_dir():
+            write_status(run, state, step, 0, error=line)
 
 
 def as_failure(err: Exception, cfg: Config, env: dist.DistEnv, step: int) -> DDPMError:

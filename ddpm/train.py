@@ -58,11 +58,11 @@ class Trainer:
     """Owns model, EMA, optimizer, scaler and data; ``train_step``, ``state_dict``, ``close``. A run resumed at the
     same world size ends bitwise equal to one never stopped: on CPU always, on GPUs with training.deterministic."""
 
-    def __init__(self, cfg: Config, run_dir: Path, env: dist.DistEnv, overfit_single_batch: bool = False,
+    def __init__(self, cfg: Config, run: RunDir, env: dist.DistEnv, overfit_single_batch: bool = False,
                  loader: Any = None):
-        """``loader`` (an iterable of [B, C, S, S] batches in [-1, 1] with ``close()``): None = ``cfg.data``'s."""
-        self.cfg, self.run_dir, self.env = cfg, Path(run_dir), env
-        self.run = RunDir(run_dir)  # every path in it
+        """``run``: the run directory (checkpoints, status, logs, grids); ``loader`` (an iterable of [B, C, S, S]
+        batches in [-1, 1] with ``close()``): None = ``cfg.data``'s."""
+        self.cfg, self.run, self.env = cfg, run, env
         tc, infra = cfg.training, cfg.infrastructure
         if tc.batch_size % env.world_size:
             raise ConfigError(f"training.batch_size: {tc.batch_size} is not divisible by world size {env.world_size}")
@@ -121,7 +121,7 @@ class Trainer:
         found, error = None, None
         if self.env.is_main:
             try:
-                found = load_latest(self.run_dir, warn=self._print)
+                found = load_latest(self.run, warn=self._print)
             except CheckpointError as err:
                 error = str(err)
         path, error = dist.broadcast_object((str(found[0]) if found else None, error))
@@ -130,7 +130,7 @@ class Trainer:
         if path is None:
             if self.cfg.training.init_from:  # a new run from a diffusers model folder (ddpm.export)
                 from ddpm.init_from import start_from
-                self._print(start_from(self.model, self.ema, self.cfg, self.run_dir if self.env.is_main else None))
+                self._print(start_from(self.model, self.ema, self.cfg, self.run if self.env.is_main else None))
             return
         state = found[1] if found else torch.load(path, map_location="cpu", weights_only=True)
         try:
@@ -248,11 +248,11 @@ class Trainer:
         tc = self.cfg.training
         if self.env.is_main:
             dump_config(self.cfg, self.run.config)
-            write_status(self.run_dir, RunState.RUNNING, self.step, self.skipped_steps)  # a crash leaves this
+            write_status(self.run, RunState.RUNNING, self.step, self.skipped_steps)  # a crash leaves this
         self._print(f"training {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters on "
                     f"{self.env.world_size} x {self.device.type}, global batch {tc.batch_size}, "
                     f"{describe_precision(self.amp_dtype, self.device)}, step {self.step}/{tc.num_iterations}, "
-                    f"run dir {self.run_dir}; each rank: {self.budget}")
+                    f"run dir {self.run}; each rank: {self.budget}")
         self.logger.mark_start(self.step)  # the first log's rate and ETA count from here (set-up and resume done)
         while self.step < tc.num_iterations and not self.stop_now:
             x0, t, noise = self.next_batch()
@@ -269,7 +269,7 @@ class Trainer:
             self.heartbeat(force=grid or save)
         state = RunState.DONE if self.step >= tc.num_iterations else RunState.STOPPED
         if self.env.is_main:
-            write_status(self.run_dir, state, self.step, self.skipped_steps, last_save_s=self._last_save_s)
+            write_status(self.run, state, self.step, self.skipped_steps, last_save_s=self._last_save_s)
         print(f"[rank {self.env.rank}] {state} at step {self.step} ({self.skipped_steps} non-finite steps skipped)",
               flush=True)  # every rank: they agree on the step
         dist.barrier()
@@ -290,7 +290,7 @@ class Trainer:
 
     @property
     def logger(self) -> RunLogger:
-        self._logger = self._logger or RunLogger(self.run_dir, self.cfg.training, self.env, start_step=self.step)
+        self._logger = self._logger or RunLogger(self.run, self.cfg.training, self.env, start_step=self.step)
         return self._logger
 
     def heartbeat(self, force: bool = False) -> None:
@@ -300,7 +300,7 @@ class Trainer:
         if not self.env.is_main or (not force and now - self._last_beat < 5.0):
             return
         self._last_beat = now
-        write_status(self.run_dir, RunState.RUNNING, self.step, self.skipped_steps, last_save_s=self._last_save_s)
+        write_status(self.run, RunState.RUNNING, self.step, self.skipped_steps, last_save_s=self._last_save_s)
 
     def save(self) -> Path | None:
         """Checkpoint (collective). A failed write (a full disk) stops every rank with rank 0's one line."""
@@ -309,7 +309,7 @@ class Trainer:
         path, error = None, None
         if self.env.is_main:
             try:
-                path = save_checkpoint(self.run_dir, state, self.cfg.training.keep_last,
+                path = save_checkpoint(self.run, state, self.cfg.training.keep_last,
                                        self.cfg.training.milestone_every)
             except CheckpointError as err:
                 error = str(err)
@@ -361,32 +361,32 @@ def main(argv: list[str] | None = None) -> int:
     check_torch_floor()
     args = parse_with_overrides(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)  # exits with one line on a config error
-    run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
+    run = RunDir(args.run_dir) if args.run_dir else cfg.rundir  # the one RunDir of this process
     try:  # collectives time out at twice the watchdog bound: the wrapper's watchdog acts first, this is the backstop
         env = dist.init_distributed(cfg.infrastructure.num_gpus > 0, 2 * cfg.training.watchdog_s or 1800)
     except SetupError as err:  # GPUs asked for, not seen: the wrapper and `launch.py status` show the line
-        record_failure(run_dir, dist.DistEnv(rank=int(os.environ.get("RANK", "0"))), -1, err)
+        record_failure(run, dist.DistEnv(rank=int(os.environ.get("RANK", "0"))), -1, err)
         raise
-    write_provenance(run_dir, cfg, env)  # collective: gathers every rank's host
+    write_provenance(run, cfg, env)  # collective: gathers every rank's host
     try:
-        trainer = Trainer(cfg, run_dir, env, overfit_single_batch=args.overfit_single_batch)
+        trainer = Trainer(cfg, run, env, overfit_single_batch=args.overfit_single_batch)
         trainer.install_stop_handlers()  # before the resume: a stop during a long read is kept
         trainer.resume()
     except (DDPMError, torch.OutOfMemoryError) as err:  # every checkpoint unreadable, a missing dataset, a model
         failure = as_failure(err, cfg, env, 0)  # that does not fit: not a lost rank (see the wrapper)
-        record_failure(run_dir, env, -1, failure)
+        record_failure(run, env, -1, failure)
         dist.cleanup()
         raise failure from None
     try:
         state = trainer.fit()
     except (DDPMError, torch.OutOfMemoryError) as err:  # a full disk, an unreadable image, out of memory (a
         failure = as_failure(err, cfg, env, trainer.step)  # RuntimeError, but no lost peer): not requeued
-        record_failure(run_dir, env, trainer.step, failure)
+        record_failure(run, env, trainer.step, failure)
         raise failure from None
     except RuntimeError as err:  # another rank died mid-collective (its node or process): the wrapper requeues
         if not dist.peer_lost(err):
             raise
-        record_failure(run_dir, env, trainer.step, err, state=RunState.LOST)
+        record_failure(run, env, trainer.step, err, state=RunState.LOST)
         return EXIT_FAILURE
     finally:
         trainer.close()

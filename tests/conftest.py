@@ -178,10 +178,11 @@ def _new_trainer(images: Path, run_dir: Path, *overrides: str, overfit: bool = F
 
     from ddpm.config import load_config
     from ddpm.dist import DistEnv
+    from ddpm.rundir import RunDir
     from ddpm.train import Trainer
 
     cfg = load_config(TINY_CONFIG, [f"data.path={images}", *overrides])
-    trainer = Trainer(cfg, Path(run_dir), DistEnv(device=torch.device(device)), overfit_single_batch=overfit)
+    trainer = Trainer(cfg, RunDir(run_dir), DistEnv(device=torch.device(device)), overfit_single_batch=overfit)
     trainer.install_stop_handlers()  # the entry point's steps (ddpm.train.main), as a job takes them
     trainer.resume()
     return trainer

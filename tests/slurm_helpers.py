@@ -349,10 +349,11 @@ class Reference:
 
     def state(self) -> dict:
         from ddpm.checkpoint import load_latest
+        from ddpm.rundir import RunDir
 
         out, _ = self.proc.communicate(timeout=600)
         assert self.proc.returncode == 0, out
-        return load_latest(self.run_dir)[1]
+        return load_latest(RunDir(self.run_dir))[1]
 
     def kill(self) -> None:
         self.proc.kill()

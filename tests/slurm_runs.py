@@ -44,15 +44,15 @@ PACE_OVERRIDES = ("data.num_workers=1", "training.log_every=1000")
 
 _MEASURE = """
 import json, sys, time
-from pathlib import Path
 t0 = time.perf_counter()
 import torch
 from ddpm.config import load_config
 from ddpm.dist import DistEnv
+from ddpm.rundir import RunDir
 from ddpm.train import Trainer
 t1 = time.perf_counter()
 cfg = load_config(sys.argv[1], sys.argv[3:])
-trainer = Trainer(cfg, Path(sys.argv[2]), DistEnv(device=torch.device("cpu")))
+trainer = Trainer(cfg, RunDir(sys.argv[2]), DistEnv(device=torch.device("cpu")))
 for _ in range(5):  # the loader worker's start, the first allocations
     trainer.train_step(*trainer.next_batch())
 t2 = time.perf_counter()

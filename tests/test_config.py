@@ -8,7 +8,6 @@ import pickle
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -28,6 +27,7 @@ from ddpm.config import (
 from ddpm.configtools import parse_with_overrides
 from ddpm.errors import ConfigError, DDPMError
 from ddpm.evaluate import eval_sampling
+from ddpm.rundir import RunDir
 from ddpm.samplers import sampler_names
 
 BABEL = ROOT / "configs" / "ddpm_babel.yaml"
@@ -328,7 +328,7 @@ def test_stage_resources_keys_and_caps():
     assert stage_resources(mine, "assemble")["mem_gb"] == 2 + 2  # 50k x 64 x 64 x 3 bytes = 0.57 GiB, x3
     from ddpm.cluster.executors import make_executor
 
-    ex = make_executor(mine, Path("/tmp/r"), "sample", "slurm")
+    ex = make_executor(mine, RunDir("/tmp/r"), "sample", "slurm")
     assert ex.parameters["gres"] == "gpu:a100:2" and ex.parameters["mem"] == "24GB"
     with pytest.raises(ConfigError, match="slurm.sample_gpus: invalid value -1"):
         load_config(BABEL, ["slurm.sample_gpus=-1"])
@@ -416,7 +416,7 @@ def test_sampling_checkpoint_is_a_typed_reference(text, kind, step, path, tmp_pa
     assert (ref.kind, ref.step, ref.path) == (kind, step, path)
     if kind in ("step", "path"):  # resolved in checkpoint.py: a missing file is one line naming it
         with pytest.raises(DDPMError, match=r"sampling.checkpoint=.*does not exist"):
-            ref.resolve(tmp_path)
+            ref.resolve(RunDir(tmp_path))
 
 
 @pytest.mark.parametrize("text", ["lastest", "step_x", "step_", ""])

@@ -44,6 +44,7 @@ from ddpm.diffusers_keys import diffusers_to_ours, ours_to_diffusers
 from ddpm.diffusion import DDPM
 from ddpm.errors import ConfigError, DDPMError
 from ddpm.export import export, main
+from ddpm.rundir import RunDir
 from ddpm.unet import UNet
 
 EXACT_TINY = ("model.base_channels=32", "model.num_head_channels=16")
@@ -60,7 +61,7 @@ def runs(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPath
         model = randomize(UNet.from_config(cfg.model, 64), 0.02)  # the zero-initialised layers too
         sd = model.state_dict()
         run = tmp_path_factory.mktemp(name)
-        save_checkpoint(run, {"format": FORMAT, "step": 0, "model": sd, "model_config": model.config_dict(),
+        save_checkpoint(RunDir(run), {"format": FORMAT, "step": 0, "model": sd, "model_config": model.config_dict(),
                               "ddpm": DDPM.from_config(cfg.ddpm, model).state_dict(), "config": cfg.to_dict(),
                               "ema": {"decay": 0.9999, "start_step": 0, "shadow": sd}})
         out[name] = run
@@ -70,7 +71,7 @@ def runs(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="module")
 def exports(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exports")
-    return {name: export(run, root / name) for name, run in runs.items()}
+    return {name: export(RunDir(run), root / name) for name, run in runs.items()}
 
 
 def ours_of(run: Path, ema: bool = True) -> tuple[UNet, dict]:
@@ -206,7 +207,7 @@ def test_model_card_and_folder(runs: dict[str, Path], tmp_path: Path) -> None:
     (run / "eval" / "fid.json").write_text(json.dumps({
         "rows": [{"step": step, "mean": 12.5, "std": 0.25}], "best": {"step": step, "mean": 12.5},
         "num_samples": 100, "num_seeds": 2, "sampler": "ddim", "num_steps": 50, "fid_reference": "/x/celeba.npz"}))
-    out = export(run, tmp_path / "out", checkpoint=f"step_{step}")
+    out = export(RunDir(run), tmp_path / "out", checkpoint=f"step_{step}")
     text = (out / "README.md").read_text()
     header = yaml.safe_load(text.split("---\n")[1])
     assert header["library_name"] == "diffusers" and header["pipeline_tag"] == "unconditional-image-generation"

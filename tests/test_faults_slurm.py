@@ -52,6 +52,7 @@ from slurm_runs import (
 from slurm_runs import WORKERS as RUN_WORKERS
 
 from ddpm.checkpoint import load_latest
+from ddpm.rundir import RunDir
 
 pytestmark = pytest.mark.slurm
 N2 = 200  # steps of the 2-rank runs; faults land after step 110 (step_100 durable) on ranks that cannot go on
@@ -75,7 +76,7 @@ def test_preemption_by_higher_priority_job(slurm_cluster, images, tmp_path, refe
     at = wait_for_step(log, 150, timeout=pace.bound(steps=150), job=job)
     preempt()
     wait_for_restart(job, 1, timeout=GRACE_S + pace.bound(steps=10, starts=0))
-    stopped = load_latest(run_dir)[1]["step"]
+    stopped = load_latest(RunDir(run_dir))[1]["step"]
     assert at <= stopped < n
     text = finish(job, log, timeout=pace.bound(steps=n))
     assert "received SIGTERM" in text and f"step_{stopped:08d}.pt in" in text and "stop: checkpoint durable" in text
@@ -83,7 +84,7 @@ def test_preemption_by_higher_priority_job(slurm_cluster, images, tmp_path, refe
     assert restarts(job) == 1  # requeued exactly once, by SLURM or by the wrapper, never both
     if partition == "cancel":  # SLURM would cancel it at the end of the grace time: the wrapper requeued it first
         assert f"requeuing job {job} (restart 1/3)" in text
-    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+    assert_same_training_state(ref.state(), load_latest(RunDir(run_dir))[1])
 
 
 def test_time_limit_signal(slurm_cluster, images, tmp_path, reference, pace):
@@ -108,7 +109,7 @@ def test_time_limit_signal(slurm_cluster, images, tmp_path, reference, pace):
     restarts_seen = [s["slurm"].get("SLURM_RESTART_COUNT", "0") for s in
                      json.loads((run_dir / "provenance.json").read_text())["starts"]]
     assert restarts_seen == [str(k) for k in range(restarts(job) + 1)]
-    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+    assert_same_training_state(ref.state(), load_latest(RunDir(run_dir))[1])
 
 
 def test_dead_node(slurm_cluster, images, tmp_path, reference, pace, n):
@@ -126,7 +127,7 @@ def test_dead_node(slurm_cluster, images, tmp_path, reference, pace, n):
         except ProcessLookupError:  # exited since it was listed
             pass
     killed_at = logged_step(log)
-    durable = load_latest(run_dir)[1]["step"]
+    durable = load_latest(RunDir(run_dir))[1]["step"]
     try:
         subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=dead-node-test"], check=True)
         wait_for_restart(job, 1, timeout=CLUSTER_S)  # slurmctld requeues the node's job when it is set DOWN
@@ -136,7 +137,7 @@ def test_dead_node(slurm_cluster, images, tmp_path, reference, pace, n):
     text = finish(job, log, timeout=pace.bound(steps=n))
     assert f"resumed from {run_dir}/checkpoints/step_{durable:08d}.pt" in text
     print(f"dead node: killed at step >= {killed_at}, resumed from {durable}: {killed_at - durable}+ steps lost")
-    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+    assert_same_training_state(ref.state(), load_latest(RunDir(run_dir))[1])
 
 
 def test_hung_rank_watchdog(slurm_cluster, images, tmp_path, reference, pace):
@@ -169,7 +170,7 @@ def test_hung_rank_watchdog(slurm_cluster, images, tmp_path, reference, pace):
     text = finish(job, log, timeout=pace.bound(steps=N2, ranks=2))
     assert text.count("watchdog: no heartbeat from the trainer") == 1 and "resumed from" in text
     print(f"hung rank: job ended {ended_after:.1f} s after SIGSTOP (training.watchdog_s={bound})")
-    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+    assert_same_training_state(ref.state(), load_latest(RunDir(run_dir))[1])
 
 
 def test_plain_scancel_is_not_undone(slurm_cluster, images, tmp_path, pace, n):
@@ -183,7 +184,7 @@ def test_plain_scancel_is_not_undone(slurm_cluster, images, tmp_path, pace, n):
     while "not requeuing job" not in log.read_text() and time.monotonic() < deadline:  # the wrapper's last lines
         time.sleep(0.1)
     assert restarts(job) == 0 and "not requeuing job" in log.read_text()
-    assert load_latest(run_dir)[1]["step"] >= 50  # saved at the stop
+    assert load_latest(RunDir(run_dir))[1]["step"] >= 50  # saved at the stop
     shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
                            cwd=ROOT, timeout=60).stdout
     assert f"resume: python launch.py --config {run_dir}/config.yaml" in shown, shown
@@ -228,4 +229,4 @@ def test_ranks_aborted_are_requeued_by_the_wrapper(slurm_cluster, images, tmp_pa
     assert f"torchrun exited with 1 while the trainer was {state}" in text, text[-3000:]
     assert f"requeuing job {job} (restart 1/3)" in text and restarts(job) == 1
     assert ("resumed from" in text) == (when == "mid-training")
-    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+    assert_same_training_state(ref.state(), load_latest(RunDir(run_dir))[1])

@@ -36,6 +36,7 @@ from slurm_helpers import (
 from slurm_runs import GRACE_S, WORKERS, Pace, wait_for_step
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
+from ddpm.rundir import RunDir
 from ddpm.status import write_status
 
 
@@ -109,7 +110,7 @@ def test_full_disk_during_checkpoint(slurm_cluster, images, small_disk, pace):
 
 
 def _truncate_all(run_dir: Path) -> dict[str, tuple[int, str, int]]:
-    for _, path in list_checkpoints(run_dir):
+    for _, path in list_checkpoints(RunDir(run_dir)):
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 3])
     return snapshot(run_dir / "checkpoints")
@@ -208,7 +209,7 @@ def preempted_shard(images: Path, root: Path, run_dir: Path, pace: Pace) -> None
 def test_status_shows_stale_heartbeat_as_stalled(images, tmp_path):
     # watchdog_s 60: a busy machine may take seconds to start `launch.py status`; the fresh beat stays fresh
     run_dir = train_locally(images, tmp_path, "training.num_iterations=2", "training.watchdog_s=60")
-    write_status(run_dir, "running", 1, 0)
+    write_status(RunDir(run_dir), "running", 1, 0)
     status = json.loads((run_dir / "status.json").read_text())
     status["heartbeat"] -= 120  # the trainer last beat two minutes ago
     (run_dir / "status.json").write_text(json.dumps(status))
@@ -218,7 +219,7 @@ def test_status_shows_stale_heartbeat_as_stalled(images, tmp_path):
     stalled = re.search(r"^training: stalled \(no heartbeat for (\d+) s, more than training.watchdog_s=60\) at step "
                         r"1/2", shown.stdout, flags=re.M)
     assert stalled and 120 <= int(stalled.group(1)) < 180, shown.stdout
-    write_status(run_dir, "running", 1, 0)  # a fresh beat is not stalled
+    write_status(RunDir(run_dir), "running", 1, 0)  # a fresh beat is not stalled
     shown = subprocess.run([sys.executable, "launch.py", "status", str(run_dir)], capture_output=True, text=True,
                            cwd=ROOT, timeout=60)
     assert "training: running at step 1/2" in shown.stdout

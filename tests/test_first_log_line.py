@@ -20,6 +20,7 @@ from helpers import TINY_CONFIG, run_main
 
 from ddpm.config import load_config
 from ddpm.dist import DistEnv
+from ddpm.rundir import RunDir
 from ddpm.runlog import RunLogger
 from ddpm.train import main as train_main
 
@@ -35,7 +36,7 @@ def progress(out: str) -> list[tuple[int, int, float, int]]:
 
 def test_the_first_log_counts_from_the_start_mark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tc = load_config(TINY_CONFIG, ["training.num_iterations=1000"]).training
-    logger = RunLogger(tmp_path, tc, DistEnv(device=torch.device("cpu")), start_step=40)
+    logger = RunLogger(RunDir(tmp_path), tc, DistEnv(device=torch.device("cpu")), start_step=40)
     try:
         logger.mark_start(40, started=time.perf_counter() - 2.0)  # began 2 s ago at step 40 (a resumed run)
         logger.log(50, {"loss": 0.5})

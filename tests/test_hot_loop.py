@@ -9,6 +9,7 @@ import torch
 from helpers import TINY_CONFIG, run_main
 
 from ddpm import dist
+from ddpm.rundir import RunDir
 
 
 def test_a_training_step_reads_nothing_back(make_trainer, tmp_path, monkeypatch):
@@ -73,7 +74,7 @@ def test_a_stop_at_a_grid_step_resumes_bitwise(make_trainer, tmp_path):
     first.close()
     second = make_trainer(tmp_path / "run", *common)
     assert second.step == 6 and second.fit() == "done"
-    assert_same_training_state(load_latest(tmp_path / "ref")[1], load_latest(tmp_path / "run")[1])
+    assert_same_training_state(load_latest(RunDir(tmp_path / "ref"))[1], load_latest(RunDir(tmp_path / "run"))[1])
 
 
 def test_status_json_is_typed_and_refuses_what_it_does_not_know(tmp_path, capsys):
@@ -84,8 +85,8 @@ def test_status_json_is_typed_and_refuses_what_it_does_not_know(tmp_path, capsys
     from ddpm.config import dump_config, load_config
     from ddpm.status import STATUS_SCHEMA, RunState, read_status, write_status
 
-    write_status(tmp_path, RunState.STOPPED, 7, 0, error=None)
-    status = read_status(tmp_path)
+    write_status(RunDir(tmp_path), RunState.STOPPED, 7, 0, error=None)
+    status = read_status(RunDir(tmp_path))
     assert status["state"] is RunState.STOPPED and status["schema"] == STATUS_SCHEMA
     assert f"{status['state']}" == "stopped" == status["state"]
     dump_config(load_config(TINY_CONFIG), tmp_path / "config.yaml")

@@ -25,6 +25,7 @@ from helpers import ROOT, TINY_CONFIG, signal_handlers_restored
 from ddpm.cluster.attempt import CRASH_LOOP, Attempt, judge
 from ddpm.cluster.squeue import JobState, job_state
 from ddpm.config import load_config
+from ddpm.rundir import RunDir
 
 
 @pytest.mark.parametrize("name, alive, requeueing", [
@@ -54,7 +55,7 @@ def test_every_requeued_job_gets_the_stop_signal(stop: str) -> None:
 
     cfg = load_config(TINY_CONFIG, [f"training.stop_signal={stop}", "slurm.signal_delay_s=75"])
     for stage in ("train", "eval", "select", "sample", "assemble"):
-        script = sbatch_script(make_executor(cfg, Path("/tmp/r"), stage, "slurm"))
+        script = sbatch_script(make_executor(cfg, RunDir("/tmp/r"), stage, "slurm"))
         assert script.count("--signal") == 1 and f"#SBATCH --signal={stop}@75\n" in script, (stage, script)
 
 

@@ -63,7 +63,7 @@ def test_full_pipeline_artifacts(pipeline):
     assert wait_for_job(jobs["train"]) == "COMPLETED"
     assert len(jobs["sample_tasks"]) == 3 and wait_for_job(jobs["sample"]) == "COMPLETED"
     # training
-    path, state = load_latest(run_dir)
+    path, state = load_latest(RunDir(run_dir))
     assert state["step"] == 12 and path.name == "step_00000012.pt"
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
     prov = json.loads((run_dir / "provenance.json").read_text())

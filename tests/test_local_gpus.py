@@ -28,6 +28,7 @@ from ddpm.cluster.executors import local_gpus, local_slots, make_executor
 from ddpm.cluster.preflight import Partition, check_gres, gres_gpus, gres_kind
 from ddpm.config import Config, load_config
 from ddpm.errors import ConfigError, DDPMError
+from ddpm.rundir import RunDir
 
 no_gpus_here = pytest.mark.skipif(executors.gpus_found() > 0, reason="GPUs here: the jobs would really run")
 
@@ -84,11 +85,11 @@ def test_local_slots_split_the_devices(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_local_executor_gets_the_devices(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(executors, "local_gpus", lambda: (2, 3))
     cfg = tiny("infrastructure.num_gpus=2")
-    ex = make_executor(cfg, tmp_path, "train", "local")
+    ex = make_executor(cfg, RunDir(tmp_path), "train", "local")
     assert (ex.parameters["gpus_per_node"], ex.parameters["visible_gpus"]) == (2, (2, 3))
-    ex = make_executor(cfg, tmp_path, "sample", "local", gpus=(3,))
+    ex = make_executor(cfg, RunDir(tmp_path), "sample", "local", gpus=(3,))
     assert (ex.parameters["gpus_per_node"], ex.parameters["visible_gpus"]) == (1, (3,))
-    ex = make_executor(cfg, tmp_path, "assemble", "local")
+    ex = make_executor(cfg, RunDir(tmp_path), "assemble", "local")
     assert (ex.parameters["gpus_per_node"], ex.parameters["visible_gpus"]) == (0, ())
 
 
@@ -126,7 +127,7 @@ def test_array_tasks_run_in_waves_on_their_own_devices(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(submit, "make_executor", lambda cfg, run_dir, stage, cluster, gpus: FakeExecutor(gpus))
     jobs: dict[str, Any] = {}
-    submit.run_local(tiny("infrastructure.num_gpus=1", "sampling.num_shards=5"), tmp_path, "sample", 5, jobs)
+    submit.run_local(tiny("infrastructure.num_gpus=1", "sampling.num_shards=5"), RunDir(tmp_path), "sample", 5, jobs)
     assert started == [(0, (5,)), (1, (6,)), (2, (7,)), (3, (5,)), (4, (6,))] and not running
     assert jobs["sample_tasks"] == [f"job{i}" for i in range(5)] and jobs["sample"] == "job0"
 

@@ -47,6 +47,7 @@ from slurm_runs import GRACE_S, Pace, finish, start_training, wait_for_step
 
 from ddpm.checkpoint import load_latest
 from ddpm.cluster.rendezvous import rendezvous_port
+from ddpm.rundir import RunDir
 
 MULTINODE_SH = ROOT / "tests" / "slurm" / "multinode.sh"
 pytestmark = pytest.mark.slurm
@@ -156,8 +157,8 @@ def test_two_jobs_at_once_launch_and_sbatch(two_nodes, images, tmp_path, referen
     assert f"training: done at step {n}/{n}" in shown and "sampling: 2/2 shards complete" in shown, shown
     assert "assembly: " in shown and "samples_12x8x8x3.npz" in shown, shown
     expected = ref.state()
-    assert_same_training_state(expected, load_latest(run_a)[1])
-    assert_same_training_state(expected, load_latest(run_b)[1])
+    assert_same_training_state(expected, load_latest(RunDir(run_a))[1])
+    assert_same_training_state(expected, load_latest(RunDir(run_b))[1])
 
 
 def test_preemption_of_a_two_node_job(two_nodes, images, tmp_path, reference, pace, n):
@@ -168,7 +169,7 @@ def test_preemption_of_a_two_node_job(two_nodes, images, tmp_path, reference, pa
     wait_for_step(log, 110, timeout=pace.bound(steps=110, ranks=2), job=job)
     preempt(cpus=2)  # all of one node's CPUs: SLURM must preempt the 2-node job (1 CPU on each node)
     wait_for_restart(job, 1, timeout=GRACE_S + pace.bound(steps=10, starts=0, ranks=2))
-    stopped = load_latest(run_dir)[1]["step"]
+    stopped = load_latest(RunDir(run_dir))[1]["step"]
     assert 110 <= stopped < n
     text = finish(job, log, timeout=pace.bound(steps=n, ranks=2))
     node2 = (log.parent / f"{job}_1_log.out").read_text()  # node 1's task: rank 1
@@ -178,7 +179,7 @@ def test_preemption_of_a_two_node_job(two_nodes, images, tmp_path, reference, pa
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d}.pt" in text
     assert restarts(job) == 1
     assert hosts(run_dir) == [["node1", "node2"], ["node1", "node2"]]
-    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+    assert_same_training_state(ref.state(), load_latest(RunDir(run_dir))[1])
 
 
 def test_node_lost_mid_run(two_nodes, images, tmp_path, reference, pace, n):
@@ -192,7 +193,7 @@ def test_node_lost_mid_run(two_nodes, images, tmp_path, reference, pace, n):
     wait_for_step(log, 110, timeout=pace.bound(steps=110, ranks=2), job=job)
     t0 = time.monotonic()
     assert _run(str(MULTINODE_SH), "kill-node", "node2").returncode == 0
-    durable = load_latest(run_dir)[1]["step"]
+    durable = load_latest(RunDir(run_dir))[1]["step"]
     try:
         wait_for_restart(job, 1, timeout=bound + 30)
         requeued_after = time.monotonic() - t0
@@ -212,7 +213,7 @@ def test_node_lost_mid_run(two_nodes, images, tmp_path, reference, pace, n):
     assert f"requeuing job {job} (restart 1/3)" in text
     assert f"resumed from {run_dir}/checkpoints/step_{durable:08d}.pt" in text
     assert restarts(job) == 1
-    assert_same_training_state(ref.state(), load_latest(run_dir)[1])
+    assert_same_training_state(ref.state(), load_latest(RunDir(run_dir))[1])
 
 
 def test_a_node_without_its_gpus_fails_the_job(two_nodes, images, tmp_path, pace):

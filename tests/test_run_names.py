@@ -63,7 +63,7 @@ def test_names_of_the_allowed_characters_pass_and_python_checks_the_same() -> No
 def test_the_end_hints_are_quoted(odd: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / odd / "tiny"
     cfg = load_config(TINY_CONFIG, [f"run.root={json.dumps(str(run_dir.parent))}"])
-    launch.print_summary(cfg, run_dir, {"cluster": "slurm", "train": "7"})
+    launch.print_summary(cfg, RunDir(run_dir), {"cluster": "slurm", "train": "7"})
     hints = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines() if ":" in line)
     assert shlex.split(hints["tensorboard"]) == ["tensorboard", "--logdir", str(RunDir(run_dir).tb)]
     assert shlex.split(hints["status"]) == ["python", "launch.py", "status", str(run_dir)]
@@ -76,7 +76,7 @@ def test_the_resume_command_of_status_is_quoted_and_names_the_same_run(
     run_dir.mkdir(parents=True)
     cfg = load_config(TINY_CONFIG, [f"run.root={json.dumps(str(run_dir.parent))}"])
     dump_config(cfg, RunDir(run_dir).config)
-    write_status(run_dir, RunState.STOPPED, 5, 0)  # stopped, no job alive: status prints the resume command
+    write_status(RunDir(run_dir), RunState.STOPPED, 5, 0)  # stopped, no job alive: status prints the resume command
     proc = run_main(launch.main, ["status", run_dir], capsys)
     assert proc.code == 0, proc.err
     line = next(line for line in proc.out.splitlines() if line.startswith("  resume: "))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import ROOT, TINY_CONFIG
@@ -74,7 +73,7 @@ def test_a_sweep_survives_a_preemption_and_a_failed_point(slurm_cluster, images,
     at = wait_for_step(log0, 150, timeout=pace.bound(steps=150), job=tasks[0])
     preempt()
     wait_for_restart(tasks[0], 1, timeout=GRACE_S + pace.bound(steps=10, starts=0))
-    stopped = load_latest(Path(points[0]["run_dir"]))[1]["step"]  # the task waits for its BeginTime: no newer one
+    stopped = load_latest(RunDir(points[0]["run_dir"]))[1]["step"]  # the task waits for its BeginTime: no newer one
     assert at <= stopped < n
     assert wait_for_job(tasks[0], timeout=pace.bound(steps=n), release=True) == "COMPLETED"
     # every task: n steps each, one start each, two for point 0; each chain an Inception start-up or two
@@ -87,7 +86,7 @@ def test_a_sweep_survives_a_preemption_and_a_failed_point(slurm_cluster, images,
     assert "received SIGTERM" in text0 and f"step_{stopped:08d}.pt in" in text0, text0[-3000:]
     assert "stop: checkpoint durable" in text0 and \
         f"resumed from {points[0]['run_dir']}/checkpoints/step_{stopped:08d}.pt" in text0, text0[-3000:]
-    assert_same_training_state(ref.state(), load_latest(Path(points[0]["run_dir"]))[1])
+    assert_same_training_state(ref.state(), load_latest(RunDir(points[0]["run_dir"]))[1])
     assert [job_state(t) for t in tasks] == ["COMPLETED"] * 3 + ["FAILED"]
     assert {job_state(points[3]["jobs"][s]) for s in ("sample", "assemble")} == {"CANCELLED"}
 

@@ -24,6 +24,7 @@ from ddpm.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from ddpm.cluster.wrapper import main as wrapper_main
 from ddpm.config import load_config
 from ddpm.errors import EXIT_REQUEUE
+from ddpm.rundir import RunDir
 from ddpm.train import main as train_main
 from ddpm.train import quartile_losses
 
@@ -65,7 +66,7 @@ def run_and_signal(cmd: list[str], at_step: int, timeout: float = 240) -> tuple[
 
 
 def final_state(run_dir: Path) -> dict:
-    assert (found := load_latest(run_dir)) is not None
+    assert (found := load_latest(RunDir(run_dir))) is not None
     return found[1]
 
 
@@ -177,7 +178,7 @@ def test_kill9_during_checkpoint_write(images, tmp_path, capsys):
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
             tmps = list(ckpt_dir.glob(".step_*.tmp")) if ckpt_dir.is_dir() else []
-            if tmps and list_checkpoints(tmp_path / "tiny"):
+            if tmps and list_checkpoints(RunDir(tmp_path / "tiny")):
                 proc.kill()
                 caught = True
                 break
@@ -186,7 +187,7 @@ def test_kill9_during_checkpoint_write(images, tmp_path, capsys):
         if caught:
             break
     assert caught, "never caught a checkpoint mid-write"
-    found = load_latest(tmp_path / "tiny")
+    found = load_latest(RunDir(tmp_path / "tiny"))
     assert found is not None
     resumed_from = found[1]["step"]
     done = train(overrides(images, tmp_path, *extra), capsys)  # the same command, in this process
@@ -198,7 +199,7 @@ def test_kill9_during_checkpoint_write(images, tmp_path, capsys):
 def test_corrupt_newest_checkpoint_is_skipped(images, tmp_path, capsys):
     first = train(overrides(images, tmp_path, "training.num_iterations=10"), capsys)
     assert first.code == 0, first.err
-    newest = list_checkpoints(tmp_path / "tiny")[-1][1]
+    newest = list_checkpoints(RunDir(tmp_path / "tiny"))[-1][1]
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated
     with pytest.raises(Exception, match="corrupt or truncated"):
         load_checkpoint(newest)
@@ -299,7 +300,7 @@ def test_resume_with_a_different_model_is_one_clear_line(images, tmp_path, capsy
     lines = other.err_lines
     assert len(lines) == 1 and "step_00000002.pt: does not fit this config" in lines[0], other.err
     assert '"failed"' in (tmp_path / "tiny" / "status.json").read_text()  # what the wrapper and `status` read
-    assert load_latest(tmp_path / "tiny")[1]["step"] == 2  # nothing written was lost
+    assert load_latest(RunDir(tmp_path / "tiny"))[1]["step"] == 2  # nothing written was lost
 
 
 def test_wrapper_does_not_take_an_earlier_stop_for_this_attempt(images, tmp_path):
@@ -383,18 +384,18 @@ def test_a_crash_loop_is_counted_across_attempts(tmp_path):
     from ddpm.cluster.attempt import CRASH_LOOP, Attempt, lost_streak
     from ddpm.status import write_status
 
-    ckpts = tmp_path / "checkpoints"
+    ckpts, run = tmp_path / "checkpoints", RunDir(tmp_path)
     ckpts.mkdir()
-    assert Attempt.read(tmp_path) == Attempt(-1, 0)
+    assert Attempt.read(run) == Attempt(-1, 0)
     streak = 0
     for _ in range(CRASH_LOOP):  # start-up crashes, no checkpoint ever written
-        write_status(tmp_path, "starting", -1, 0, lost_streak=streak)
-        before = Attempt.read(tmp_path)
-        streak = lost_streak(before, Attempt.read(tmp_path))
-        write_status(tmp_path, "lost", -1, 0, lost_streak=streak)
+        write_status(run, "starting", -1, 0, lost_streak=streak)
+        before = Attempt.read(run)
+        streak = lost_streak(before, Attempt.read(run))
+        write_status(run, "lost", -1, 0, lost_streak=streak)
     assert streak == CRASH_LOOP == 3
-    before = Attempt.read(tmp_path)
+    before = Attempt.read(run)
     (ckpts / "step_00000100.pt").write_bytes(b"")  # this attempt made progress
-    assert before == Attempt(-1, 3) and lost_streak(before, Attempt.read(tmp_path)) == 1
-    write_status(tmp_path, "stopped", 100, 0, lost_streak=2)
-    assert Attempt.read(tmp_path) == Attempt(100, 0)
+    assert before == Attempt(-1, 3) and lost_streak(before, Attempt.read(run)) == 1
+    write_status(run, "stopped", 100, 0, lost_streak=2)
+    assert Attempt.read(run) == Attempt(100, 0)

@@ -167,7 +167,7 @@ def test_best_then_sampling_hashes_the_checkpoint_once(run: tuple[Path, Config],
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "fid.json").write_text(json.dumps({"best": best}))
     cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, checkpoint="best"))
-    path, why = CheckpointRef.parse(cfg.sampling.checkpoint).resolve(run_dir)
+    path, why = CheckpointRef.parse(cfg.sampling.checkpoint).resolve(RunDir(run_dir))
     assert path == ckpt and why.startswith("best: ")
     sampling = dataclasses.replace(cfg.sampling, num_samples=2, num_shards=1, num_steps=2, batch_size=2, fid=False)
     ddpm.shards.sample_shard(path, tmp_path / "shards", 0, sampling, device="cpu", progress=False, choice=why)

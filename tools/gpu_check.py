@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from ddpm.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "ddpm_babel.yaml"
 VARIANTS = {"bf16": ["infrastructure.precision=bf16", "infrastructure.channels_last=false"],
@@ -37,17 +39,17 @@ def probe(out: Path) -> bool:
     from ddpm.cluster.doctor import Report
     from ddpm.config import dump_config, load_config
 
-    run_dir = out / "probe"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(load_config(CONFIG, COMMON), run_dir / "config.yaml")
+    run = RunDir(out / "probe")  # made here: the probe's run directory
+    run.path.mkdir(parents=True, exist_ok=True)
+    dump_config(load_config(CONFIG, COMMON), run.config)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ddpm.cluster.probe", "--config", str(run_dir / "config.yaml"),
-                           "--run-dir", str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "ddpm.cluster.probe", "--config", str(run.config),
+                           "--run-dir", str(run)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     print(f"[probe] exit {proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
     if proc.returncode != 0:
         print(proc.stdout[-3000:] + proc.stderr[-3000:], flush=True)
         return False
-    result = json.loads((run_dir / "probe.json").read_text())
+    result = json.loads(run.probe.read_text())
     report = Report()
     for kind, what, detail in result["lines"]:
         report(kind, what, detail)
@@ -65,7 +67,7 @@ def train_speed(name: str, overrides: list[str], out: Path, steps: int = 200) ->
     cfg = load_config(CONFIG, [*COMMON, *overrides])
     env = dist.init_distributed(True)
     torch.cuda.reset_peak_memory_stats(env.device)
-    rate, peak = training_speed(cfg, env, out / "speed", steps=steps, warmup=10)
+    rate, peak = training_speed(cfg, env, RunDir(out / "speed"), steps=steps, warmup=10)
     row = {"variant": name, "card": torch.cuda.get_device_name(env.device), "img_per_s": round(rate, 1),
            "peak_gib": round(peak or 0.0, 2)}
     print(f"[train] {row['card']}: {name}: {rate:.0f} img/s, peak {peak:.1f} GiB ({steps} steps, batch "
@@ -101,13 +103,13 @@ def grid_time() -> float:
 
 def forced_oom(out: Path) -> bool:
     """``python -m ddpm.train`` at batch 8192: exit 2, the out-of-memory line, status failed."""
-    run_dir = out / "oom"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out / "oom")  # made here: the forced OOM's run directory
+    run.path.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "ddpm.train", "--config", str(CONFIG), *COMMON,
                            "training.batch_size=8192", "training.num_iterations=2", "data.source=folder",
-                           f"data.path={out / 'images'}", "--run-dir", str(run_dir)],
+                           f"data.path={out / 'images'}", "--run-dir", str(run)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+    status = json.loads(run.status.read_text()) if run.status.is_file() else {}
     line = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
     ok = proc.returncode == 2 and "out of memory at step" in line and status.get("state") == "failed"
     print(f"[oom] {'ok' if ok else 'FAIL'}: exit {proc.returncode}; {line}; status {status.get('state')}", flush=True)

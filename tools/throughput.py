@@ -40,6 +40,7 @@ from ddpm.config import Config, load_config
 from ddpm.configtools import parse_with_overrides
 from ddpm.cpus import SHARE_ENV, affinity_cpus, apply_cpu_budget, cpu_budget
 from ddpm.errors import cli_entry
+from ddpm.rundir import RunDir
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart_digits.yaml"
 
@@ -99,13 +100,13 @@ def report_shards(cfg: Config, images: int, steps: int, out: Any = None) -> dict
     return {"one_s": one, "parallel_s": budgeted, "efficiency": one / budgeted, "default_efficiency": one / default}
 
 
-def _window_rates(cfg: Config, run_dir: Path, windows: int, steps_per_window: int) -> tuple[list[float], float]:
+def _window_rates(cfg: Config, run: RunDir, windows: int, steps_per_window: int) -> tuple[list[float], float]:
     """(images/s of each window of ``steps_per_window`` training steps after 3 warm-up steps, median ms the
     training process waited in ``next_batch`` for a step's batch and noise)."""
     from ddpm.dist import DistEnv
     from ddpm.train import Trainer
 
-    trainer = Trainer(cfg, run_dir, DistEnv(device=torch.device("cpu")))
+    trainer = Trainer(cfg, run, DistEnv(device=torch.device("cpu")))
     try:
         for _ in range(3):
             trainer.train_step(*trainer.next_batch())
@@ -143,7 +144,7 @@ def report_loader(cfg: Config, windows: int, repeats: int, out: Any = None,
             for w in (0, workers):
                 data = dataclasses.replace(folder, source="packed", path=f"{tmp}/digits.npy", num_workers=w)
                 run_cfg = dataclasses.replace(cfg, data=data)
-                window_rates, wait_ms = _window_rates(run_cfg, Path(tmp) / f"run{r}_{w}", windows, per)
+                window_rates, wait_ms = _window_rates(run_cfg, RunDir(Path(tmp) / f"run{r}_{w}"), windows, per)
                 rates[w] += window_rates
                 waits[w].append(wait_ms)
     median = {w: statistics.median(v) for w, v in rates.items()}

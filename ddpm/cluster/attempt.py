@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ddpm.checkpoint import list_checkpoints
+from ddpm.rundir import RunDir
 from ddpm.status import RunState, read_status
 
 CRASH_LOOP = 3  # attempts in a row that lose a rank or stall without a new durable checkpoint: stop requeuing
@@ -42,8 +43,9 @@ class Attempt:
     lost_streak: int
 
     @staticmethod
-    def read(run_dir: Path) -> Attempt:
-        status, ckpts = read_status(run_dir) or {}, list_checkpoints(run_dir)
+    def read(run: RunDir) -> Attempt:
+        """The attempt that starts now in ``run`` (its status.json and checkpoints)."""
+        status, ckpts = read_status(run) or {}, list_checkpoints(run)
         counted = (RunState.LOST, RunState.STALLED, RunState.STARTING)
         streak = int(status.get("lost_streak") or 0) if status.get("state") in counted else 0
         return Attempt(ckpts[-1][0] if ckpts else -1, streak)

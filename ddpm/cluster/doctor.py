@@ -123,7 +123,7 @@ def check_cluster(cfg: Config, report: Report, save_test: bool = False) -> None:
            f"MaxTime={part.get('MaxTime', 'UNLIMITED')}")
 
 
-def _tiny_run(cfg: Config, root: Path, name: str) -> tuple[Config, Path]:
+def _tiny_run(cfg: Config, root: Path, name: str) -> tuple[Config, RunDir]:
     """The tiny CPU config with the user's slurm section (partition, account, qos, setup, additional)."""
     sc = cfg.slurm
     keep = [f"slurm.partition={sc.partition}" if sc.partition else "slurm.partition=null",
@@ -133,10 +133,10 @@ def _tiny_run(cfg: Config, root: Path, name: str) -> tuple[Config, Path]:
             f"slurm.setup={json.dumps([*sc.setup, 'export OMP_NUM_THREADS=1'])}",
             f"training.stop_signal={cfg.training.stop_signal}"]
     tiny = load_config(None, [*TINY, *keep, f"data.path={root / 'data'}", f"run.root={root}", f"run.name={name}"])
-    run_dir = tiny.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(tiny, RunDir(run_dir).config)
-    return tiny, run_dir
+    run = tiny.rundir.resolve()
+    run.path.mkdir(parents=True, exist_ok=True)
+    dump_config(tiny, run.config)
+    return tiny, run
 
 
 def _write_images(directory: Path, count: int = 24) -> None:
@@ -172,13 +172,12 @@ def check_stop_path(cfg: Config, report: Report, timeout: float, root: Path) -> 
     from ddpm.cluster.squeue import job_state
 
     _write_images(root / "data")
-    jobs: dict[str, tuple[str, Path]] = {}
+    jobs: dict[str, tuple[str, RunDir]] = {}
     try:
         for name in ("stopped", "reference"):
-            tiny, run_dir = _tiny_run(cfg, root, name)
+            tiny, run = _tiny_run(cfg, root, name)
             try:
-                jobs[name] = (make_executor(tiny, run_dir, "train", "slurm").submit(TrainTask(run_dir)).job_id,
-                              run_dir)
+                jobs[name] = (make_executor(tiny, run, "train", "slurm").submit(TrainTask(run)).job_id, run)
             except Exception as err:  # sbatch refused it (e.g. the partition requires a GPU request)
                 last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
                 return report("FAIL", "submitted", f"sbatch refused the tiny CPU job: {last}; see slurm.additional")
@@ -190,7 +189,7 @@ def check_stop_path(cfg: Config, report: Report, timeout: float, root: Path) -> 
             print(f"note  cleanup            cancelled the doctor's unfinished jobs {' '.join(alive)}", flush=True)
 
 
-def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[str, tuple[str, Path]],
+def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[str, tuple[str, RunDir]],
                       root: Path) -> None:
     """Signal the stop-path job, then follow it: checkpoint, requeue, resume, bitwise match with the reference."""
     import torch
@@ -199,11 +198,11 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
     from ddpm.cluster.squeue import job_state
     from ddpm.status import RunState, read_status
 
-    job, run_dir = jobs["stopped"]
+    job, run = jobs["stopped"]
     report("ok", "submitted", f"job {job} (stop path) and {jobs['reference'][0]} (reference) to "
            f"{cfg.slurm.partition or 'the default partition'}; files in {root}")
-    log = RunDir(run_dir).job_log(job)
-    if not _wait(lambda: (read_status(run_dir) or {}).get("step", -1) >= 20, timeout):
+    log = run.job_log(job)
+    if not _wait(lambda: (read_status(run) or {}).get("step", -1) >= 20, timeout):
         return report("FAIL", "running", f"job {job} did not reach step 20 in {timeout:.0f} s "
                       f"({job_state(job)}); see {log}")
     scancel = ["scancel", f"--signal={cfg.training.stop_signal}", job]
@@ -211,7 +210,7 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
     report("ok", "stop signal", f"{shlex.join(scancel)} (what the time limit sends)")
     if not _wait(lambda: "stop: checkpoint durable" in (log.read_text() if log.is_file() else ""), 120):
         return report("FAIL", "checkpoint", f"no checkpoint after the stop signal; see {log}")
-    report("ok", "checkpoint", f"written at step {load_latest(run_dir)[1]['step']}")
+    report("ok", "checkpoint", f"written at step {load_latest(run)[1]['step']}")
     if not _wait(lambda: _restarts(job) >= 1, 120):
         return report("FAIL", "requeue", f"job {job} was not requeued ({job_state(job)}): check that users may "
                       f"`scontrol requeue` their jobs and slurm.additional; see {log}")
@@ -221,10 +220,10 @@ def _follow_stop_path(cfg: Config, report: Report, timeout: float, jobs: dict[st
 
     if not _wait(lambda: done("stopped") and done("reference"), timeout):
         return report("FAIL", "resume", f"job {job} did not finish in {timeout:.0f} s ({job_state(job)}); see {log}")
-    if "resumed from" not in log.read_text() or (read_status(run_dir) or {}).get("state") != RunState.DONE:
+    if "resumed from" not in log.read_text() or (read_status(run) or {}).get("state") != RunState.DONE:
         return report("FAIL", "resume", f"job {job} did not resume and finish; see {log}")
     report("ok", "resume", f"job {job} resumed from its checkpoint and finished")
-    a, b = load_latest(run_dir)[1], load_latest(jobs["reference"][1])[1]
+    a, b = load_latest(run)[1], load_latest(jobs["reference"][1])[1]
     same = all(torch.equal(v, b["model"][k]) for k, v in a["model"].items()) and a["step"] == b["step"]
     report("ok" if same else "FAIL", "exact resume", "weights bitwise equal to the uninterrupted job" if same else
            "weights differ from the uninterrupted job (different CPU types in the partition?)")
@@ -239,12 +238,11 @@ def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
     probe_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, root=str(root), name="node"),
                                     slurm=dataclasses.replace(sc, time_min=min(sc.time_min, max(
                                         30, math.ceil((sc.signal_delay_s + 60) / 60) + 1))))  # short, yet valid
-    run_dir = probe_cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = RunDir(run_dir)
+    run = probe_cfg.rundir
+    run.path.mkdir(parents=True, exist_ok=True)
     dump_config(probe_cfg, run.config)
     try:
-        job = make_executor(probe_cfg, run_dir, "train", "slurm").submit(ProbeTask(run_dir)).job_id
+        job = make_executor(probe_cfg, run, "train", "slurm").submit(ProbeTask(run)).job_id
     except Exception as err:  # sbatch refused the training resources
         last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         return report("FAIL", "node job", f"sbatch refused a job with the training resources: {last}")

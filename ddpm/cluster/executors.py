@@ -1,9 +1,10 @@
 """The executors that submit the stage tasks (:mod:`ddpm.cluster.tasks`) to SLURM or to this machine.
 
-    ex = make_executor(cfg, run_dir, "train", cluster="slurm")   # or "local": same tasks, no SLURM
-    job = ex.submit(TrainTask(run_dir))                          # the torchrun wrapper, one task per node
-    ex = make_executor(cfg, run_dir, "sample", "slurm", dependency=f"afterok:{job.job_id}")
-    jobs = ex.map_array(SampleTask(run_dir, cfg), range(cfg.sampling.num_shards))
+    run = cfg.rundir                                             # a RunDir
+    ex = make_executor(cfg, run, "train", cluster="slurm")       # or "local": same tasks, no SLURM
+    job = ex.submit(TrainTask(run))                              # the torchrun wrapper, one task per node
+    ex = make_executor(cfg, run, "sample", "slurm", dependency=f"afterok:{job.job_id}")
+    jobs = ex.map_array(SampleTask(run, cfg), range(cfg.sampling.num_shards))
 
 ``sbatch_script`` shows the sbatch text a SlurmExecutor would submit (``launch.py --dry-run``). On the local
 executor each job gets the GPUs its stage asks for (``local_slots``): the user's ``CUDA_VISIBLE_DEVICES``, else
@@ -24,7 +25,7 @@ from typing import Any
 from ddpm.cluster.tasks import AssembleTask, EvalTask, ProbeTask, SampleTask, SelectTask, TrainTask
 from ddpm.config import Config
 from ddpm.errors import DDPMError
-from ddpm.rundir import RunDir
+from ddpm.rundir import RunDir, SweepDir
 
 __all__ = ["AssembleTask", "EvalTask", "ProbeTask", "SampleTask", "SelectTask", "TrainTask", "local_gpus",
            "local_slots", "make_executor", "sbatch_script", "stage_resources"]
@@ -102,9 +103,10 @@ def local_slots(cfg: Config, stage: str, tasks: int = 1) -> list[tuple[int, ...]
     return [pool[i:i + need] for i in range(0, len(pool) - need + 1, need)][:max(tasks, 1)]
 
 
-def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependency: str | None = None,
+def make_executor(cfg: Config, where: RunDir | SweepDir, stage: str, cluster: str, dependency: str | None = None,
                   gpus: Sequence[int] | None = None) -> Any:
-    """A submitit executor for ``stage`` (train | eval | select | sample | assemble), logging to ``run_dir/logs``.
+    """A submitit executor for ``stage`` (train | eval | select | sample | assemble), logging to the logs/ of
+    ``where`` (a run's directory, or a sweep's for its training array and results job).
 
     ``gpus``: the devices of a local job (``CUDA_VISIBLE_DEVICES``); None: the first set of :func:`local_slots`.
     """
@@ -114,7 +116,7 @@ def make_executor(cfg: Config, run_dir: Path, stage: str, cluster: str, dependen
 
     sc, infra = cfg.slurm, cfg.infrastructure
     res = stage_resources(cfg, stage)
-    folder = RunDir(run_dir).submitit_folder
+    folder = where.submitit_folder
     if cluster == "local":  # submitit sets CUDA_VISIBLE_DEVICES to visible_gpus[:gpus_per_node] ("" for none)
         devices = tuple(local_slots(cfg, stage)[0] if gpus is None else gpus)
         ex = submitit.LocalExecutor(folder=folder)

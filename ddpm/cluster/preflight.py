@@ -16,7 +16,6 @@ from ddpm.config import Config
 from ddpm.envcheck import check_torch_floor
 from ddpm.errors import ConfigError, DataError, DDPMError
 from ddpm.plan import check_free_space
-from ddpm.rundir import RunDir
 
 
 def _run(cmd: list[str]) -> str:
@@ -194,8 +193,8 @@ def check_resume_inputs(cfg: Config, stages: list[str]) -> None:
     """Starting at eval/select/sample/assemble needs what the earlier stage left in the run directory."""
     from ddpm.checkpoint import list_checkpoints
 
-    run = RunDir(cfg.run_dir)
-    if stages[0] in ("eval", "sample") and not list_checkpoints(run.path):
+    run = cfg.rundir
+    if stages[0] in ("eval", "sample") and not list_checkpoints(run):
         raise DDPMError(f"--stage {stages[0]}: no checkpoint in {run.checkpoints} (train first)")
     if stages[0] == "assemble" and not run.samples.shards.is_dir():
         raise DDPMError(f"--stage assemble: no shards in {run.samples.shards} (sample first)")
@@ -207,7 +206,7 @@ def check_eval(cfg: Config, stages: list[str]) -> None:
     from ddpm.checkpoint import final_reference
     from ddpm.evaluate import eval_steps
 
-    run = RunDir(cfg.run_dir)
+    run = cfg.rundir
 
     if "eval" in stages:
         from ddpm.fid import FIDStats
@@ -224,7 +223,7 @@ def check_eval(cfg: Config, stages: list[str]) -> None:
                             f"{run.checkpoints} (training.milestone_every={cfg.training.milestone_every})")
     if "sample" in stages and "select" not in stages:  # no selection ahead: the choice can be made now
         if "train" not in stages:
-            final_reference(cfg.sampling.checkpoint, cfg.eval.enabled).resolve(run.path)
+            final_reference(cfg.sampling.checkpoint, cfg.eval.enabled).resolve(run)
         elif cfg.sampling.checkpoint == "best":
             raise ConfigError("sampling.checkpoint: best needs the eval stage (set eval.enabled=true)")
 

@@ -86,13 +86,13 @@ def time_checkpoint(cfg: Config, directory: Path) -> tuple[int, float]:
              "ddpm": {}, "config": cfg.to_dict(), "optimizer": opt.state_dict(),
              "ema": {"shadow": {k: v.clone() for k, v in model.state_dict().items()}}}
     directory.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix=".doctor-save-", dir=directory))
+    run = RunDir(tempfile.mkdtemp(prefix=".doctor-save-", dir=directory))  # made here, removed below
     try:
         t0 = time.perf_counter()
-        path = save_checkpoint(run_dir, state)
+        path = save_checkpoint(run, state)
         return path.stat().st_size, time.perf_counter() - t0
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run.path, ignore_errors=True)
 
 
 def environment_lines(cfg: Config) -> list[Line]:
@@ -215,18 +215,18 @@ class RandomImages:
         pass
 
 
-def training_speed(cfg: Config, env: Any, run_dir: Path, steps: int = 20,
+def training_speed(cfg: Config, env: Any, run: RunDir, steps: int = 20,
                    warmup: int = 3) -> tuple[float, float | None]:
     """(img/s of the whole job, peak GiB of GPU memory or None): ``steps`` of the trainer's own training step
     (:meth:`ddpm.train.Trainer.train_step`: the configured model, precision, batch, layout, clip, EMA) after
-    ``warmup``, on random images (no data is read, nothing is resumed or saved)."""
+    ``warmup``, on random images (no data is read, nothing is resumed or saved; ``run`` is the trainer's)."""
     import torch
 
     from ddpm.train import Trainer
 
     cuda = env.device.type == "cuda"
     local = cfg.training.batch_size // env.world_size
-    trainer = Trainer(cfg, run_dir, env, loader=RandomImages(local, 3, cfg.data.image_size))
+    trainer = Trainer(cfg, run, env, loader=RandomImages(local, 3, cfg.data.image_size))
 
     def sync() -> None:
         if cuda:
@@ -251,11 +251,11 @@ _BLOCKS = {"torch": "this torch cannot run the project (the torch line)",
            "kernels": "this torch has no kernels for the card (the kernels line)"}
 
 
-def probe(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """Every rank: the checks above; rank 0 returns the report (lines, img_per_s, save_s, and speed_precision:
-    the precision the speed was timed in, or None when it was skipped). A failed check is a FAIL line and the
-    rest is measured where it can be: storage and the checkpoint save need no GPU, the all-reduce and the speed
-    need the GPUs and their kernels (skipped with a note saying why otherwise)."""
+def probe(cfg: Config, run: RunDir) -> dict[str, Any]:
+    """Every rank: the checks above (the trainer's step in ``run``); rank 0 returns the report (lines, img_per_s,
+    save_s, and speed_precision: the precision the speed was timed in, or None when it was skipped). A failed
+    check is a FAIL line and the rest is measured where it can be: storage and the checkpoint save need no GPU,
+    the all-reduce and the speed need the GPUs and their kernels (skipped with a note saying why otherwise)."""
     from ddpm import dist
     from ddpm.cpus import apply_cpu_budget, cpu_budget
 
@@ -282,7 +282,7 @@ def probe(cfg: Config, run_dir: Path) -> dict[str, Any]:
         budget = apply_cpu_budget(cpu_budget("train", env.device, workers=0))
         precision, instead = speed_precision(cfg, env.device)
         timed = dataclasses.replace(cfg, infrastructure=dataclasses.replace(cfg.infrastructure, precision=precision))
-        rate, peak = training_speed(timed, env, run_dir)
+        rate, peak = training_speed(timed, env, run)
         lines.append(("note" if instead else "ok", "training speed", f"{rate:.1f} img/s, global batch "
                       f"{cfg.training.batch_size}, {env.world_size} x {env.device.type}, precision {precision}"
                       + (f" ({instead})" if instead else "")
@@ -298,14 +298,14 @@ def probe(cfg: Config, run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def run_probe(run_dir: Path, cfg: Config) -> str:
-    """The job's task on each node: torchrun around this module; returns the path of ``probe.json``."""
+def run_probe(run: RunDir, cfg: Config) -> str:
+    """The job's task on each node: torchrun around this module in ``run``; returns the path of ``probe.json``."""
     from ddpm.cluster.wrapper import torchrun_command
 
     check_torch_floor()
-    report = RunDir(run_dir).probe
+    report = run.probe
     report.unlink(missing_ok=True)
-    cmd = torchrun_command(cfg, run_dir, module="ddpm.cluster.probe")
+    cmd = torchrun_command(cfg, run, module="ddpm.cluster.probe")
     print("running:", " ".join(cmd), flush=True)
     code = subprocess.run(cmd).returncode
     if code != 0:
@@ -319,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--run-dir", required=True)
     args = p.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    result = probe(load_config(args.config), run_dir)
+    run = RunDir(args.run_dir)  # the edge: --run-dir
+    result = probe(load_config(args.config), run)
     if int(os.environ.get("RANK", "0")) == 0:
-        atomic_write_text(RunDir(run_dir).probe, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(run.probe, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -2,8 +2,8 @@
 submitit's local executor one after another, following their logs (login side; used by ``launch.py`` and the
 sweep).
 
-    jobs = submit(cfg, run_dir, "slurm", plan_stages(cfg, "all", only=False), dry_run=False)
-    jobs = submit(cfg, run_dir, "slurm", ["sample", "assemble"], False, dependency="afterok:123_4")
+    jobs = submit(cfg, run, "slurm", plan_stages(cfg, "all", only=False), dry_run=False)   # run: a RunDir
+    jobs = submit(cfg, run, "slurm", ["sample", "assemble"], False, dependency="afterok:123_4")
 
 ``jobs`` is what ``jobs.json`` holds: the job id of each stage and the task ids of each array.
 """
@@ -29,6 +29,7 @@ from ddpm.cluster.executors import (
 from ddpm.config import Config
 from ddpm.errors import ConfigError, DDPMError
 from ddpm.evaluate import eval_steps
+from ddpm.rundir import RunDir
 
 STAGES = ("train", "eval", "select", "sample", "assemble")
 ARRAYS = {"eval": "eval_tasks", "sample": "sample_tasks"}  # jobs.json: the task ids of each array stage
@@ -75,12 +76,12 @@ def plan_stages(cfg: Config, stage: str, only: bool) -> list[str]:
     return stages[:1] if only and stage != "all" else stages
 
 
-def _task(cfg: Config, run_dir: Path, stage: str, cpu_share: int = 1) -> Any:
-    """The submitit callable of ``stage`` (an array stage's takes the task index)."""
+def _task(cfg: Config, run: RunDir, stage: str, cpu_share: int = 1) -> Any:
+    """The submitit callable of ``stage`` in ``run`` (an array stage's takes the task index)."""
     if stage in ARRAYS:
-        return (SampleTask if stage == "sample" else EvalTask)(run_dir, cfg, cpu_share=cpu_share)
-    return {"train": TrainTask(run_dir), "select": SelectTask(run_dir, cfg),
-            "assemble": AssembleTask(run_dir, cfg.sampling.num_shards)}[stage]
+        return (SampleTask if stage == "sample" else EvalTask)(run, cfg, cpu_share=cpu_share)
+    return {"train": TrainTask(run), "select": SelectTask(run, cfg),
+            "assemble": AssembleTask(run, cfg.sampling.num_shards)}[stage]
 
 
 def _shown(devices: tuple[int, ...]) -> str:
@@ -88,8 +89,8 @@ def _shown(devices: tuple[int, ...]) -> str:
     return f" (CUDA_VISIBLE_DEVICES={','.join(map(str, devices))})" if devices else ""
 
 
-def run_local(cfg: Config, run_dir: Path, stage: str, size: int, jobs: dict[str, Any]) -> Any:
-    """Run ``stage`` on submitit's local executor, echoing its logs; the job ids go into ``jobs``.
+def run_local(cfg: Config, run: RunDir, stage: str, size: int, jobs: dict[str, Any]) -> Any:
+    """Run ``stage`` of ``run`` on submitit's local executor, echoing its logs; the job ids go into ``jobs``.
 
     An array runs in waves of one task per set of GPUs (:func:`local_slots`): each task has devices of its
     own, and a wave ends before the next starts; without GPUs every task runs at once. A failed task fails the
@@ -98,13 +99,13 @@ def run_local(cfg: Config, run_dir: Path, stage: str, size: int, jobs: dict[str,
     """
     if stage not in ARRAYS:
         devices = local_slots(cfg, stage)[0]
-        job = make_executor(cfg, run_dir, stage, "local", gpus=devices).submit(_task(cfg, run_dir, stage))
+        job = make_executor(cfg, run, stage, "local", gpus=devices).submit(_task(cfg, run, stage))
         jobs[stage] = job.job_id
         print(f"{stage}: job {job.job_id}{_shown(devices)}", flush=True)
         return follow(job, stage)
     slots = local_slots(cfg, stage, size) or [()]
-    executors = [make_executor(cfg, run_dir, stage, "local", gpus=devices) for devices in slots]
-    task, ids = _task(cfg, run_dir, stage, cpu_share=len(slots)), []
+    executors = [make_executor(cfg, run, stage, "local", gpus=devices) for devices in slots]
+    task, ids = _task(cfg, run, stage, cpu_share=len(slots)), []
     jobs[ARRAYS[stage]] = ids
     for start in range(0, size, len(slots)):
         wave = []
@@ -127,32 +128,32 @@ def run_local(cfg: Config, run_dir: Path, stage: str, size: int, jobs: dict[str,
     return None
 
 
-def submit(cfg: Config, run_dir: Path, cluster: str, stages: list[str], dry_run: bool,
+def submit(cfg: Config, run: RunDir, cluster: str, stages: list[str], dry_run: bool,
            dependency: str | None = None) -> dict[str, Any]:
-    """Submit (or, locally, run) the requested stages; returns the job ids. ``dependency``: what the first
-    stage's SLURM job waits for (a sweep point's chain waits for its task of the training array)."""
-    jobs: dict[str, Any] = {"cluster": cluster, "run_dir": str(run_dir)}
+    """Submit (or, locally, run) the requested stages of ``run``; returns the job ids. ``dependency``: what the
+    first stage's SLURM job waits for (a sweep point's chain waits for its task of the training array)."""
+    jobs: dict[str, Any] = {"cluster": cluster, "run_dir": str(run)}
     sizes = {"sample": cfg.sampling.num_shards, "eval": len(eval_steps(cfg))}
     for stage in stages:
         after = "afterany" if stage == "eval" else "afterok"  # the selection names a failed eval task
         if dry_run:  # the scripts SLURM would get, also when this machine has no SLURM
-            ex = make_executor(cfg, run_dir, stage, "slurm", dependency)
+            ex = make_executor(cfg, run, stage, "slurm", dependency)
             print(f"# ---- {stage} job ----\n{sbatch_script(ex, sizes.get(stage))}")
             dependency = f"{after}:<{stage} job id>"
             continue
         if cluster == "local":
-            if run_local(cfg, run_dir, stage, sizes.get(stage, 1), jobs) == "stopped" and stage == "train":
-                print(f"training stopped early; run the same command to resume from {run_dir}/checkpoints")
+            if run_local(cfg, run, stage, sizes.get(stage, 1), jobs) == "stopped" and stage == "train":
+                print(f"training stopped early; run the same command to resume from {run.checkpoints}")
                 jobs["stopped"] = True
                 return jobs
             continue
-        ex = make_executor(cfg, run_dir, stage, cluster, dependency)
+        ex = make_executor(cfg, run, stage, cluster, dependency)
         if stage in ARRAYS:
-            job = ex.map_array(_task(cfg, run_dir, stage), list(range(sizes[stage])))
+            job = ex.map_array(_task(cfg, run, stage), list(range(sizes[stage])))
             jobs[stage] = job[0].job_id.split("_")[0]
             jobs[ARRAYS[stage]] = [j.job_id for j in job]
         else:
-            jobs[stage] = ex.submit(_task(cfg, run_dir, stage)).job_id
+            jobs[stage] = ex.submit(_task(cfg, run, stage)).job_id
         dependency = f"{after}:{jobs[stage]}"
         print(f"{stage}: job {jobs[stage]}", flush=True)
     return jobs

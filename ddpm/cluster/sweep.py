@@ -61,6 +61,7 @@ class Point:
 
     @property
     def run(self) -> RunDir:
+        """The point's run directory (``run_dir``: the path sweep.json records)."""
         return RunDir(self.run_dir)
 
     def overrides(self) -> list[str]:
@@ -139,7 +140,7 @@ def configs(config: str | None, overrides: list[str], points: list[Point], clust
     """Every point's config, preflighted before anything is written or queued; one line naming the point. The
     preflight's write test makes the sweep directory (the points' run.root): it is removed again on a refusal
     and after a dry run."""
-    sweep_dir = Path(points[0].run_dir).parent
+    sweep_dir = points[0].run.root
     made = not sweep_dir.exists()
     try:
         return _checked_configs(config, overrides, points, cluster, stages, dry_run)
@@ -154,7 +155,7 @@ def _checked_configs(config: str | None, overrides: list[str], points: list[Poin
     cfgs = []
     for p in points:
         try:
-            cfg = load_config(config, [*overrides, *p.overrides(), f"run.root={Path(p.run_dir).parent}",
+            cfg = load_config(config, [*overrides, *p.overrides(), f"run.root={p.run.root}",
                                        f"run.name={p.name}"])
             preflight(cfg, cluster, stages, dry_run=dry_run)
         except DDPMError as err:
@@ -195,11 +196,11 @@ def _chain(stages: list[str]) -> list[str]:
     return [s for s in stages if s != "train"]
 
 
-def _sweep_executor(cfg: Config, sweep_dir: Path, name: str, job: str, cluster: str,
+def _sweep_executor(cfg: Config, sweep: SweepDir, name: str, job: str, cluster: str,
                     dependency: str | None = None) -> Any:
     """The executor of the sweep ``name``'s own jobs (``job``: train, the array; results, after every job, sized as
     an assembly job), logging to the sweep's logs/ and named ``<name>-<job>``."""
-    ex = make_executor(cfg, sweep_dir, "train" if job == "train" else "assemble", cluster, dependency)
+    ex = make_executor(cfg, sweep, "train" if job == "train" else "assemble", cluster, dependency)
     ex.update_parameters(job_name=f"{name}-{job}")
     return ex
 
@@ -208,26 +209,25 @@ def submit_sweep(sweep_dir: Path, points: list[Point], cfgs: list[Config], clust
                  record: dict[str, Any], dry_run: bool) -> dict[str, Any]:
     """Submit (locally: run) every point; returns ``sweep.json``'s record with the job ids."""
     sweep, cfg0 = SweepDir(sweep_dir), cfgs[0]
-    run_dirs = [p.run_dir for p in points]
     if dry_run:
-        ex = _sweep_executor(cfg0, sweep_dir, record["name"], "train", "slurm")
+        ex = _sweep_executor(cfg0, sweep, record["name"], "train", "slurm")
         print(f"# ---- training array: {len(points)} tasks ----\n{sbatch_script(ex, len(points))}")
         for p in points:
             print(f"# point {p.index}: {' -> '.join(_chain(stages))} after task {p.index} (afterok); "
                   f"run dir {p.run_dir}")
-        ex = _sweep_executor(cfg0, sweep_dir, record["name"], "results", "slurm", "afterany:<every job above>")
+        ex = _sweep_executor(cfg0, sweep, record["name"], "results", "slurm", "afterany:<every job above>")
         print(f"# ---- results job ----\n{sbatch_script(ex)}")
         return record
     for p, cfg in zip(points, cfgs, strict=True):
-        Path(p.run_dir).mkdir(parents=True, exist_ok=True)
+        p.run.path.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, p.run.config)
     record["points"] = [{**asdict(p), "jobs": {}} for p in points]
     _write(sweep, record)
     if cluster == "local":
         _run_local(sweep, points, cfgs, stages, record)
         return record
-    ex = _sweep_executor(cfg0, sweep_dir, record["name"], "train", cluster)
-    tasks = ex.map_array(SweepTrainTask(run_dirs), list(range(len(points))))
+    ex = _sweep_executor(cfg0, sweep, record["name"], "train", cluster)
+    tasks = ex.map_array(SweepTrainTask([p.run for p in points]), list(range(len(points))))
     record["train_array"] = tasks[0].job_id.split("_")[0]
     print(f"training array: job {record['train_array']} ({len(points)} tasks, "
           f"{cfg0.slurm.array_parallelism} at once)", flush=True)
@@ -235,12 +235,12 @@ def submit_sweep(sweep_dir: Path, points: list[Point], cfgs: list[Config], clust
     for p, cfg, task, entry in zip(points, cfgs, tasks, record["points"], strict=True):
         jobs = {"train": task.job_id}
         print(f"point {p.index} ({p.shown()}): train task {task.job_id}", flush=True)
-        jobs.update(submit(cfg, Path(p.run_dir), cluster, _chain(stages), False, dependency=f"afterok:{task.job_id}"))
+        jobs.update(submit(cfg, p.run, cluster, _chain(stages), False, dependency=f"afterok:{task.job_id}"))
         jobs["cluster"] = cluster
         entry["jobs"] = jobs
         atomic_write_text(p.run.jobs, json.dumps(jobs, indent=2) + "\n")
         ends += [jobs[s] for s in _chain(stages)]
-    ex = _sweep_executor(cfg0, sweep_dir, record["name"], "results", cluster, "afterany:" + ":".join(ends))
+    ex = _sweep_executor(cfg0, sweep, record["name"], "results", cluster, "afterany:" + ":".join(ends))
     record["results_job"] = ex.submit(SweepResultsTask(sweep_dir)).job_id
     print(f"results: job {record['results_job']} (after every job above)", flush=True)
     _write(sweep, record)
@@ -256,8 +256,8 @@ def _run_local(sweep: SweepDir, points: list[Point], cfgs: list[Config], stages:
         wave = list(zip(points, cfgs, record["points"], strict=True))[start:start + len(slots)]
         running = []
         for (p, cfg, entry), devices in zip(wave, slots, strict=False):
-            ex = make_executor(cfg, Path(p.run_dir), "train", "local", gpus=devices)
-            job = ex.submit(SweepTrainTask([p.run_dir]), 0)
+            ex = make_executor(cfg, p.run, "train", "local", gpus=devices)
+            job = ex.submit(SweepTrainTask([p.run]), 0)
             entry["jobs"] = {"cluster": "local", "run_dir": p.run_dir, "train": job.job_id}
             print(f"point {p.index} ({p.shown()}): train job {job.job_id}", flush=True)
             running.append((p, cfg, entry, job))
@@ -267,7 +267,7 @@ def _run_local(sweep: SweepDir, points: list[Point], cfgs: list[Config], stages:
                     entry["stopped"] = True  # the same command resumes it
                     print(f"sweep: point {p.index} stopped early; its later stages are not run", flush=True)
                 else:
-                    entry["jobs"].update(submit(cfg, Path(p.run_dir), "local", _chain(stages), False))
+                    entry["jobs"].update(submit(cfg, p.run, "local", _chain(stages), False))
             except DDPMError as err:
                 print(f"sweep: point {p.index} failed: {err}", flush=True)
                 entry["failed"] = str(err)
@@ -310,7 +310,7 @@ def sweep_status(sweep_dir: Path) -> int:
     ended, best = 0, None
     for p in points:
         run = point_run(p)
-        status = read_status(run.path) or {}
+        status = read_status(run) or {}
         state, over = _point_state(p, status, slurm)
         ended += over
         step = int(status.get("step") or 0)

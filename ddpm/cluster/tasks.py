@@ -4,7 +4,8 @@ its stage's function (training's wrapper, :func:`ddpm.evaluate.evaluate_step` an
 :func:`ddpm.sweepresults.write_results`).
 
 Job side: nothing here imports the login side (``ddpm.cluster.preflight``, ``ddpm.cluster.executors``,
-``launch.py``); tests/test_layout.py checks it. :mod:`ddpm.cluster.executors` submits these.
+``launch.py``); tests/test_layout.py checks it. :mod:`ddpm.cluster.executors` submits these. A task holds the
+:class:`~ddpm.rundir.RunDir` it was given (pickled with it) and hands it on as it is.
 """
 
 from __future__ import annotations
@@ -23,21 +24,21 @@ from ddpm.rundir import RunDir
 class TrainTask:
     """submitit callable for the training job (one task per node)."""
 
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run: RunDir):
+        self.run = run
 
     def __call__(self) -> str:
-        return run_training(self.run_dir, load_config(RunDir(self.run_dir).config))
+        return run_training(self.run, load_config(self.run.config))
 
 
 class SweepTrainTask:
     """submitit callable for a sweep's training array: task k trains point k in its own run directory."""
 
-    def __init__(self, run_dirs: list[str]):
-        self.run_dirs = list(run_dirs)
+    def __init__(self, runs: list[RunDir]):
+        self.runs = list(runs)
 
     def __call__(self, index: int) -> str:
-        return TrainTask(self.run_dirs[index])()
+        return TrainTask(self.runs[index])()
 
 
 class SweepResultsTask:
@@ -55,13 +56,13 @@ class SweepResultsTask:
 class ProbeTask:
     """submitit callable for the doctor's job on a training node (``ddpm.cluster.probe``)."""
 
-    def __init__(self, run_dir: str | Path):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run: RunDir):
+        self.run = run
 
     def __call__(self) -> str:
         from ddpm.cluster.probe import run_probe
 
-        return run_probe(self.run_dir, load_config(RunDir(self.run_dir).config))
+        return run_probe(self.run, load_config(self.run.config))
 
 
 class StopSampling(BaseException):
@@ -110,8 +111,8 @@ class SampleTask:
     """submitit callable for one shard of the sampling array, from the checkpoint ``sampling.checkpoint`` names
     (resolved when the task runs: the eval stage picks ``best`` after this task was queued). Stoppable."""
 
-    def __init__(self, run_dir: str | Path, cfg: Config, cpu_share: int = 1):
-        self.run_dir, self.cfg = Path(run_dir), cfg
+    def __init__(self, run: RunDir, cfg: Config, cpu_share: int = 1):
+        self.run, self.cfg = run, cfg
         self.cpu_share = cpu_share  # tasks the local executor runs at once on this machine (1 on SLURM)
 
     def __call__(self, shard: int) -> str:
@@ -120,14 +121,14 @@ class SampleTask:
         device = _device(self.cfg, f"sampling task {shard}")
         print(f"shard {shard}: {_budget('sample', self.cpu_share)}", flush=True)
         return _stoppable(f"shard {shard}", self.cfg, lambda: sample_stage(
-            self.run_dir, self.cfg, shard, device))
+            self.run, self.cfg, shard, device))
 
 
 class EvalTask:
     """submitit callable for one task of the eval array: the FID of one milestone checkpoint. Stoppable."""
 
-    def __init__(self, run_dir: str | Path, cfg: Config, cpu_share: int = 1):
-        self.run_dir, self.cfg, self.cpu_share = Path(run_dir), cfg, cpu_share
+    def __init__(self, run: RunDir, cfg: Config, cpu_share: int = 1):
+        self.run, self.cfg, self.cpu_share = run, cfg, cpu_share
 
     def __call__(self, index: int) -> str:
         from ddpm.evaluate import eval_steps, evaluate_step
@@ -137,7 +138,7 @@ class EvalTask:
         print(f"eval task {index} (step {step}): {_budget('sample', self.cpu_share)}", flush=True)
         try:
             return _stoppable(f"eval task {index}", self.cfg, lambda: evaluate_step(
-                RunDir(self.run_dir), self.cfg, step, device=device)["mean"])
+                self.run, self.cfg, step, device=device)["mean"])
         except DDPMError as err:  # one line in the task's log; the selection names the task
             print(f"error: eval task {index} (step {step}): {err}", flush=True)
             raise
@@ -146,22 +147,22 @@ class EvalTask:
 class SelectTask:
     """submitit callable for the selection job: eval/fid.json and the best checkpoint."""
 
-    def __init__(self, run_dir: str | Path, cfg: Config):
-        self.run_dir, self.cfg = Path(run_dir), cfg
+    def __init__(self, run: RunDir, cfg: Config):
+        self.run, self.cfg = run, cfg
 
     def __call__(self) -> str:
         from ddpm.evaluate import select
 
-        return str(select(RunDir(self.run_dir), self.cfg)["best"]["checkpoint"])
+        return str(select(self.run, self.cfg)["best"]["checkpoint"])
 
 
 class AssembleTask:
     """submitit callable for the assembly job."""
 
-    def __init__(self, run_dir: str | Path, num_shards: int):
-        self.run_dir, self.num_shards = Path(run_dir), num_shards
+    def __init__(self, run: RunDir, num_shards: int):
+        self.run, self.num_shards = run, num_shards
 
     def __call__(self) -> str:
         from ddpm.assemble import assemble_stage
 
-        return str(assemble_stage(self.run_dir, self.num_shards))
+        return str(assemble_stage(self.run, self.num_shards))

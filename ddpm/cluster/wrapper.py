@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -48,9 +47,10 @@ from ddpm.rundir import RunDir
 from ddpm.status import RunState, read_status, stalled_for, write_status
 
 
-def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None = None,
+def torchrun_command(cfg: Config, run: RunDir, environ: dict[str, str] | None = None,
                      module: str = "ddpm.train") -> list[str]:
-    """torchrun around the trainer (or the doctor's probe): c10d rendezvous at the first node for multi-node jobs.
+    """torchrun around the trainer (or the doctor's probe) in ``run``: c10d rendezvous at the first node for
+    multi-node jobs.
 
     The agent does not handle SIGTERM (``--signals-to-handle`` without it; ignored, see
     :func:`_ignore_stop_signals`): on SIGTERM it would kill the ranks after ``--shutdown-timeout``, before
@@ -69,7 +69,7 @@ def torchrun_command(cfg: Config, run_dir: Path, environ: dict[str, str] | None 
                 f"--rdzv-id={job_id}"]
     else:
         cmd += ["--standalone"]
-    return cmd + ["-m", module, "--config", str(RunDir(run_dir).config), "--run-dir", str(run_dir)]
+    return cmd + ["-m", module, "--config", str(run.config), "--run-dir", str(run)]
 
 
 def _ignore_stop_signals() -> None:  # runs in torchrun's process before exec; inherited by its agent
@@ -151,9 +151,9 @@ def _seconds_left() -> int | None:
         return None
 
 
-def _report_deadline(name: str, run_dir: Path) -> None:
-    """After a stop signal: how long SLURM gives, against how long the last checkpoint took."""
-    left, last_save = _seconds_left(), float((read_status(run_dir) or {}).get("last_save_s") or 0.0)
+def _report_deadline(name: str, run: RunDir) -> None:
+    """After a stop signal: how long SLURM gives, against how long ``run``'s last checkpoint took."""
+    left, last_save = _seconds_left(), float((read_status(run) or {}).get("last_save_s") or 0.0)
     if left is None:
         return
     print(f"wrapper: {name}: SLURM ends this job in {left} s; the last checkpoint took {last_save:.1f} s",
@@ -181,8 +181,9 @@ def _end_after_failure(proc: subprocess.Popen, error: str) -> int:
         return proc.wait()
 
 
-def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: list[tuple[str, float]]) -> int | None:
-    """Wait for torchrun; its exit code, or None when the watchdog killed it (no heartbeat for ``watchdog_s``).
+def supervise(proc: subprocess.Popen, run: RunDir, watchdog_s: int, signals: list[tuple[str, float]]) -> int | None:
+    """Wait for torchrun training in ``run``; its exit code, or None when the watchdog killed it (no heartbeat
+    for ``watchdog_s``).
 
     A stop signal is sent to the ranks again every 5 s until torchrun exits: a rank still starting up
     inherits torchrun's SIG_IGN and would miss the first one.
@@ -194,12 +195,12 @@ def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: l
         except subprocess.TimeoutExpired:
             pass
         if signals and not reported:
-            _report_deadline(signals[0][0], run_dir)
+            _report_deadline(signals[0][0], run)
             reported, resent = True, time.monotonic()
         if signals and time.monotonic() - resent >= 5.0:
             _signal_all(descendants(proc.pid), getattr(signal, signals[0][0]))
             resent = time.monotonic()
-        status = read_status(run_dir) or {}
+        status = read_status(run) or {}
         failed = status.get("state") == RunState.FAILED and float(status.get("heartbeat") or 0) > started - 30
         if failed and status.get("error"):  # any rank on any node, in this job (a node without its GPUs): the
             return _end_after_failure(proc, status["error"])  # others may wait for it in a collective
@@ -212,8 +213,8 @@ def supervise(proc: subprocess.Popen, run_dir: Path, watchdog_s: int, signals: l
             return None
 
 
-def run_training(run_dir: Path, cfg: Config) -> str:
-    """Run torchrun for this node; return "done", or requeue / raise. Blocks until torchrun exits.
+def run_training(run: RunDir, cfg: Config) -> str:
+    """Run torchrun for this node, training in ``run``; return "done", or requeue / raise. Blocks until torchrun exits.
 
     Requeued (up to ``slurm.max_restarts``) when the trainer stopped on a signal with a durable checkpoint, and
     when the watchdog ended a hung run or a rank was lost (both resume from the last checkpoint).
@@ -224,11 +225,11 @@ def run_training(run_dir: Path, cfg: Config) -> str:
         raise ConfigError(f"infrastructure.num_nodes: the config says {cfg.infrastructure.num_nodes}, this job has "
                           f"{nodes} nodes (SLURM_NNODES); pass infrastructure.num_nodes={nodes} or sbatch "
                           f"--nodes={cfg.infrastructure.num_nodes}")
-    cmd = torchrun_command(cfg, run_dir)
+    cmd = torchrun_command(cfg, run)
     node = int(os.environ.get("SLURM_NODEID", "0"))
-    before = Attempt.read(run_dir)
+    before = Attempt.read(run)
     if node == 0:  # a crash before the trainer's first write must not read as an earlier attempt's "stopped"
-        write_status(run_dir, RunState.STARTING, -1, 0, lost_streak=before.lost_streak)
+        write_status(run, RunState.STARTING, -1, 0, lost_streak=before.lost_streak)
     print("running:", " ".join(cmd), flush=True)
     started = time.monotonic()
     proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
@@ -245,11 +246,11 @@ def run_training(run_dir: Path, cfg: Config) -> str:
         signal.signal(sig, signal.SIG_IGN)
     for sig in {stop_sig, signal.SIGTERM}:
         signal.signal(sig, forward)
-    rc = supervise(proc, run_dir, cfg.training.watchdog_s, signals)
+    rc = supervise(proc, run, cfg.training.watchdog_s, signals)
     if node == 0:
-        add_attempt_seconds(run_dir, time.monotonic() - started)
-    status = read_status(run_dir) or {}
-    verdict = judge(rc, status, before, Attempt.read(run_dir), cfg.training.watchdog_s, RunDir(run_dir).logs)
+        add_attempt_seconds(run, time.monotonic() - started)
+    status = read_status(run) or {}
+    verdict = judge(rc, status, before, Attempt.read(run), cfg.training.watchdog_s, run.logs)
     if verdict.next == "done":
         # nothing is left to save: a stop signal now (the time limit's, just as training ended) must not kill
         # this process as it exits (Python restores default handlers at exit, but keeps SIG_IGN), or the job
@@ -259,7 +260,7 @@ def run_training(run_dir: Path, cfg: Config) -> str:
         print(verdict.line, flush=True)
         return RunState.DONE
     if verdict.streak and node == 0:  # stalled or lost: the streak survives the requeue in status.json
-        write_status(run_dir, verdict.state, int(status.get("step") or 0), int(status.get("skipped_steps") or 0),
+        write_status(run, verdict.state, int(status.get("step") or 0), int(status.get("skipped_steps") or 0),
                      error=verdict.why, lost_streak=verdict.streak)
     if verdict.next == "fail":  # the trainer's one line: fix and resubmit; never requeued
         raise DDPMError(verdict.line)
@@ -291,16 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     check_torch_floor()
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
-    if args.command == "requeue":
-        return EXIT_OK if requeue_self(load_config(RunDir(args.run_dir).config).slurm.max_restarts) else EXIT_FAILURE
-    if args.config is None and args.run_dir is None:
+    given = RunDir(args.run_dir) if args.run_dir else None  # the edge: --run-dir becomes a RunDir here, once
+    if args.command == "requeue":  # --run-dir is required
+        return EXIT_OK if requeue_self(load_config(given.config).slurm.max_restarts) else EXIT_FAILURE
+    if args.config is None and given is None:
         parser.error("train needs --config or --run-dir")
-    cfg = load_config(args.config if args.config else RunDir(args.run_dir).config, args.overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(args.config if args.config else given.config, args.overrides)
+    run = given or cfg.rundir
+    run.path.mkdir(parents=True, exist_ok=True)
     if args.config:  # every node writes the same resolved config (atomically)
-        dump_config(cfg, RunDir(run_dir).config)
-    state = run_training(run_dir, cfg)
+        dump_config(cfg, run.config)
+    state = run_training(run, cfg)
     return EXIT_OK if state == RunState.DONE else EXIT_REQUEUE if state == RunState.STOPPED else EXIT_FAILURE
 
 
