@@ -94,7 +94,7 @@ def sweep_main(argv: list[str]) -> int:
     base = load_config(args.config, args.overrides)  # the sweep's name and root
     cluster = detect_cluster(args.cluster)
     stages = plan_stages(base, "all", only=False)
-    sweep_dir = base.run_dir.resolve()  # a sweep's directory, not a run's
+    sweep_dir = base.run_dir.path.resolve()  # a sweep's directory, not a run's
     points = sw.expand(grid, args.seeds, base.training.seed, sweep_dir)
     cfgs = sw.configs(args.config, args.overrides, points, cluster, stages, args.dry_run)
     grid = sw.typed_grid(grid, points)
@@ -111,9 +111,8 @@ def sweep_main(argv: list[str]) -> int:
     try:
         sw.submit_sweep(sweep_dir, points, cfgs, cluster, stages, record, args.dry_run)
     finally:  # submitit's local executor leaves its folder pattern behind as an empty directory
-        for folder in [SweepDir(sweep_dir).submitit_folder, *(p.run.submitit_folder for p in points)]:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        for jobdir in [SweepDir(sweep_dir), *(p.run for p in points)]:
+            jobdir.drop_placeholder()
     if args.dry_run:
         return EXIT_OK
     print(f"\nsweep dir:    {sweep_dir}")
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     cluster = detect_cluster(args.cluster)
     stages = plan_stages(cfg, args.stage, args.only)
-    run = cfg.rundir.resolve()
+    run = cfg.run_dir.resolve()
     preflight(cfg, cluster, stages, dry_run=args.dry_run)
     print(f"preflight ok: cluster {cluster}, stages {' -> '.join(stages)}, run dir {run}", flush=True)
     if args.dry_run:
@@ -227,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         jobs = submit(cfg, run, cluster, stages, args.dry_run)
     finally:  # submitit's local executor leaves its folder pattern behind as an empty directory
-        if (placeholder := run.submitit_folder).is_dir() and not any(placeholder.iterdir()):
-            placeholder.rmdir()
+        run.drop_placeholder()
     if args.dry_run:
         return EXIT_OK
     # a later --stage keeps the ids of the earlier stages

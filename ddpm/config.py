@@ -300,14 +300,9 @@ class Config:
         return plain(self)
 
     @property
-    def run_dir(self) -> Path:
-        """``<run.root>/<run.name>``; :attr:`rundir` is the same directory as a :class:`~ddpm.rundir.RunDir`."""
-        return Path(self.run.root) / self.run.name
-
-    @property
-    def rundir(self) -> RunDir:
-        """The run directory this config names, with every path in it (code holding a config asks here)."""
-        return RunDir(self.run_dir)
+    def run_dir(self) -> RunDir:
+        """The run directory this config names, ``<run.root>/<run.name>``, with every path in it."""
+        return RunDir(Path(self.run.root) / self.run.name)
 
     @property
     def task_gpus(self) -> tuple[int, str]:

@@ -75,7 +75,7 @@ def check_free_space(cfg: Config) -> DiskPlan:
     """Refuse, in one line, a run whose ``run.root`` has less free space than the run still needs."""
     plan = disk_plan(cfg)
     root = Path(cfg.run.root)
-    need = max(plan.total - _used_bytes(cfg.run_dir), 0)
+    need = max(plan.total - _used_bytes(cfg.run_dir.path), 0)
     free = shutil.disk_usage(root).free
     if free < need:
         raise DDPMError(f"run.root: {root.resolve()} has {human_size(free)} free, the run needs about "

@@ -129,10 +129,15 @@ class _JobDir:
         """submitit's folder pattern: ``%j`` becomes the job id."""
         return self.logs / "%j"
 
+    def drop_placeholder(self) -> None:
+        """Remove ``logs/%j`` when it is an empty directory: submitit's local executor makes the pattern itself."""
+        if (folder := self.submitit_folder).is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
 
 @dataclass(frozen=True)
 class RunDir(_JobDir):
-    """The run directory ``<run.root>/<run.name>`` (``Config.rundir``) and every path in it.
+    """The run directory ``<run.root>/<run.name>`` (``Config.run_dir``) and every path in it.
 
     Made once where a path comes in (a command line, a submitit task's arguments, a config): the stages, the
     checkpoints, the status, the provenance and the run log take it as it is."""

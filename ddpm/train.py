@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     check_torch_floor()
     args = parse_with_overrides(build_parser(), argv)
     cfg = load_config(args.config, args.overrides)  # exits with one line on a config error
-    run = RunDir(args.run_dir) if args.run_dir else cfg.rundir  # the one RunDir of this process
+    run = RunDir(args.run_dir) if args.run_dir else cfg.run_dir  # the one RunDir of this process
     try:  # collectives time out at twice the watchdog bound: the wrapper's watchdog acts first, this is the backstop
         env = dist.init_distributed(cfg.infrastructure.num_gpus > 0, 2 * cfg.training.watchdog_s or 1800)
     except SetupError as err:  # GPUs asked for, not seen: the wrapper and `launch.py status` show the line

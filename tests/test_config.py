@@ -87,7 +87,7 @@ def test_scientific_notation_string_is_float(tmp_path):
 def test_env_vars_in_paths_expand(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_TEST_ROOT", str(tmp_path))
     cfg = load_config(None, ["run.root=${DDPM_TEST_ROOT}/runs"])
-    assert cfg.run.root == f"{tmp_path}/runs" and cfg.run_dir == tmp_path / "runs" / "ddpm"
+    assert cfg.run.root == f"{tmp_path}/runs" and cfg.run_dir.path == tmp_path / "runs" / "ddpm"
 
 
 def test_learning_rate_warm_up_and_cool_down() -> None:

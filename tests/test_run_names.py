@@ -83,4 +83,4 @@ def test_the_resume_command_of_status_is_quoted_and_names_the_same_run(
     words = shlex.split(line.removeprefix("  resume: ").partition("   (")[0])
     assert words[:4] == ["python", "launch.py", "--config", str(RunDir(run_dir).config)], words
     assert parse_override(words[4]) == (["run", "root"], str(run_dir.parent))  # YAML reads the same root back
-    assert load_config(words[3], words[4:]).run_dir == run_dir
+    assert load_config(words[3], words[4:]).run_dir.path == run_dir

@@ -133,7 +133,7 @@ def _tiny_run(cfg: Config, root: Path, name: str) -> tuple[Config, RunDir]:
             f"slurm.setup={json.dumps([*sc.setup, 'export OMP_NUM_THREADS=1'])}",
             f"training.stop_signal={cfg.training.stop_signal}"]
     tiny = load_config(None, [*TINY, *keep, f"data.path={root / 'data'}", f"run.root={root}", f"run.name={name}"])
-    run = tiny.rundir.resolve()
+    run = tiny.run_dir.resolve()
     run.path.mkdir(parents=True, exist_ok=True)
     dump_config(tiny, run.config)
     return tiny, run
@@ -238,7 +238,7 @@ def check_node(cfg: Config, report: Report, timeout: float, root: Path) -> None:
     probe_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, root=str(root), name="node"),
                                     slurm=dataclasses.replace(sc, time_min=min(sc.time_min, max(
                                         30, math.ceil((sc.signal_delay_s + 60) / 60) + 1))))  # short, yet valid
-    run = probe_cfg.rundir
+    run = probe_cfg.run_dir
     run.path.mkdir(parents=True, exist_ok=True)
     dump_config(probe_cfg, run.config)
     try:

@@ -1,6 +1,6 @@
 """The executors that submit the stage tasks (:mod:`ddpm.cluster.tasks`) to SLURM or to this machine.
 
-    run = cfg.rundir                                             # a RunDir
+    run = cfg.run_dir                                            # a RunDir
     ex = make_executor(cfg, run, "train", cluster="slurm")       # or "local": same tasks, no SLURM
     job = ex.submit(TrainTask(run))                              # the torchrun wrapper, one task per node
     ex = make_executor(cfg, run, "sample", "slurm", dependency=f"afterok:{job.job_id}")

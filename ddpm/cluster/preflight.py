@@ -193,7 +193,7 @@ def check_resume_inputs(cfg: Config, stages: list[str]) -> None:
     """Starting at eval/select/sample/assemble needs what the earlier stage left in the run directory."""
     from ddpm.checkpoint import list_checkpoints
 
-    run = cfg.rundir
+    run = cfg.run_dir
     if stages[0] in ("eval", "sample") and not list_checkpoints(run):
         raise DDPMError(f"--stage {stages[0]}: no checkpoint in {run.checkpoints} (train first)")
     if stages[0] == "assemble" and not run.samples.shards.is_dir():
@@ -206,7 +206,7 @@ def check_eval(cfg: Config, stages: list[str]) -> None:
     from ddpm.checkpoint import final_reference
     from ddpm.evaluate import eval_steps
 
-    run = cfg.rundir
+    run = cfg.run_dir
 
     if "eval" in stages:
         from ddpm.fid import FIDStats

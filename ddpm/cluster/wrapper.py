@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None and given is None:
         parser.error("train needs --config or --run-dir")
     cfg = load_config(args.config if args.config else given.config, args.overrides)
-    run = given or cfg.rundir
+    run = given or cfg.run_dir
     run.path.mkdir(parents=True, exist_ok=True)
     if args.config:  # every node writes the same resolved config (atomically)
         dump_config(cfg, run.config)
