@@ -22,7 +22,7 @@ venv: $(VENV)/.installed
 # CA certificate that pip is configured for and uv is not) pip does it again, with one line saying so.
 # --compile-bytecode (pip does it by default): without .pyc files every process compiles torch's sources again where
 # PYTHONDONTWRITEBYTECODE is set or the venv is read-only (a shared venv, a container): `import torch, ddpm.train`
-# took 9.1 s instead of 4.5 s here, for each job start, sampling task and test subprocess. It adds ~25 s once.
+# took 9.1 s instead of 4.5 s here, for each job start, sampling task and test subprocess. It adds ~13 s once.
 UV_INSTALL = $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) --index-strategy unsafe-best-match
 PIP_INSTALL = $(PY) -m pip install -q
 TORCH_ARGS = $(foreach spec,$(TORCH_SPEC),'$(spec)')

@@ -39,14 +39,9 @@ FORMAT = "ddpm-slurm/1"
 REQUIRED_KEYS = ("format", "step", "model", "model_config", "ddpm", "config")
 
 
-def checkpoint_dir(run: RunDir) -> Path:
-    """The checkpoints directory of ``run`` (``step_<N>.pt`` and LATEST)."""
-    return run.checkpoints
-
-
 def list_checkpoints(run: RunDir) -> list[tuple[int, Path]]:
     """All ``step_<N>.pt`` files of ``run``, sorted by step (oldest first)."""
-    ckpt_dir = checkpoint_dir(run)
+    ckpt_dir = run.checkpoints
     if not ckpt_dir.is_dir():
         return []
     found = [(step, p) for p in ckpt_dir.iterdir() if (step := RunDir.checkpoint_step(p)) is not None]
@@ -133,7 +128,7 @@ def load_latest(run: RunDir, map_location: str | torch.device = "cpu",
     checkpoints exist (or LATEST names one) but none loads, CheckpointError:
     the caller must not start over on its own.
     """
-    ckpt_dir = checkpoint_dir(run)
+    ckpt_dir = run.checkpoints
     candidates = [p for _, p in reversed(list_checkpoints(run))]
     latest = run.latest
     named = ckpt_dir / latest.read_text().strip() if latest.is_file() else None
@@ -170,7 +165,7 @@ def load_resolved(checkpoint: str | Path | RunDir,
         run = run or RunDir(p)  # the edge: a run directory named by a path
         found = load_latest(run, map_location, warn=lambda msg: print(msg, flush=True))
         if found is None:
-            raise CheckpointError(f"{p}: no loadable checkpoint in {checkpoint_dir(run)}")
+            raise CheckpointError(f"{p}: no loadable checkpoint in {run.checkpoints}")
         return found
     raise CheckpointError(f"{p}: no such checkpoint file or run directory")
 
